@@ -28,7 +28,8 @@ BASE_VOCAB = tuple(
     when who my your this that it be do please some about into from at by as or not no yes are was will
     would should could steps guide recipe story poem list plan way best good bad help people home school
     water bread cake garden dog cat car bike music book code python email letter friend family money bank
-    weapon bomb poison hack steal kill drug virus attack explosive malware password fraud scam gun""".split()
+    weapon bomb poison hack steal kill drug virus attack explosive malware password fraud scam gun
+    user assistant system ? . , ! : '""".split()
 )
 
 

@@ -1,0 +1,456 @@
+"""Collect per-token activations of chosen hooks into an :class:`~activations.store.ActivationStore`.
+
+The forward pass is the model's own (``model(tokens, attention_mask=..., stop_at_layer=...)``) with forward
+hooks that copy only the needed hooks' scored rows to fp16 and stop the pass right after the deepest needed
+hook. Batches are length-sorted under a token budget (so padding is small and memory does not grow with the
+dataset), written straight into preallocated memory maps, and recorded in the manifest one by one: a killed
+collection resumes where it stopped and gives the same store as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from activations.data import DataError, PromptDataset
+from activations.render import POSITIONS, Rendered, render_all, role_selection
+from activations.store import ActivationStore, StoreError, StoreKey, StoreLayout
+
+HOOK_KINDS: dict[str, str] = {
+    "resid_pre": "blocks.{l}.hook_resid_pre",
+    "resid_mid": "blocks.{l}.hook_resid_mid",
+    "attn_out": "blocks.{l}.hook_attn_out",
+    "mlp_out": "blocks.{l}.hook_mlp_out",
+    "resid_post": "blocks.{l}.hook_resid_post",
+}
+_ORDER = {"hook_resid_pre": 0, "hook_attn_out": 1, "hook_resid_mid": 2, "hook_mlp_out": 3, "hook_resid_post": 4}
+_FULL = re.compile(r"^blocks\.(\d+)\.(hook_\w+)$")
+
+
+class CollectError(ValueError):
+    pass
+
+
+class _StopForward(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------- hooks and layers
+def parse_layers(layers: str | int | Sequence[int] | None, n_layers: int) -> list[int]:
+    """``"all"``/None, ``"0,5,9"``, ``"0-3"``, an int or a list; negative indices count from the end."""
+    if layers is None or (isinstance(layers, str) and layers.strip().lower() == "all"):
+        return list(range(n_layers))
+    if isinstance(layers, int):
+        items: list[int] = [layers]
+    elif isinstance(layers, str):
+        items = []
+        for part in layers.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            m = re.fullmatch(r"(-?\d+)-(-?\d+)", part)
+            try:
+                if m:
+                    items.extend(range(int(m.group(1)), int(m.group(2)) + 1))
+                else:
+                    items.append(int(part))
+            except ValueError as e:
+                raise CollectError(f"cannot parse layers {layers!r}") from e
+    else:
+        items = [int(x) for x in layers]
+    out = []
+    for layer in items:
+        real = layer + n_layers if layer < 0 else layer
+        if not 0 <= real < n_layers:
+            raise CollectError(f"layer {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+        if real not in out:
+            out.append(real)
+    if not out:
+        raise CollectError(f"no layers selected by {layers!r}")
+    return sorted(out)
+
+
+def resolve_hooks(
+    model: HookedTransformer, hooks: Sequence[str] = ("resid_post",), layers: str | Sequence[int] | None = "all"
+) -> list[str]:
+    """Full TransformerLens hook names for ``hooks`` (short kinds × layers, or full names)."""
+    if isinstance(hooks, str):
+        hooks = [h for h in hooks.split(",") if h.strip()]
+    if not hooks:
+        raise CollectError("no hooks requested")
+    n_layers = model.cfg.n_layers
+    out: list[str] = []
+    layer_list: list[int] | None = None
+    for h in hooks:
+        h = h.strip()
+        if h in HOOK_KINDS:
+            if layer_list is None:
+                layer_list = parse_layers(layers, n_layers)
+            names = [HOOK_KINDS[h].format(l=layer) for layer in layer_list]
+        elif _FULL.match(h):
+            names = [h]
+        else:
+            raise CollectError(
+                f"unknown hook {h!r}; use one of {sorted(HOOK_KINDS)} or a full name like 'blocks.3.hook_resid_post'"
+            )
+        for name in names:
+            if name not in model.hook_dict:
+                m = _FULL.match(name)
+                if m and int(m.group(1)) >= n_layers:
+                    raise CollectError(f"hook {name!r}: layer {m.group(1)} is out of range (model has {n_layers})")
+                raise CollectError(f"unknown hook {name!r}: the model has no such hook point")
+            if name not in out:
+                out.append(name)
+    return sorted(out, key=hook_sort_key)
+
+
+def hook_sort_key(name: str) -> tuple[int, int, str]:
+    m = _FULL.match(name)
+    if not m:
+        return (10**6, 0, name)
+    return (int(m.group(1)), _ORDER.get(m.group(2), 9), name)
+
+
+def hook_layer(name: str) -> int:
+    m = _FULL.match(name)
+    if not m:
+        raise CollectError(f"hook {name!r} is not a per-block hook")
+    return int(m.group(1))
+
+
+# ---------------------------------------------------------------------- fingerprints
+def model_id(model: HookedTransformer) -> str:
+    return str(getattr(model, "probe_atlas_id", None) or model.cfg.model_name)
+
+
+def config_hash(model: HookedTransformer) -> str:
+    d = model.cfg.to_dict() if hasattr(model.cfg, "to_dict") else dict(vars(model.cfg))
+    skip = {"device", "n_devices", "dtype", "model_name", "tokenizer_name", "original_architecture"}
+    items = {k: repr(v) for k, v in sorted(d.items()) if k not in skip}
+    return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    h = hashlib.sha256()
+    vocab = tokenizer.get_vocab()
+    for tok, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+        h.update(f"{i}:{tok}\n".encode())
+    h.update(str(getattr(tokenizer, "chat_template", "") or "").encode())
+    return h.hexdigest()[:16]
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """A cheap content hash of the weights (sums and leading values of every floating parameter)."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in sorted(model.state_dict().items()):
+            if not torch.is_floating_point(p):
+                continue
+            flat = p.detach().flatten().float()
+            h.update(f"{name}{tuple(p.shape)}{flat.sum().item():.6e}|{flat.abs().sum().item():.6e}".encode())
+            h.update(flat[:8].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(model: HookedTransformer) -> dict[str, str]:
+    fp = getattr(model, "_probe_atlas_fingerprint", None)
+    if fp is None:
+        fp = {
+            "model_id": model_id(model),
+            "config_hash": config_hash(model),
+            "tokenizer_hash": tokenizer_hash(model.tokenizer),
+            "weights_hash": weights_hash(model),
+        }
+        model._probe_atlas_fingerprint = fp  # type: ignore[attr-defined]
+    return dict(fp)
+
+
+# ---------------------------------------------------------------------- planning
+def plan_batches(lengths: Sequence[int], token_budget: int, max_batch: int = 256) -> list[list[int]]:
+    """Length-sorted batches whose padded size (n × longest) stays within ``token_budget``."""
+    lens = np.asarray(lengths)
+    order = np.argsort(-lens, kind="stable")
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    cur_max = 0
+    for i in order:
+        length = int(lens[i])
+        new_max = max(cur_max, length)
+        if cur and (new_max * (len(cur) + 1) > token_budget or len(cur) >= max_batch):
+            batches.append(cur)
+            cur, cur_max = [], 0
+            new_max = length
+        cur.append(int(i))
+        cur_max = new_max
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def default_store_dir(root: str | Path, key: StoreKey) -> Path:
+    """``root/<model>-<dataset>-<hash>``: one directory per (model, dataset, hooks, positions) key."""
+    digest = hashlib.sha256(json.dumps(key.to_json(), sort_keys=True).encode()).hexdigest()[:12]
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{key.model_id}-{key.dataset_name}")[:80]
+    return Path(root) / f"{safe}-{digest}"
+
+
+# ---------------------------------------------------------------------- collection
+def collect(
+    model: HookedTransformer,
+    dataset: PromptDataset,
+    out: str | Path,
+    *,
+    hooks: Sequence[str] = ("resid_post",),
+    layers: str | Sequence[int] | None = "all",
+    positions: str = "auto",
+    keep: str | None = None,
+    max_len: int | None = None,
+    token_budget: int = 4096,
+    max_batch: int = 128,
+    use_chat_template: bool | None = None,
+    progress: bool = True,
+    durable: bool = False,
+    _stop_after_batches: int | None = None,
+) -> ActivationStore:
+    """Collect ``hooks`` for ``dataset`` into the store at ``out`` (created, resumed or reused).
+
+    ``positions`` chooses the scored tokens (``auto``: response tokens of exchanges, prompt tokens otherwise);
+    ``keep`` the stored tokens (default: the scored ones; e.g. ``prompt+response`` keeps both roles of an
+    exchange so one store can be read either way). Returns the complete store.
+    """
+    if model.tokenizer is None:
+        raise CollectError("the model has no tokenizer")
+    dataset.require_nonempty("collect")
+    if positions not in POSITIONS:
+        raise CollectError(f"unknown positions {positions!r}; expected one of {POSITIONS}")
+    keep = keep or positions
+    if keep not in POSITIONS:
+        raise CollectError(f"unknown keep {keep!r}; expected one of {POSITIONS}")
+    hook_names = resolve_hooks(model, hooks, layers)
+    max_len = int(max_len or model.cfg.n_ctx)
+    if max_len > model.cfg.n_ctx:
+        raise CollectError(f"max_len={max_len} exceeds the model's context n_ctx={model.cfg.n_ctx}")
+    tpl = bool(getattr(model.tokenizer, "chat_template", None)) if use_chat_template is None else use_chat_template
+    fp = model_fingerprint(model)
+    key = StoreKey(
+        **fp,
+        dataset_name=dataset.name,
+        dataset_fingerprint=dataset.fingerprint(),
+        hooks=tuple(hook_names),
+        positions=positions,
+        keep=keep,
+        max_len=max_len,
+        chat_template=tpl,
+    )
+    out = Path(out)
+    if (out / "manifest.json").exists():
+        store = ActivationStore.open(out, expect=key, require_complete=False)
+        if store.complete:
+            return store
+        created = False
+    else:
+        layout = _layout(model, dataset, hook_names, positions, keep, max_len, tpl, token_budget, max_batch)
+        store = ActivationStore.create(out, key, layout)
+        created = True
+    try:
+        _run(model, store, hook_names, progress=progress, durable=durable, stop_after=_stop_after_batches)
+    except BaseException as e:
+        if created and not store.manifest["done_batches"] and not isinstance(e, _Interrupted):
+            store.delete()
+        raise
+    return store
+
+
+class _Interrupted(Exception):
+    """Raised by the test hook ``_stop_after_batches`` to simulate a crash."""
+
+
+def _layout(
+    model: HookedTransformer,
+    dataset: PromptDataset,
+    hook_names: list[str],
+    positions: str,
+    keep: str,
+    max_len: int,
+    tpl: bool,
+    token_budget: int,
+    max_batch: int,
+) -> StoreLayout:
+    rendered: list[Rendered] = render_all(dataset.examples, model.tokenizer, max_len=max_len, use_chat_template=tpl)
+    n_trunc = [(e.id, r.n_truncated) for e, r in zip(dataset.examples, rendered, strict=True) if r.n_truncated]
+    if n_trunc:
+        warnings.warn(
+            f"{dataset.name}: {len(n_trunc)} of {len(dataset)} examples were longer than max_len={max_len} tokens "
+            f"and were truncated from the left (first: {n_trunc[0][0]!r}, {n_trunc[0][1]} tokens dropped)",
+            stacklevel=3,
+        )
+    tok_parts, role_parts, mask_parts, pos_parts, counts = [], [], [], [], []
+    for ex, r in zip(dataset.examples, rendered, strict=True):
+        kept = np.isin(r.roles, role_selection(keep, ex.is_exchange))
+        scored = np.isin(r.roles, role_selection(positions, ex.is_exchange))
+        if not scored.any():
+            raise DataError(
+                f"{dataset.name}: example {ex.id!r} has no tokens to score with positions={positions!r}"
+                + (" (it has no response)" if positions == "response" and not ex.is_exchange else "")
+            )
+        if not kept.any() or (scored & ~kept).any():
+            raise DataError(f"example {ex.id!r}: keep={keep!r} must include the scored positions={positions!r}")
+        idx = np.nonzero(kept)[0]
+        tok_parts.append(r.ids[idx])
+        role_parts.append(r.roles[idx])
+        mask_parts.append(scored[idx])
+        pos_parts.append(idx)
+        counts.append(len(idx))
+    lengths = [len(r.ids) for r in rendered]
+    batches = plan_batches(lengths, token_budget, max_batch)
+    batch_of = np.zeros(len(dataset), dtype=np.int32)
+    for b, seqs in enumerate(batches):
+        batch_of[seqs] = b
+    d = model.cfg.d_model
+    examples = [
+        {k: v for k, v in e.to_json().items() if k not in ("text", "messages")} | {"n_tokens": lengths[i]}
+        for i, e in enumerate(dataset.examples)
+    ]
+    return StoreLayout(
+        offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        tokens=np.concatenate(tok_parts),
+        roles=np.concatenate(role_parts),
+        mask=np.concatenate(mask_parts),
+        positions=np.concatenate(pos_parts),
+        labels=dataset.labels,
+        examples=examples,
+        hook_dims=dict.fromkeys(hook_names, d),
+        batch_of=batch_of,
+        full_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        full_tokens=np.concatenate([r.ids for r in rendered]),
+        extra={"n_truncated": len(n_trunc), "token_budget": token_budget},
+    )
+
+
+def _run(
+    model: HookedTransformer,
+    store: ActivationStore,
+    hook_names: list[str],
+    *,
+    progress: bool,
+    durable: bool,
+    stop_after: int | None,
+) -> None:
+    """Run the remaining batches of a store's plan and mark the store complete."""
+    tokenizer = model.tokenizer
+    assert tokenizer is not None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = model.cfg.device
+    n_layers_needed = max(hook_layer(h) for h in hook_names) + 1
+    last_hook = max(hook_names, key=hook_sort_key)
+    offsets = np.asarray(store.offsets)
+    positions = np.asarray(store.positions)
+    examples_meta = store.examples()
+    batch_of = np.asarray(store.batch_of)
+    done = set(store.manifest["done_batches"])
+    n_batches = int(store.manifest["n_batches"])
+    todo = [b for b in range(n_batches) if b not in done]
+    if not todo:
+        store.mark_complete()
+        return
+    full_ids = _FullIds(store)
+    mmaps = {h: store.writable(h) for h in hook_names}
+    seqs_by_batch: dict[int, list[int]] = {}
+    for i, b in enumerate(batch_of):
+        seqs_by_batch.setdefault(int(b), []).append(i)
+    bar = tqdm(total=len(todo), desc=f"collect {store.manifest['key']['dataset_name']}", disable=not progress, unit="batch")
+    n_tok, t0 = 0, time.perf_counter()
+    for step, b in enumerate(todo):
+        if stop_after is not None and step >= stop_after:
+            bar.close()
+            raise _Interrupted(f"stopped after {stop_after} batches")
+        seqs = seqs_by_batch[b]
+        ids_list = [full_ids(s) for s in seqs]
+        L = max(len(x) for x in ids_list)
+        tokens = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(seqs), L), dtype=torch.long)
+        for j, ids in enumerate(ids_list):
+            tokens[j, : len(ids)] = torch.from_numpy(ids)
+            attn[j, : len(ids)] = 1
+        # which (batch row, position) go to which store rows
+        bi = np.concatenate([np.full(offsets[s + 1] - offsets[s], j) for j, s in enumerate(seqs)])
+        pi = np.concatenate([positions[offsets[s] : offsets[s + 1]] for s in seqs])
+        dest = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in seqs])
+        captured = _forward_capture(
+            model, tokens.to(device), attn.to(device), hook_names, last_hook, n_layers_needed,
+            torch.from_numpy(bi).to(device), torch.from_numpy(pi).to(device),
+        )
+        for h, x in captured.items():
+            arr = x.numpy()
+            if not np.isfinite(arr).all():
+                bad_row = int(np.nonzero(~np.isfinite(arr).all(axis=1))[0][0])
+                seq = seqs[int(bi[bad_row])]
+                raise StoreError(
+                    f"non-finite activations (NaN/inf, or beyond the fp16 range) at hook {h} for example "
+                    f"{examples_meta[seq]['id']!r} (token position {int(pi[bad_row])})"
+                )
+            mmaps[h][dest] = arr
+        if durable:
+            for mm in mmaps.values():
+                mm.flush()
+        store.mark_done([b])
+        n_tok += int(attn.sum())
+        bar.update(1)
+        bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    for mm in mmaps.values():
+        mm.flush()
+    store.mark_complete(collect_seconds=time.perf_counter() - t0)
+
+
+def _forward_capture(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "b s"],
+    attention_mask: Int[Tensor, "b s"],
+    hook_names: list[str],
+    last_hook: str,
+    n_layers_needed: int,
+    bi: Int[Tensor, " k"],
+    pi: Int[Tensor, " k"],
+) -> dict[str, Tensor]:
+    """One forward pass that keeps only the kept rows of the needed hooks (fp16, CPU)."""
+    captured: dict[str, Tensor] = {}
+
+    def grab(act: Tensor, hook: Any) -> None:
+        captured[hook.name] = act[bi, pi].to(torch.float16).cpu()
+        if hook.name == last_hook:
+            raise _StopForward
+
+    with torch.inference_mode(), model.hooks(fwd_hooks=[(h, grab) for h in hook_names]):
+        try:
+            model(tokens, attention_mask=attention_mask, stop_at_layer=n_layers_needed)
+        except _StopForward:
+            pass
+    missing = set(hook_names) - set(captured)
+    if missing:  # pragma: no cover - would mean TL skipped a hook
+        raise StoreError(f"hooks {sorted(missing)} did not fire during the forward pass")
+    return captured
+
+
+class _FullIds:
+    """The model input (every rendered token) of each sequence of a store."""
+
+    def __init__(self, store: ActivationStore) -> None:
+        self.off = np.load(store.path / "full_offsets.npy", mmap_mode="r")
+        self.ids = np.load(store.path / "full_tokens.npy", mmap_mode="r")
+
+    def __call__(self, s: int) -> np.ndarray:
+        return np.asarray(self.ids[self.off[s] : self.off[s + 1]], dtype=np.int64)

@@ -1,0 +1,713 @@
+"""Figures for a sweep's results table (``results.parquet``).
+
+Every figure is a plotly ``go.Figure``; :func:`save_figure` writes it as a self-contained HTML page (plotly.js
+inline, so it opens offline) and, where kaleido and a browser are installed, as a PNG.
+
+The results table has one row per run × eval set. The functions here read these columns (others are ignored):
+
+- ``probe``, ``pooling``, ``hook``, ``layer`` (int; ``-1`` or NaN for multi-layer / non-layer probes), ``C``,
+  ``eval_set``, ``run_id``, optional ``model`` and ``seed``;
+- a metric column (``auroc``, ``tpr_at_1pct_fpr``, ...) with optional ``<metric>_lo`` / ``<metric>_hi``
+  confidence bounds;
+- a cost column (``flops_per_token``, ``overhead_pct``, ``standalone_*``) for the cost frontier.
+
+Where several rows share a plotted point (several C values, several seeds), the metric is averaged over seeds
+for each C and the best C is shown; the hover text names the C and run that were chosen.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "auroc_by_layer",
+    "cost_frontier",
+    "layer_pooling_heatmap",
+    "load_results",
+    "pareto_front",
+    "plot_results",
+    "roc_curves",
+    "save_figure",
+]
+
+METRIC_LABELS: dict[str, str] = {
+    "auroc": "AUROC",
+    "auprc": "AUPRC",
+    "log_auroc": "log-space AUROC (FPR 1e-3 to 1e-1)",
+    "tpr_at_1pct_fpr": "TPR at 1% FPR",
+    "tpr_at_0.1pct_fpr": "TPR at 0.1% FPR",
+}
+COST_LABELS: dict[str, str] = {
+    "flops_per_token": "FLOPs per token (probe read-out)",
+    "overhead_pct": "Overhead (% of the policy model's forward pass)",
+    "standalone_flops_per_token": "FLOPs per token (standalone)",
+    "standalone_overhead_pct": "Overhead, standalone (% of the policy model's forward pass)",
+}
+_COLOURS: list[str] = list(qualitative.Plotly) + list(qualitative.D3) + list(qualitative.Dark24)
+_DASHES: list[str] = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
+_SYMBOLS: list[str] = [
+    "circle",
+    "square",
+    "diamond",
+    "triangle-up",
+    "cross",
+    "x",
+    "star",
+    "hexagon",
+    "triangle-down",
+    "pentagon",
+]
+_BASE_KEYS: tuple[str, ...] = ("probe", "pooling", "hook", "model")
+_NO_LAYER = -1
+
+
+def _label(metric: str) -> str:
+    return METRIC_LABELS.get(metric, metric)
+
+
+def _check(df: pd.DataFrame, required: Iterable[str], what: str) -> None:
+    """Raise ``ValueError`` for an empty table or one that lacks a required column."""
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"{what}: expected a pandas DataFrame, got {type(df).__name__}")
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what}: results table is missing required column(s) {missing}")
+    if df.empty:
+        raise ValueError(f"{what}: results table is empty (no rows to plot)")
+
+
+def _layer_key(layer: pd.Series) -> pd.Series:
+    """Layer as an int key: ``-1`` for multi-layer / non-layer rows (NaN or negative)."""
+    values = pd.to_numeric(layer, errors="coerce")
+    return values.where(values >= 0, _NO_LAYER).fillna(_NO_LAYER).astype(int)
+
+
+def _select_eval_set(df: pd.DataFrame, eval_set: str | None, what: str) -> tuple[pd.DataFrame, str]:
+    sets = sorted(df["eval_set"].dropna().astype(str).unique())
+    if eval_set is None:
+        if len(sets) != 1:
+            raise ValueError(f"{what}: the table has several eval sets {sets}; pass eval_set=")
+        eval_set = sets[0]
+    out = df[df["eval_set"].astype(str) == eval_set]
+    if out.empty:
+        raise ValueError(f"{what}: no rows for eval_set={eval_set!r}; the table has {sets}")
+    return out, eval_set
+
+
+def _varying_keys(df: pd.DataFrame, keys: Sequence[str]) -> list[str]:
+    """The keys among ``keys`` present in ``df`` (``probe`` and ``pooling`` always; others if they vary)."""
+    out = []
+    for k in keys:
+        if k not in df.columns:
+            continue
+        if k in ("probe", "pooling") or df[k].nunique(dropna=False) > 1:
+            out.append(k)
+    return out
+
+
+def _best_over_c(df: pd.DataFrame, keys: Sequence[str], metric: str) -> pd.DataFrame:
+    """One row per ``keys``: the metric averaged over seeds for each C, at the best C.
+
+    Columns: ``keys``, ``metric``, ``lo``, ``hi`` (NaN where the table has no bounds), ``C``, ``run_id``,
+    ``n_seeds``, plus every other column of the chosen run's first row.
+    """
+    df = df[pd.to_numeric(df[metric], errors="coerce").notna()].copy()
+    if df.empty:
+        raise ValueError(f"no rows with a finite {metric!r}")
+    df[metric] = pd.to_numeric(df[metric])
+    if "C" not in df.columns:
+        df["C"] = np.nan
+    lo, hi = f"{metric}_lo", f"{metric}_hi"
+    df["lo"] = pd.to_numeric(df[lo], errors="coerce") if lo in df.columns else np.nan
+    df["hi"] = pd.to_numeric(df[hi], errors="coerce") if hi in df.columns else np.nan
+    by_c = [*keys, "C"]
+    grouped = df.groupby(by_c, dropna=False, sort=False)
+    agg = grouped[[metric, "lo", "hi"]].mean()
+    agg["n_seeds"] = grouped.size()
+    first = grouped.head(1).set_index(by_c)
+    others = [c for c in first.columns if c not in agg.columns]
+    agg = agg.join(first[others]).reset_index()
+    best = agg.loc[agg.groupby(list(keys), dropna=False, sort=False)[metric].idxmax()]
+    return best.reset_index(drop=True)
+
+
+def _error_y(best: pd.DataFrame, metric: str) -> dict | None:
+    if best["lo"].isna().all() and best["hi"].isna().all():
+        return None
+    y = best[metric].to_numpy(float)
+    plus = np.clip(best["hi"].to_numpy(float) - y, 0, None)
+    minus = np.clip(y - best["lo"].to_numpy(float), 0, None)
+    return {
+        "type": "data",
+        "symmetric": False,
+        "array": plus,
+        "arrayminus": minus,
+        "thickness": 1,
+        "width": 3,
+    }
+
+
+def _series_name(row: Mapping, keys: Sequence[str]) -> str:
+    return " · ".join(str(row[k]) for k in keys)
+
+
+def _fmt_c(c: object) -> str:
+    try:
+        value = float(c)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(c)
+    return "–" if math.isnan(value) else f"{value:g}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# metric by layer
+
+
+def auroc_by_layer(df: pd.DataFrame, metric: str = "auroc", eval_set: str | None = None) -> go.Figure:
+    """Metric against layer: one line per pooling (colour) and probe kind (dash).
+
+    One subplot column per eval set when ``eval_set`` is None. Error bars come from ``<metric>_lo`` /
+    ``<metric>_hi`` where present. Rows without a layer (multi-layer probes, ``layer`` NaN or -1) are drawn
+    as dotted horizontal reference lines across the layer range. Several C values or seeds: best C, mean
+    over seeds. Several hooks or models: one line each.
+    """
+    what = "auroc_by_layer"
+    _check(df, ["probe", "pooling", "layer", "eval_set", metric], what)
+    if eval_set is not None:
+        df, _ = _select_eval_set(df, eval_set, what)
+    df = df.assign(_layer=_layer_key(df["layer"]))
+    if not (df["_layer"] >= 0).any():
+        raise ValueError(f"{what}: no rows with a layer (all rows are multi-layer or non-layer probes)")
+    keys = _varying_keys(df, _BASE_KEYS)
+    eval_sets = sorted(df["eval_set"].astype(str).unique())
+    best = _best_over_c(df.assign(eval_set=df["eval_set"].astype(str)), [*keys, "eval_set", "_layer"], metric)
+
+    poolings = sorted(best["pooling"].astype(str).unique())
+    probes = sorted(best["probe"].astype(str).unique())
+    colour = {p: _COLOURS[i % len(_COLOURS)] for i, p in enumerate(poolings)}
+    dash = {p: _DASHES[i % len(_DASHES)] for i, p in enumerate(probes)}
+    layers = best.loc[best["_layer"] >= 0, "_layer"]
+    x_span = [int(layers.min()), int(layers.max())]
+
+    fig = make_subplots(
+        rows=1,
+        cols=len(eval_sets),
+        shared_yaxes=True,
+        subplot_titles=eval_sets,
+        horizontal_spacing=0.04 if len(eval_sets) > 1 else 0.0,
+    )
+    shown: set[str] = set()
+    hover = (
+        "%{fullData.name}<br>layer %{x}<br>" + _label(metric) + " %{y:.4f}"
+        "<br>C %{customdata[0]}<br>seeds %{customdata[1]}<br>run %{customdata[2]}<extra></extra>"
+    )
+    for col, es in enumerate(eval_sets, start=1):
+        sub = best[best["eval_set"] == es]
+        for _, series in sub.groupby(keys, sort=True, dropna=False):
+            series = series.sort_values("_layer")
+            head = series.iloc[0]
+            name = _series_name(head, keys)
+            per_layer = series[series["_layer"] >= 0]
+            no_layer = series[series["_layer"] < 0]
+            line = {"color": colour[str(head["pooling"])], "dash": dash[str(head["probe"])], "width": 2}
+            if not per_layer.empty:
+                custom = (
+                    np.stack(
+                        [per_layer["C"].map(_fmt_c), per_layer["n_seeds"], per_layer["run_id"].astype(str)],
+                        axis=1,
+                    )
+                    if "run_id" in per_layer
+                    else None
+                )
+                fig.add_trace(
+                    go.Scatter(
+                        x=per_layer["_layer"],
+                        y=per_layer[metric],
+                        mode="lines+markers",
+                        name=name,
+                        legendgroup=name,
+                        showlegend=name not in shown,
+                        line=line,
+                        marker={"size": 5},
+                        error_y=_error_y(per_layer, metric),
+                        customdata=custom,
+                        hovertemplate=hover,
+                    ),
+                    row=1,
+                    col=col,
+                )
+                shown.add(name)
+            if not no_layer.empty:
+                value = float(no_layer[metric].iloc[0])
+                ref = f"{name} (no single layer)"
+                fig.add_trace(
+                    go.Scatter(
+                        x=x_span,
+                        y=[value, value],
+                        mode="lines",
+                        name=ref,
+                        legendgroup=ref,
+                        showlegend=ref not in shown,
+                        line={**line, "dash": "dot", "width": 1.5},
+                        hovertemplate=f"{ref}<br>{_label(metric)} {value:.4f}"
+                        f"<br>C {_fmt_c(no_layer['C'].iloc[0])}<extra></extra>",
+                    ),
+                    row=1,
+                    col=col,
+                )
+                shown.add(ref)
+        fig.update_xaxes(title_text="layer", row=1, col=col)
+    fig.update_yaxes(title_text=_label(metric), row=1, col=1)
+    title = f"{_label(metric)} by layer" + (f" — {eval_sets[0]}" if len(eval_sets) == 1 else "")
+    fig.update_layout(
+        title=title,
+        template="plotly_white",
+        hovermode="closest",
+        width=max(700, 420 * len(eval_sets) + 260),
+        height=520,
+        legend={"title": {"text": " · ".join(keys)}},
+    )
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------
+# layer × pooling heatmap
+
+
+def layer_pooling_heatmap(
+    df: pd.DataFrame, metric: str = "auroc", eval_set: str | None = None, probe: str | None = None
+) -> go.Figure:
+    """Layer × pooling heatmap of the best metric (over C, and over probe kinds when ``probe`` is None).
+
+    ``eval_set`` may be omitted only when the table has one eval set. Cells are annotated with their value;
+    the hover names the probe, C and run behind each cell. Rows without a layer are left out.
+    """
+    what = "layer_pooling_heatmap"
+    _check(df, ["probe", "pooling", "layer", "eval_set", metric], what)
+    df, eval_set = _select_eval_set(df, eval_set, what)
+    if probe is not None:
+        kinds = sorted(df["probe"].astype(str).unique())
+        df = df[df["probe"].astype(str) == probe]
+        if df.empty:
+            raise ValueError(f"{what}: no rows for probe={probe!r}; the table has {kinds}")
+    df = df.assign(_layer=_layer_key(df["layer"]))
+    df = df[df["_layer"] >= 0]
+    if df.empty:
+        raise ValueError(f"{what}: no rows with a layer for eval_set={eval_set!r}")
+    per_cell = _best_over_c(df, ["probe", "pooling", "_layer"], metric)
+    cells = per_cell.loc[per_cell.groupby(["pooling", "_layer"])[metric].idxmax()]
+    poolings = sorted(cells["pooling"].astype(str).unique())
+    layers = sorted(cells["_layer"].unique())
+    grid = cells.assign(pooling=cells["pooling"].astype(str)).set_index(["_layer", "pooling"])
+    full = pd.MultiIndex.from_product([layers, poolings], names=["_layer", "pooling"])
+    grid = grid.reindex(full)
+    z = grid[metric].to_numpy(float).reshape(len(layers), len(poolings))
+    custom = np.stack(
+        [
+            grid["probe"].astype(object).fillna("").to_numpy().reshape(z.shape),
+            grid["C"].map(_fmt_c).to_numpy().reshape(z.shape),
+            grid["run_id"].astype(object).fillna("").to_numpy().reshape(z.shape)
+            if "run_id" in grid
+            else np.full(z.shape, ""),
+        ],
+        axis=-1,
+    )
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=poolings,
+            y=[str(v) for v in layers],
+            colorscale="Viridis",
+            colorbar={"title": {"text": _label(metric)}},
+            text=np.where(np.isnan(z), "", np.vectorize(lambda v: f"{v:.3f}")(np.nan_to_num(z))),
+            texttemplate="%{text}",
+            textfont={"size": 10},
+            customdata=custom,
+            hoverongaps=False,
+            hovertemplate="layer %{y}, pooling %{x}<br>" + _label(metric) + " %{z:.4f}"
+            "<br>probe %{customdata[0]}, C %{customdata[1]}<br>run %{customdata[2]}<extra></extra>",
+        )
+    )
+    which = probe if probe is not None else "best probe per cell"
+    fig.update_layout(
+        title=f"{_label(metric)}, best over C — {eval_set} ({which})",
+        template="plotly_white",
+        width=max(520, 110 * len(poolings) + 300),
+        height=max(420, 24 * len(layers) + 180),
+    )
+    fig.update_xaxes(title_text="pooling", type="category", side="bottom")
+    fig.update_yaxes(title_text="layer", type="category", autorange=True)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------
+# cost frontier
+
+
+def pareto_front(points: pd.DataFrame, x: str = "flops_per_token", y: str = "auroc") -> pd.DataFrame:
+    """The rows not dominated by another row, sorted by ``x`` (cost) ascending.
+
+    Row q dominates row p when ``q[x] <= p[x]`` and ``q[y] >= p[y]`` with at least one strict (lower cost
+    is better, higher metric is better). Exact ties are all kept. Rows with NaN in ``x`` or ``y`` are
+    ignored. The original index is kept.
+    """
+    missing = [c for c in (x, y) if c not in points.columns]
+    if missing:
+        raise ValueError(f"pareto_front: missing required column(s) {missing}")
+    xs = pd.to_numeric(points[x], errors="coerce")
+    ys = pd.to_numeric(points[y], errors="coerce")
+    ok = xs.notna() & ys.notna()
+    if not ok.any():
+        return points.iloc[0:0]
+    xv, yv = xs[ok].to_numpy(float), ys[ok].to_numpy(float)
+    index = points.index[ok.to_numpy()]
+    unique_x, group = np.unique(xv, return_inverse=True)
+    group_max = np.full(len(unique_x), -np.inf)
+    np.maximum.at(group_max, group, yv)
+    # the best metric among strictly cheaper points, for each distinct cost
+    cheaper_max = np.concatenate([[-np.inf], np.maximum.accumulate(group_max)[:-1]])
+    keep = (yv == group_max[group]) & (yv > cheaper_max[group])
+    order = np.lexsort((-yv[keep], xv[keep]))
+    return points.loc[index[keep][order]]
+
+
+def cost_frontier(
+    df: pd.DataFrame,
+    metric: str = "auroc",
+    cost: str = "flops_per_token",
+    eval_set: str | None = None,
+    cost_floor: float | None = None,
+) -> go.Figure:
+    """Metric against cost per token (log x): one point per probe kind × layer × pooling (× hook, model).
+
+    Colour is the probe kind, symbol the pooling; the hover shows layer, C and run. The Pareto front (lower
+    cost, higher metric) is drawn as a step line. Costs that are zero, negative or below ``cost_floor`` are
+    clipped to the floor (default: a tenth of the smallest positive cost) so the log axis holds, and the
+    hover says so. Rows with a NaN cost are left out (with a logged warning).
+    """
+    what = "cost_frontier"
+    _check(df, ["probe", "pooling", "layer", "eval_set", metric, cost], what)
+    df, eval_set = _select_eval_set(df, eval_set, what)
+    df = df.assign(_layer=_layer_key(df["layer"]), _cost=pd.to_numeric(df[cost], errors="coerce"))
+    n_nan = int(df["_cost"].isna().sum())
+    if n_nan:
+        logger.warning("%s: %d row(s) with NaN %s left out", what, n_nan, cost)
+        df = df[df["_cost"].notna()]
+    if df.empty:
+        raise ValueError(f"{what}: no rows with a finite {cost!r} for eval_set={eval_set!r}")
+    keys = _varying_keys(df, _BASE_KEYS)
+    best = _best_over_c(df, [*keys, "_layer"], metric)
+
+    positive = best.loc[best["_cost"] > 0, "_cost"]
+    floor = cost_floor if cost_floor is not None else (float(positive.min()) / 10 if len(positive) else 1.0)
+    clipped = best["_cost"] < floor
+    best["_raw_cost"] = best["_cost"]
+    best["_cost"] = best["_cost"].clip(lower=floor)
+    best["_note"] = np.where(
+        clipped, [f"<br>cost {c:g} clipped to {floor:.3g} for the log axis" for c in best["_raw_cost"]], ""
+    )
+    best["_layer_text"] = np.where(best["_layer"] >= 0, best["_layer"].astype(str), "all / none")
+
+    probes = sorted(best["probe"].astype(str).unique())
+    poolings = sorted(best["pooling"].astype(str).unique())
+    colour = {p: _COLOURS[i % len(_COLOURS)] for i, p in enumerate(probes)}
+    symbol = {p: _SYMBOLS[i % len(_SYMBOLS)] for i, p in enumerate(poolings)}
+    cost_label = COST_LABELS.get(cost, cost)
+    hover = (
+        "<b>%{customdata[0]}</b> · %{customdata[1]}<br>layer %{customdata[2]}, C %{customdata[3]}"
+        "<br>" + _label(metric) + " %{y:.4f}<br>" + cost + " %{customdata[5]}%{customdata[6]}"
+        "<br>run %{customdata[4]}<extra></extra>"
+    )
+    fig = go.Figure()
+    for p in probes:
+        sub = best[best["probe"].astype(str) == p]
+        custom = np.stack(
+            [
+                sub["probe"].astype(str),
+                sub["pooling"].astype(str),
+                sub["_layer_text"],
+                sub["C"].map(_fmt_c),
+                sub["run_id"].astype(str) if "run_id" in sub else np.full(len(sub), ""),
+                sub["_raw_cost"].map(lambda c: f"{c:.4g}"),
+                sub["_note"],
+            ],
+            axis=1,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=sub["_cost"],
+                y=sub[metric],
+                mode="markers",
+                name=p,
+                legendgroup="probe",
+                legendgrouptitle={"text": "probe (colour)"},
+                marker={
+                    "color": colour[p],
+                    "symbol": [symbol[str(s)] for s in sub["pooling"]],
+                    "size": 9,
+                    "opacity": 0.85,
+                    "line": {"width": 0.5, "color": "white"},
+                },
+                error_y=_error_y(sub, metric),
+                customdata=custom,
+                hovertemplate=hover,
+                meta={"role": "points"},
+            )
+        )
+    for s in poolings:  # legend entries for the symbols
+        fig.add_trace(
+            go.Scatter(
+                x=[None],
+                y=[None],
+                mode="markers",
+                name=s,
+                legendgroup="pooling",
+                legendgrouptitle={"text": "pooling (symbol)"},
+                marker={"color": "#555", "symbol": symbol[s], "size": 9},
+                hoverinfo="skip",
+                meta={"role": "symbol-legend"},
+            )
+        )
+    front = pareto_front(best, x="_cost", y=metric)
+    fig.add_trace(
+        go.Scatter(
+            x=front["_cost"],
+            y=front[metric],
+            mode="lines",
+            line={"shape": "hv", "color": "black", "width": 1.5},
+            name="Pareto front",
+            legendgroup="front",
+            legendgrouptitle={"text": " "},
+            hoverinfo="skip",
+            meta={"role": "pareto"},
+        )
+    )
+    title = f"{_label(metric)} vs cost — {eval_set}"
+    if clipped.any():
+        title += f" ({int(clipped.sum())} cost(s) ≤ 0 clipped to {floor:.3g})"
+    fig.update_layout(
+        title=title,
+        template="plotly_white",
+        width=1000,
+        height=600,
+        hovermode="closest",
+        legend={"groupclick": "toggleitem"},
+    )
+    fig.update_xaxes(type="log", title_text=cost_label, exponentformat="power")
+    fig.update_yaxes(title_text=_label(metric))
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------
+# ROC curves
+
+
+def roc_curves(
+    curves: Mapping[str, tuple[Sequence[float] | np.ndarray, Sequence[float] | np.ndarray]],
+    log_fpr: bool = True,
+    fpr_min: float = 1e-4,
+    title: str = "ROC curves",
+) -> go.Figure:
+    """ROC curves, one trace per entry of ``curves`` (name → (fpr, tpr)), plus a chance line.
+
+    With ``log_fpr`` the x axis is logarithmic from ``fpr_min`` to 1 (FPR values below ``fpr_min``, including
+    0, are drawn at ``fpr_min``). Vertical lines mark FPR = 1% and 0.1%.
+    """
+    if not curves:
+        raise ValueError("roc_curves: no curves given")
+    fig = go.Figure()
+    for i, (name, (fpr, tpr)) in enumerate(curves.items()):
+        f, t = np.asarray(fpr, float).ravel(), np.asarray(tpr, float).ravel()
+        if f.shape != t.shape or f.size == 0:
+            raise ValueError(
+                f"roc_curves: curve {name!r} has fpr of length {f.size} and tpr of length {t.size}"
+            )
+        order = np.lexsort((t, f))
+        f, t = f[order], t[order]
+        if log_fpr:
+            f = np.clip(f, fpr_min, None)
+        fig.add_trace(
+            go.Scatter(
+                x=f,
+                y=t,
+                mode="lines",
+                name=str(name),
+                line={"color": _COLOURS[i % len(_COLOURS)], "width": 2},
+                hovertemplate=f"{name}<br>FPR %{{x:.2e}}<br>TPR %{{y:.4f}}<extra></extra>",
+            )
+        )
+    chance = np.logspace(math.log10(fpr_min), 0, 200) if log_fpr else np.array([0.0, 1.0])
+    fig.add_trace(
+        go.Scatter(
+            x=chance,
+            y=chance,
+            mode="lines",
+            name="chance",
+            line={"color": "#999", "dash": "dot", "width": 1},
+            hoverinfo="skip",
+        )
+    )
+    for fpr_mark, text in ((1e-2, "FPR 1%"), (1e-3, "FPR 0.1%")):
+        fig.add_vline(
+            x=fpr_mark,
+            line={"color": "#d62728", "dash": "dash", "width": 1},
+            annotation_text=text,
+            annotation_position="top left",
+            annotation_font={"size": 11, "color": "#d62728"},
+        )
+    fig.update_layout(title=title, template="plotly_white", width=800, height=560, hovermode="closest")
+    if log_fpr:
+        fig.update_xaxes(
+            type="log",
+            range=[math.log10(fpr_min), 0],
+            title_text="false positive rate (log)",
+            exponentformat="power",
+        )
+    else:
+        fig.update_xaxes(range=[0, 1], title_text="false positive rate")
+    fig.update_yaxes(range=[0, 1.02], title_text="true positive rate")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------
+# saving
+
+
+_PNG_FAILURE: str | None = None  # why PNG export failed once in this process; later calls skip it
+
+
+def _strip_suffix(path: str | Path) -> Path:
+    p = Path(path)
+    return p.with_suffix("") if p.suffix.lower() in (".html", ".png") else p
+
+
+def _write_pngs(figs: Sequence[go.Figure], paths: Sequence[Path]) -> bool:
+    """Write PNGs through kaleido in one browser session; False (with a warning) when that cannot work."""
+    global _PNG_FAILURE
+    if _PNG_FAILURE is not None or not figs:
+        return False
+    try:
+        sizes = [(f.layout.width or 1000, f.layout.height or 600) for f in figs]
+        pio.write_images(
+            list(figs),
+            [str(p) for p in paths],
+            format="png",
+            scale=2,
+            width=[w for w, _ in sizes],
+            height=[h for _, h in sizes],
+        )
+    except Exception as exc:  # kaleido missing, no browser, ...: HTML is still there
+        _PNG_FAILURE = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        logger.warning("PNG export disabled (install kaleido>=1.2 and a Chromium browser): %s", _PNG_FAILURE)
+        for p in paths:
+            p.unlink(missing_ok=True)
+        return False
+    return all(p.exists() for p in paths)
+
+
+def _write_html(fig: go.Figure, base: Path) -> Path:
+    base.parent.mkdir(parents=True, exist_ok=True)
+    html = base.with_name(base.name + ".html")
+    fig.write_html(html, include_plotlyjs=True, full_html=True)
+    return html
+
+
+def save_figure(fig: go.Figure, path_without_suffix: str | Path, png: bool = True) -> list[Path]:
+    """Write ``<path>.html`` (self-contained, plotly.js inline) and, when kaleido works, ``<path>.png``.
+
+    Returns the paths written. A failed PNG export logs a warning once and is not retried in this process.
+    """
+    base = _strip_suffix(path_without_suffix)
+    out = [_write_html(fig, base)]
+    if png:
+        png_path = base.with_name(base.name + ".png")
+        if _write_pngs([fig], [png_path]):
+            out.append(png_path)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# all standard figures
+
+
+def load_results(results: str | Path | pd.DataFrame) -> pd.DataFrame:
+    """A results table from a DataFrame, a parquet file, or a directory holding ``results.parquet``."""
+    if isinstance(results, pd.DataFrame):
+        return results
+    p = Path(results)
+    if p.is_dir():
+        p = p / "results.parquet"
+    if not p.exists():
+        raise FileNotFoundError(f"no results table at {p}")
+    return pd.read_parquet(p)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "x"
+
+
+def plot_results(
+    results_dir_or_df: str | Path | pd.DataFrame,
+    out_dir: str | Path,
+    png: bool = True,
+    metrics: Sequence[str] = ("auroc", "tpr_at_1pct_fpr"),
+) -> list[Path]:
+    """Write every standard figure for a results table into ``out_dir/plots/``; return the paths written.
+
+    Figures (each for every metric in ``metrics`` that the table has):
+    ``<metric>_by_layer`` (one facet per eval set), and per eval set ``heatmap_<metric>_<eval_set>``
+    (layer × pooling) and ``frontier_<metric>_<cost>_<eval_set>`` (for ``flops_per_token`` and
+    ``overhead_pct`` where present). Figures the table cannot support (no per-layer rows, no cost column)
+    are skipped with a log message. PNGs are written in one kaleido session when it works.
+    """
+    df = load_results(results_dir_or_df)
+    _check(df, ["probe", "pooling", "layer", "eval_set"], "plot_results")
+    plots = Path(out_dir) / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    figs: list[tuple[go.Figure, Path]] = []
+
+    def attempt(name: str, make: object) -> None:
+        try:
+            fig = make()  # type: ignore[operator]
+        except ValueError as exc:
+            logger.info("plot_results: skipping %s: %s", name, exc)
+            return
+        figs.append((fig, plots / _slug(name)))
+
+    has_layers = bool((_layer_key(df["layer"]) >= 0).any())
+    eval_sets = sorted(df["eval_set"].dropna().astype(str).unique())
+    for metric in metrics:
+        if metric not in df.columns or pd.to_numeric(df[metric], errors="coerce").isna().all():
+            continue
+        if has_layers:
+            attempt(f"{metric}_by_layer", lambda m=metric: auroc_by_layer(df, metric=m))
+        for es in eval_sets:
+            if has_layers:
+                attempt(f"heatmap_{metric}_{es}", lambda m=metric, e=es: layer_pooling_heatmap(df, m, e))
+            for cost in ("flops_per_token", "overhead_pct"):
+                if cost in df.columns:
+                    attempt(
+                        f"frontier_{metric}_{cost}_{es}",
+                        lambda m=metric, c=cost, e=es: cost_frontier(df, m, c, e),
+                    )
+    if not figs:
+        raise ValueError("plot_results: the table supports none of the standard figures")
+    written = [_write_html(fig, base) for fig, base in figs]
+    if png:
+        pngs = [base.with_name(base.name + ".png") for _, base in figs]
+        if _write_pngs([f for f, _ in figs], pngs):
+            written += pngs
+    return written
