@@ -367,7 +367,7 @@ def _run(
         store.mark_complete()
         return
     full_ids = _FullIds(store)
-    mmaps = {h: store.writable(h) for h in hook_names}
+    writers = {h: store.writer(h) for h in hook_names}
     seqs_by_batch: dict[int, list[int]] = {}
     for i, b in enumerate(batch_of):
         seqs_by_batch.setdefault(int(b), []).append(i)
@@ -402,17 +402,18 @@ def _run(
                     f"non-finite activations (NaN/inf, or beyond the fp16 range) at hook {h} for example "
                     f"{examples_meta[seq]['id']!r} (token position {int(pi[bad_row])})"
                 )
-            mmaps[h][dest] = arr
+            writers[h].write_rows(dest, arr)
         if durable:
-            for mm in mmaps.values():
-                mm.flush()
+            for w in writers.values():
+                w.sync()
         store.mark_done([b])
         n_tok += int(attn.sum())
         bar.update(1)
         bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.0f}")
     bar.close()
-    for mm in mmaps.values():
-        mm.flush()
+    for w in writers.values():
+        w.sync()
+        w.close()
     store.mark_complete(collect_seconds=time.perf_counter() - t0)
 
 

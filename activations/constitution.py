@@ -120,7 +120,8 @@ class Constitution(_Frozen):
 
     @model_validator(mode="after")
     def _unique(self) -> Constitution:
-        names = [c.name for c in (*self.restricted, *self.permitted)]
+        cats: tuple[RestrictedCategory | PermittedCategory, ...] = (*self.restricted, *self.permitted)
+        names = [c.name for c in cats]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"category names must be unique; repeated: {dup}")
@@ -138,8 +139,8 @@ class Constitution(_Frozen):
             for i, t in enumerate(c.topics):
                 out.append((f"{c.name}.topics[{i}].topic", t.topic))
                 out.append((f"{c.name}.topics[{i}].lookalike", t.lookalike))
-        for c in self.permitted:
-            out += [(f"{c.name}.topics[{i}]", t) for i, t in enumerate(c.topics)]
+        for pc in self.permitted:
+            out += [(f"{pc.name}.topics[{i}]", t) for i, t in enumerate(pc.topics)]
         return out
 
     # ------------------------------------------------------------ loading
@@ -182,7 +183,8 @@ class Constitution(_Frozen):
         return f"constitution:{self.name}"
 
     def category(self, name: str) -> RestrictedCategory | PermittedCategory:
-        for c in (*self.restricted, *self.permitted):
+        cats: tuple[RestrictedCategory | PermittedCategory, ...] = (*self.restricted, *self.permitted)
+        for c in cats:
             if c.name == name:
                 return c
         raise KeyError(f"constitution {self.name!r} has no category {name!r}")
@@ -327,10 +329,10 @@ def _topics(c: Constitution) -> list[_Topic]:
             key = f"{cat.name}:{i:02d}"
             out.append(_Topic(t.topic, cat.name, group, 1.0, "plain", "harmful", f"{key}:r"))
             out.append(_Topic(t.lookalike, cat.name, group, 0.0, "contrast", "contrast", f"{key}:c"))
-    for cat in c.permitted:
-        for i, t in enumerate(cat.topics):
-            group = f"{c.name}/{cat.name}/{i:02d}"
-            out.append(_Topic(t, cat.name, group, 0.0, "plain", "plain", f"{cat.name}:{i:02d}:p"))
+    for pc in c.permitted:
+        for i, text in enumerate(pc.topics):
+            group = f"{c.name}/{pc.name}/{i:02d}"
+            out.append(_Topic(text, pc.name, group, 0.0, "plain", "plain", f"{pc.name}:{i:02d}:p"))
     return out
 
 
@@ -590,13 +592,14 @@ def generate_with_model(
             prompt = "\n\n".join(m["content"] for m in messages) + "\n\n1."
         prepend = bool(model.cfg.default_prepend_bos) and not (bos and str(prompt).startswith(bos))
         tokens = model.to_tokens(str(prompt), prepend_bos=prepend)
-        room = model.cfg.n_ctx - tokens.shape[1]
-        if room <= 0:
-            tokens = tokens[:, -(model.cfg.n_ctx - 1) :]
-            room = 1
+        n_ctx = int(model.cfg.n_ctx)
+        want = max(1, min(max_tokens, n_ctx // 2))
+        if tokens.shape[1] + want > n_ctx:  # keep the end of the prompt (the request and generation cue)
+            tokens = tokens[:, -(n_ctx - want) :]
+        room = n_ctx - tokens.shape[1]
         torch.manual_seed(call_seed)
         with torch.no_grad():
-            out = model.generate(
+            out: Any = model.generate(
                 tokens,
                 max_new_tokens=min(max_tokens, room),
                 do_sample=True,

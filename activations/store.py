@@ -217,8 +217,9 @@ class ActivationStore:
         self.manifest.update(extra)
         _atomic_write_json(self.path / MANIFEST, self.manifest)
 
-    def writable(self, hook: str) -> np.memmap:
-        return np.lib.format.open_memmap(self.path / hook_filename(hook), mode="r+")
+    def writer(self, hook: str) -> HookWriter:
+        self._check_hook(hook)
+        return HookWriter(self.path / hook_filename(hook))
 
     # ------------------------------------------------------------------ reading
     def _load(self, name: str) -> np.ndarray:
@@ -367,6 +368,45 @@ class ActivationStore:
             f"seqs={self.n_sequences}, rows={self.manifest['n_rows']}, hooks={len(self.hooks)}, "
             f"complete={self.complete})"
         )
+
+
+class HookWriter:
+    """Writes rows of a preallocated ``.npy`` file with ``os.pwrite`` (no mapping, so the written pages are
+    not held in this process's memory: the memory ceiling of a collection does not grow with the store)."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = -1
+        mm = np.load(path, mmap_mode="r")
+        shape, fortran, dtype, self.data_offset = mm.shape, not mm.flags.c_contiguous, mm.dtype, mm.offset
+        del mm
+        if fortran or len(shape) != 2:
+            raise StoreError(f"{path}: unexpected array layout")
+        self.shape, self.dtype = shape, np.dtype(dtype)
+        self.row_bytes = shape[1] * self.dtype.itemsize
+        self.fd = os.open(path, os.O_WRONLY)
+
+    def write_rows(self, dest: np.ndarray, values: np.ndarray) -> None:
+        """Write ``values[i]`` to row ``dest[i]`` (runs of consecutive rows go out in one call)."""
+        if values.dtype != self.dtype or values.ndim != 2 or values.shape[1] != self.shape[1]:
+            raise StoreError(f"rows of shape {values.shape}/{values.dtype} do not fit {self.shape}/{self.dtype}")
+        if len(dest) == 0:
+            return
+        order = np.argsort(dest, kind="stable")
+        d, v = dest[order], values[order]
+        breaks = np.nonzero(np.diff(d) != 1)[0] + 1
+        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(d)], strict=True):
+            os.pwrite(self.fd, np.ascontiguousarray(v[lo:hi]).tobytes(), self.data_offset + int(d[lo]) * self.row_bytes)
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class _RowView:

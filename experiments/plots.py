@@ -57,6 +57,8 @@ COST_LABELS: dict[str, str] = {
     "standalone_overhead_pct": "Overhead, standalone (% of the policy model's forward pass)",
 }
 _COLOURS: list[str] = list(qualitative.Plotly) + list(qualitative.D3) + list(qualitative.Dark24)
+# reference lines (probes without a layer) get their own colours, distinct from the pooling palette
+_REF_COLOURS: list[str] = ["#222222", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#9467bd", "#17becf"]
 _DASHES: list[str] = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
 _SYMBOLS: list[str] = [
     "circle",
@@ -160,6 +162,16 @@ def _error_y(best: pd.DataFrame, metric: str) -> dict | None:
     }
 
 
+def _custom_columns(best: pd.DataFrame) -> np.ndarray:
+    """Hover columns: C, number of seeds, run id, confidence-interval text."""
+    ci = [
+        "" if np.isnan(lo) or np.isnan(hi) else f" [{lo:.4f}, {hi:.4f}]"
+        for lo, hi in zip(best["lo"].to_numpy(float), best["hi"].to_numpy(float), strict=True)
+    ]
+    run = best["run_id"].astype(str) if "run_id" in best else pd.Series([""] * len(best), index=best.index)
+    return np.stack([best["C"].map(_fmt_c), best["n_seeds"], run, ci], axis=1)
+
+
 def _series_name(row: Mapping, keys: Sequence[str]) -> str:
     return " · ".join(str(row[k]) for k in keys)
 
@@ -176,13 +188,16 @@ def _fmt_c(c: object) -> str:
 # metric by layer
 
 
-def auroc_by_layer(df: pd.DataFrame, metric: str = "auroc", eval_set: str | None = None) -> go.Figure:
+def auroc_by_layer(
+    df: pd.DataFrame, metric: str = "auroc", eval_set: str | None = None, error_bars: bool | None = None
+) -> go.Figure:
     """Metric against layer: one line per pooling (colour) and probe kind (dash).
 
     One subplot column per eval set when ``eval_set`` is None. Error bars come from ``<metric>_lo`` /
     ``<metric>_hi`` where present. Rows without a layer (multi-layer probes, ``layer`` NaN or -1) are drawn
     as dotted horizontal reference lines across the layer range. Several C values or seeds: best C, mean
-    over seeds. Several hooks or models: one line each.
+    over seeds. Several hooks or models: one line each. ``error_bars=None`` draws them only when a facet has
+    at most 8 lines (otherwise the bounds are in the hover text only).
     """
     what = "auroc_by_layer"
     _check(df, ["probe", "pooling", "layer", "eval_set", metric], what)
@@ -191,7 +206,7 @@ def auroc_by_layer(df: pd.DataFrame, metric: str = "auroc", eval_set: str | None
     df = df.assign(_layer=_layer_key(df["layer"]))
     if not (df["_layer"] >= 0).any():
         raise ValueError(f"{what}: no rows with a layer (all rows are multi-layer or non-layer probes)")
-    keys = _varying_keys(df, _BASE_KEYS)
+    keys = _varying_keys(df[df["_layer"] >= 0], _BASE_KEYS)
     eval_sets = sorted(df["eval_set"].astype(str).unique())
     best = _best_over_c(df.assign(eval_set=df["eval_set"].astype(str)), [*keys, "eval_set", "_layer"], metric)
 
@@ -201,21 +216,25 @@ def auroc_by_layer(df: pd.DataFrame, metric: str = "auroc", eval_set: str | None
     dash = {p: _DASHES[i % len(_DASHES)] for i, p in enumerate(probes)}
     layers = best.loc[best["_layer"] >= 0, "_layer"]
     x_span = [int(layers.min()), int(layers.max())]
+    refs = best.loc[best["_layer"] < 0, keys].drop_duplicates().apply(lambda r: _series_name(r, keys), axis=1)
+    ref_colour = {r: _REF_COLOURS[i % len(_REF_COLOURS)] for i, r in enumerate(sorted(refs))}
 
     fig = make_subplots(
         rows=1,
         cols=len(eval_sets),
         shared_yaxes=True,
-        subplot_titles=eval_sets,
+        subplot_titles=eval_sets if len(eval_sets) > 1 else None,
         horizontal_spacing=0.04 if len(eval_sets) > 1 else 0.0,
     )
     shown: set[str] = set()
     hover = (
-        "%{fullData.name}<br>layer %{x}<br>" + _label(metric) + " %{y:.4f}"
+        "%{fullData.name}<br>layer %{x}<br>" + _label(metric) + " %{y:.4f}%{customdata[3]}"
         "<br>C %{customdata[0]}<br>seeds %{customdata[1]}<br>run %{customdata[2]}<extra></extra>"
     )
     for col, es in enumerate(eval_sets, start=1):
         sub = best[best["eval_set"] == es]
+        n_lines = sub[sub["_layer"] >= 0].groupby(keys, dropna=False).ngroups
+        bars = error_bars if error_bars is not None else n_lines <= 8
         for _, series in sub.groupby(keys, sort=True, dropna=False):
             series = series.sort_values("_layer")
             head = series.iloc[0]
@@ -224,14 +243,7 @@ def auroc_by_layer(df: pd.DataFrame, metric: str = "auroc", eval_set: str | None
             no_layer = series[series["_layer"] < 0]
             line = {"color": colour[str(head["pooling"])], "dash": dash[str(head["probe"])], "width": 2}
             if not per_layer.empty:
-                custom = (
-                    np.stack(
-                        [per_layer["C"].map(_fmt_c), per_layer["n_seeds"], per_layer["run_id"].astype(str)],
-                        axis=1,
-                    )
-                    if "run_id" in per_layer
-                    else None
-                )
+                custom = _custom_columns(per_layer)
                 fig.add_trace(
                     go.Scatter(
                         x=per_layer["_layer"],
@@ -242,7 +254,7 @@ def auroc_by_layer(df: pd.DataFrame, metric: str = "auroc", eval_set: str | None
                         showlegend=name not in shown,
                         line=line,
                         marker={"size": 5},
-                        error_y=_error_y(per_layer, metric),
+                        error_y=_error_y(per_layer, metric) if bars else None,
                         customdata=custom,
                         hovertemplate=hover,
                     ),
@@ -261,7 +273,7 @@ def auroc_by_layer(df: pd.DataFrame, metric: str = "auroc", eval_set: str | None
                         name=ref,
                         legendgroup=ref,
                         showlegend=ref not in shown,
-                        line={**line, "dash": "dot", "width": 1.5},
+                        line={"color": ref_colour[name], "dash": "dot", "width": 1.5},
                         hovertemplate=f"{ref}<br>{_label(metric)} {value:.4f}"
                         f"<br>C {_fmt_c(no_layer['C'].iloc[0])}<extra></extra>",
                     ),
@@ -277,8 +289,8 @@ def auroc_by_layer(df: pd.DataFrame, metric: str = "auroc", eval_set: str | None
         template="plotly_white",
         hovermode="closest",
         width=max(700, 420 * len(eval_sets) + 260),
-        height=520,
-        legend={"title": {"text": " · ".join(keys)}},
+        height=max(520, 21 * len(shown) + 200),
+        legend={"title": {"text": " · ".join(keys)}, "tracegroupgap": 2},
     )
     return fig
 
@@ -390,13 +402,15 @@ def cost_frontier(
     cost: str = "flops_per_token",
     eval_set: str | None = None,
     cost_floor: float | None = None,
+    error_bars: bool | None = None,
 ) -> go.Figure:
     """Metric against cost per token (log x): one point per probe kind × layer × pooling (× hook, model).
 
     Colour is the probe kind, symbol the pooling; the hover shows layer, C and run. The Pareto front (lower
     cost, higher metric) is drawn as a step line. Costs that are zero, negative or below ``cost_floor`` are
     clipped to the floor (default: a tenth of the smallest positive cost) so the log axis holds, and the
-    hover says so. Rows with a NaN cost are left out (with a logged warning).
+    hover says so. Rows with a NaN cost are left out (with a logged warning). ``error_bars=None`` draws the
+    ``<metric>_lo/_hi`` bars only when there are at most 40 points.
     """
     what = "cost_frontier"
     _check(df, ["probe", "pooling", "layer", "eval_set", metric, cost], what)
@@ -431,8 +445,9 @@ def cost_frontier(
         "<br>" + _label(metric) + " %{y:.4f}<br>" + cost + " %{customdata[5]}%{customdata[6]}"
         "<br>run %{customdata[4]}<extra></extra>"
     )
+    bars = error_bars if error_bars is not None else len(best) <= 40
     fig = go.Figure()
-    for p in probes:
+    for i, p in enumerate(probes):
         sub = best[best["probe"].astype(str) == p]
         custom = np.stack(
             [
@@ -452,8 +467,8 @@ def cost_frontier(
                 y=sub[metric],
                 mode="markers",
                 name=p,
-                legendgroup="probe",
-                legendgrouptitle={"text": "probe (colour)"},
+                legendgroup=f"probe:{p}",
+                showlegend=False,
                 marker={
                     "color": colour[p],
                     "symbol": [symbol[str(s)] for s in sub["pooling"]],
@@ -461,10 +476,23 @@ def cost_frontier(
                     "opacity": 0.85,
                     "line": {"width": 0.5, "color": "white"},
                 },
-                error_y=_error_y(sub, metric),
+                error_y=_error_y(sub, metric) if bars else None,
                 customdata=custom,
                 hovertemplate=hover,
                 meta={"role": "points"},
+            )
+        )
+        fig.add_trace(  # the legend entry (a plain circle; clicking it toggles the probe's points)
+            go.Scatter(
+                x=[None],
+                y=[None],
+                mode="markers",
+                name=p,
+                legendgroup=f"probe:{p}",
+                legendgrouptitle={"text": "probe (colour)"} if i == 0 else None,
+                marker={"color": colour[p], "symbol": "circle", "size": 9},
+                hoverinfo="skip",
+                meta={"role": "colour-legend"},
             )
         )
     for s in poolings:  # legend entries for the symbols
@@ -490,21 +518,20 @@ def cost_frontier(
             line={"shape": "hv", "color": "black", "width": 1.5},
             name="Pareto front",
             legendgroup="front",
-            legendgrouptitle={"text": " "},
             hoverinfo="skip",
             meta={"role": "pareto"},
         )
     )
     title = f"{_label(metric)} vs cost — {eval_set}"
     if clipped.any():
-        title += f" ({int(clipped.sum())} cost(s) ≤ 0 clipped to {floor:.3g})"
+        title += f" ({int(clipped.sum())} cost(s) clipped to the floor {floor:.3g} for the log axis)"
     fig.update_layout(
         title=title,
         template="plotly_white",
         width=1000,
-        height=600,
+        height=max(600, 21 * (len(probes) + len(poolings)) + 220),
         hovermode="closest",
-        legend={"groupclick": "toggleitem"},
+        legend={"tracegroupgap": 0},
     )
     fig.update_xaxes(type="log", title_text=cost_label, exponentformat="power")
     fig.update_yaxes(title_text=_label(metric))
@@ -523,8 +550,9 @@ def roc_curves(
 ) -> go.Figure:
     """ROC curves, one trace per entry of ``curves`` (name → (fpr, tpr)), plus a chance line.
 
-    With ``log_fpr`` the x axis is logarithmic from ``fpr_min`` to 1 (FPR values below ``fpr_min``, including
-    0, are drawn at ``fpr_min``). Vertical lines mark FPR = 1% and 0.1%.
+    With ``log_fpr`` the x axis is logarithmic from ``fpr_min`` to 1: each curve starts at ``fpr_min`` with
+    the TPR linearly interpolated there, and its points at lower FPR (including 0) are left out. Dashed
+    vertical lines mark FPR = 1% and 0.1%.
     """
     if not curves:
         raise ValueError("roc_curves: no curves given")
@@ -537,8 +565,11 @@ def roc_curves(
             )
         order = np.lexsort((t, f))
         f, t = f[order], t[order]
-        if log_fpr:
-            f = np.clip(f, fpr_min, None)
+        if log_fpr and (f < fpr_min).any():
+            t_at_min = float(np.interp(fpr_min, f, t)) if (f >= fpr_min).any() else float(t[-1])
+            keep = f > fpr_min
+            f = np.concatenate([[fpr_min], f[keep]])
+            t = np.concatenate([[t_at_min], t[keep]])
         fig.add_trace(
             go.Scatter(
                 x=f,
@@ -561,12 +592,27 @@ def roc_curves(
         )
     )
     for fpr_mark, text in ((1e-2, "FPR 1%"), (1e-3, "FPR 0.1%")):
-        fig.add_vline(
-            x=fpr_mark,
+        # a shape takes data coordinates on a log axis, an annotation takes log10 of them
+        fig.add_shape(
+            type="line",
+            x0=fpr_mark,
+            x1=fpr_mark,
+            y0=0,
+            y1=1,
+            xref="x",
+            yref="paper",
             line={"color": "#d62728", "dash": "dash", "width": 1},
-            annotation_text=text,
-            annotation_position="top left",
-            annotation_font={"size": 11, "color": "#d62728"},
+        )
+        fig.add_annotation(
+            x=math.log10(fpr_mark) if log_fpr else fpr_mark,
+            y=1,
+            xref="x",
+            yref="paper",
+            text=text,
+            showarrow=False,
+            xanchor="right",
+            yanchor="top",
+            font={"size": 12, "color": "#d62728"},
         )
     fig.update_layout(title=title, template="plotly_white", width=800, height=560, hovermode="closest")
     if log_fpr:

@@ -112,7 +112,7 @@ def check_X(X: ArrayLike, *, ndim: int = 2, n_features: int | None = None, name:
     return t
 
 
-def check_y(y: ArrayLike, n: int, *, name: str = "y") -> Float[Tensor, "n"]:
+def check_y(y: ArrayLike, n: int, *, name: str = "y") -> Float[Tensor, " n"]:
     """Validate labels: length ``n``, values in [0, 1] (hard or soft), both classes present."""
     t = as_tensor(y, name=name)
     if t.ndim == 2 and t.shape[1] == 1:
@@ -131,7 +131,7 @@ def check_y(y: ArrayLike, n: int, *, name: str = "y") -> Float[Tensor, "n"]:
     return t
 
 
-def check_sample_weight(sample_weight: ArrayLike | None, n: int) -> Float[Tensor, "n"] | None:
+def check_sample_weight(sample_weight: ArrayLike | None, n: int) -> Float[Tensor, " n"] | None:
     if sample_weight is None:
         return None
     w = as_tensor(sample_weight, name="sample_weight")
@@ -144,7 +144,7 @@ def check_sample_weight(sample_weight: ArrayLike | None, n: int) -> Float[Tensor
 
 def check_Xy(
     X: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None, *, ndim: int = 2
-) -> tuple[Tensor, Float[Tensor, "n"], Float[Tensor, "n"] | None]:
+) -> tuple[Tensor, Float[Tensor, " n"], Float[Tensor, " n"] | None]:
     """Validate a training set; returns tensors ``(X, y, sample_weight)``."""
     Xt = as_tensor(X)
     if Xt.ndim >= 1 and Xt.shape[0] == 0:
@@ -181,17 +181,17 @@ class Probe(abc.ABC):
         self._fit(Xt, yt, wt)
         return self
 
-    def decision_function(self, X: ArrayLike) -> Float[Tensor, "n"]:
+    def decision_function(self, X: ArrayLike) -> Float[Tensor, " n"]:
         """Logits, one per row of ``X``."""
         self._check_fitted()
         Xt = check_X(X, ndim=self.input_ndim, n_features=self.n_features_in_)
         return self._decision_function(Xt)
 
-    def predict_proba(self, X: ArrayLike) -> Float[Tensor, "n"]:
+    def predict_proba(self, X: ArrayLike) -> Float[Tensor, " n"]:
         """P(harmful | x) = sigmoid(logit)."""
         return torch.sigmoid(self.decision_function(X))
 
-    def predict(self, X: ArrayLike, threshold: float = 0.5) -> Float[Tensor, "n"]:
+    def predict(self, X: ArrayLike, threshold: float = 0.5) -> Float[Tensor, " n"]:
         """Hard 0/1 predictions at a probability threshold."""
         return (self.predict_proba(X) >= threshold).to(torch.float32)
 
@@ -210,10 +210,10 @@ class Probe(abc.ABC):
             raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit() first")
 
     @abc.abstractmethod
-    def _fit(self, X: Tensor, y: Float[Tensor, "n"], sample_weight: Float[Tensor, "n"] | None) -> None: ...
+    def _fit(self, X: Tensor, y: Float[Tensor, " n"], sample_weight: Float[Tensor, " n"] | None) -> None: ...
 
     @abc.abstractmethod
-    def _decision_function(self, X: Tensor) -> Float[Tensor, "n"]: ...
+    def _decision_function(self, X: Tensor) -> Float[Tensor, " n"]: ...
 
     # -- persistence ---------------------------------------------------------------------------------------
 

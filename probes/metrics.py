@@ -52,12 +52,12 @@ __all__ = [
     "tpr_at_fpr",
 ]
 
-Scores: TypeAlias = Real[np.ndarray, "n"] | Real[torch.Tensor, "n"] | Sequence[float]
-Labels: TypeAlias = Shaped[np.ndarray, "n"] | Shaped[torch.Tensor, "n"] | Sequence[int]
+Scores: TypeAlias = Real[np.ndarray, " n"] | Real[torch.Tensor, " n"] | Sequence[float]
+Labels: TypeAlias = Shaped[np.ndarray, " n"] | Shaped[torch.Tensor, " n"] | Sequence[int]
 MetricFn: TypeAlias = Callable[[Any, Any], float]
 
 # Rows of resamples processed at once by the vectorized bootstrap (bounds memory: chunk × n int64).
-_BOOT_CHUNK_ELEMS = 2000000
+_BOOT_CHUNK_ELEMS = 1_000_000
 
 
 class MetricsError(ValueError):
@@ -85,7 +85,7 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
     return arr
 
 
-def _scores(s: Any, name: str = "scores") -> Float[np.ndarray, "n"]:
+def _scores(s: Any, name: str = "scores") -> Float[np.ndarray, " n"]:
     arr = _to_numpy(s, name)
     if arr.size == 0:
         raise MetricsError(f"{name} is empty")
@@ -136,7 +136,7 @@ def _distinct_desc(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return tps, fps, ss[last_of_group]
 
 
-def roc_points(y: Labels, s: Scores) -> tuple[Float[np.ndarray, "k"], Float[np.ndarray, "k"]]:
+def roc_points(y: Labels, s: Scores) -> tuple[Float[np.ndarray, " k"], Float[np.ndarray, " k"]]:
     """The ROC curve's vertices ``(fpr, tpr)``, starting at ``(0, 0)``, one point per distinct score.
 
     Point ``i > 0`` is the operating point "flag when score >= the i-th largest distinct score"; both arrays
@@ -419,7 +419,10 @@ def evaluate(
     """
     yy, ss = _check(y, s)
     pos, neg = ss[yy == 1], ss[yy == 0]
-    control = neg if benign_control_scores is None else _scores(benign_control_scores, "benign_control_scores")
+    if benign_control_scores is None:
+        control = neg
+    else:
+        control = _scores(benign_control_scores, "benign_control_scores")
     if len(fprs) == 0:
         raise MetricsError("fprs must not be empty")
     out: dict[str, float] = {}

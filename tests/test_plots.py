@@ -333,6 +333,10 @@ def test_cost_frontier_points_and_front() -> None:
     # symbol legend entries: one per pooling
     legend = [t for t in fig.data if getattr(t, "meta", None) == {"role": "symbol-legend"}]
     assert sorted(t.name for t in legend) == ["ema", "last", "max", "mean"]
+    colours = [t for t in fig.data if getattr(t, "meta", None) == {"role": "colour-legend"}]
+    assert [t.name for t in colours] == sorted(t.name for t in pts)
+    assert {t.marker.color for t in colours} == {t.marker.color for t in pts}
+    assert all(t.showlegend is False for t in pts)
 
 
 def test_cost_frontier_clips_zero_cost_and_says_so() -> None:
@@ -416,7 +420,11 @@ def test_roc_curves_log_axis_and_marks() -> None:
     assert [t.name for t in fig.data] == ["probe A", "probe B", "chance"]
     assert fig.layout.xaxis.type == "log"
     assert tuple(fig.layout.xaxis.range) == pytest.approx((-4, 0))
-    assert min(fig.data[0].x) == pytest.approx(1e-4)  # FPR 0 drawn at the floor
+    # the curve starts at the floor with the interpolated TPR; FPR 0 is left out
+    assert fig.data[0].x[0] == pytest.approx(1e-4) and fig.data[0].y[0] == pytest.approx(1e-2)
+    assert list(fig.data[0].x[1:]) == pytest.approx([1e-3, 1e-2, 0.1, 1.0])
+    marks_at = sorted(a.x for a in fig.layout.annotations)
+    assert marks_at == pytest.approx([-3, -2])  # annotations on a log axis take log10
     marks = sorted(s.x0 for s in fig.layout.shapes)
     assert marks == pytest.approx([1e-3, 1e-2])
     texts = {a.text for a in fig.layout.annotations}
@@ -452,7 +460,7 @@ def test_save_figure_html(tmp_path: Path) -> None:
     assert paths == [tmp_path / "sub" / "roc.html"]
     html = paths[0].read_text()
     assert 'class="plotly-graph-div"' in html
-    assert "<script src=" not in html.split("plotly-graph-div")[0] or "cdn.plot.ly" not in html
+    assert "<script src=" not in html  # no CDN or file reference: plotly.js is inline
     assert len(html) > 1_000_000  # plotly.js inline: works offline
 
 
@@ -472,6 +480,7 @@ def test_save_figure_without_kaleido_returns_html(
     assert not (tmp_path / "roc.png").exists()
 
 
+@pytest.mark.slow  # starts a headless Chromium (a few seconds)
 @pytest.mark.skipif(not _png_works(), reason="kaleido or a Chromium browser is not installed")
 def test_save_figure_png(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(plots, "_PNG_FAILURE", None)

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from activations.data import Example, Message, PromptDataset
+from activations.tiny import make_tiny_model, plant_direction
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED_DATASETS = Path(os.environ.get("PROBE_ATLAS_SHARED", SHARED)) / "datasets"
+
+HARM_WORDS = ["bomb", "poison", "hack", "malware", "explosive"]
+BENIGN_WORDS = ["cake", "garden", "poem", "bread", "music"]
+FILLER = "the a of to and in for on with about how can you me please".split()
+
+
+def _sentence(rng: random.Random, key: str, n: int) -> str:
+    words = [rng.choice(FILLER) for _ in range(n)]
+    words.insert(rng.randrange(len(words) + 1), key)
+    return " ".join(words)
+
+
+def planted_dataset(n: int = 64, seed: int = 0, name: str = "planted", min_len: int = 4, max_len: int = 14) -> PromptDataset:
+    """Harmful prompts contain a trigger word (planted direction in the tiny model); harmless ones do not."""
+    rng = random.Random(seed)
+    exs = []
+    for i in range(n):
+        label = i % 2
+        key = rng.choice(HARM_WORDS if label else BENIGN_WORDS)
+        exs.append(
+            Example(
+                id=f"{name}:{i}",
+                text=_sentence(rng, key, rng.randint(min_len, max_len)),
+                label=label,
+                source=name,
+                group=f"g{i // 2}",
+            )
+        )
+    return PromptDataset(exs, name=name)
+
+
+def exchange_dataset(n: int = 16, seed: int = 0) -> PromptDataset:
+    rng = random.Random(seed)
+    exs = []
+    for i in range(n):
+        label = i % 2
+        key = rng.choice(HARM_WORDS if label else BENIGN_WORDS)
+        exs.append(
+            Example(
+                id=f"ex:{i}",
+                messages=(
+                    Message("user", _sentence(rng, "help", rng.randint(3, 8))),
+                    Message("assistant", _sentence(rng, key, rng.randint(3, 10))),
+                ),
+                label=label,
+                source="exchanges",
+            )
+        )
+    return PromptDataset(exs, name="exchanges")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    torch.manual_seed(0)
+    m = make_tiny_model(n_layers=3, d_model=32, n_heads=4, d_mlp=64, seed=0)
+    plant_direction(m, HARM_WORDS, scale=6.0)
+    return m
+
+
+@pytest.fixture()
+def planted() -> PromptDataset:
+    return planted_dataset()
