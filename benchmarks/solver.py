@@ -31,7 +31,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from probes.linear import fit_logistic_batched  # noqa: E402
+from probes.linear import fit_logistic_batched
 
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-3, 2, 8))
 
@@ -173,8 +173,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.store is not None:
-        raise SystemExit("--store: running on a store's pooled activations is not wired up yet; call "
-                         "compare_with_sklearn() on pooled [p, n, d] features instead")
+        raise SystemExit(
+            "--store: running on a store's pooled activations is not wired up yet; call "
+            "compare_with_sklearn() on pooled [p, n, d] features instead"
+        )
 
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -187,27 +189,45 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if sk_p is None:
         sk_p = min(args.p, 10)
     r = compare_with_sklearn(
-        X, y.cpu(), Xe.cpu(), ye, DEFAULT_CS,
+        X,
+        y.cpu(),
+        Xe.cpu(),
+        ye,
+        DEFAULT_CS,
         sklearn_p=sk_p,
         sklearn_max_iter=args.sklearn_max_iter,
         solver_kwargs={"tol": args.tol, "chunk_size": args.chunk_size},
     )
     print(f"Cs: {', '.join(f'{c:.3g}' for c in r['Cs'])} (on standardized features)")
-    print(f"batched torch solver ({args.device}, {args.dtype}): {r['batched_seconds']:.2f}s for "
-          f"{r['p']}×{r['n_C']} fits, mean {r['batched_newton_iters_mean']:.1f} Newton steps per fit, "
-          f"{r['batched_not_converged']} not converged")
+    print(
+        f"batched torch solver ({args.device}, {args.dtype}): {r['batched_seconds']:.2f}s for "
+        f"{r['p']}×{r['n_C']} fits, mean {r['batched_newton_iters_mean']:.1f} Newton steps per fit, "
+        f"{r['batched_not_converged']} not converged"
+    )
     extra = ""
     if r["sklearn_extrapolated"]:
-        extra = (f" (measured {r['sklearn_seconds_measured']:.1f}s on {r['sklearn_problems_timed']} problems, "
-                 f"extrapolated linearly to {r['p']})")
-    print(f"sklearn lbfgs loop (max_iter={r['sklearn_max_iter']}): {r['sklearn_seconds']:.1f}s{extra}; "
-          f"{r['sklearn_not_converged']} fits hit max_iter")
-    print(f"test AUROC range {r['auroc_batched_range'][0]:.3f}–{r['auroc_batched_range'][1]:.3f}; "
-          f"|ΔAUROC| max {r['max_auroc_diff']:.2e} mean {r['mean_auroc_diff']:.2e} over "
-          f"{r['sklearn_problems_timed']}×{r['n_C']} fits")
+        extra = (
+            f" (measured {r['sklearn_seconds_measured']:.1f}s on {r['sklearn_problems_timed']} problems, "
+            f"extrapolated linearly to {r['p']})"
+        )
+    print(
+        f"sklearn lbfgs loop (max_iter={r['sklearn_max_iter']}): {r['sklearn_seconds']:.1f}s{extra}; "
+        f"{r['sklearn_not_converged']} fits hit max_iter"
+    )
+    print(
+        f"test AUROC range {r['auroc_batched_range'][0]:.3f}–{r['auroc_batched_range'][1]:.3f}; "
+        f"|ΔAUROC| max {r['max_auroc_diff']:.2e} mean {r['mean_auroc_diff']:.2e} over "
+        f"{r['sklearn_problems_timed']}×{r['n_C']} fits"
+    )
     print("coef ‖Δw‖/‖w_sklearn‖ max by C: " + ", ".join(f"{v:.1e}" for v in r["coef_rel_diff_by_C"]))
-    print(json.dumps({"speedup_vs_sklearn": round(r["speedup_vs_sklearn"], 2),
-                      "max_auroc_diff": float(f"{r['max_auroc_diff']:.3g}")}))
+    print(
+        json.dumps(
+            {
+                "speedup_vs_sklearn": round(r["speedup_vs_sklearn"], 2),
+                "max_auroc_diff": float(f"{r['max_auroc_diff']:.3g}"),
+            }
+        )
+    )
     return r
 
 

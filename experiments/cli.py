@@ -1,0 +1,150 @@
+"""The ``probe-atlas`` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="probe-atlas: cheap safety probes on a model's own activations.")
+console = Console()
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[bold red]error:[/] {msg}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def collect(
+    data: Annotated[list[str], typer.Option("--data", help="JSONL file (repeatable), 'builtin' or hf:NAME")],
+    out: Annotated[Path, typer.Option("--out", help="store directory (one per dataset when several --data)")],
+    model: Annotated[str, typer.Option("--model", help="smollm2, gemma3-270m, a TL name or an HF folder")] = "smollm2",
+    layers: Annotated[str, typer.Option("--layers", help="all | 0,5,9 | 3-7")] = "all",
+    hooks: Annotated[str, typer.Option("--hooks", help="comma list of resid_post,resid_pre,mlp_out,attn_out")] = "resid_post",
+    positions: Annotated[str, typer.Option("--positions", help="auto | prompt | response | prompt+response | all")] = "auto",
+    max_len: Annotated[int, typer.Option("--max-len")] = 512,
+    token_budget: Annotated[int, typer.Option("--token-budget", help="padded tokens per batch")] = 4096,
+) -> None:
+    """Collect per-token activations of chosen hooks into an on-disk activation store."""
+    from activations.collect import CollectError
+    from activations.collect import collect as do_collect
+    from activations.data import DataError, load_dataset
+    from activations.models import load_model
+    from activations.store import StoreError
+
+    try:
+        datasets = [load_dataset(d) for d in data]
+        m = load_model(model)
+        for ds in datasets:
+            path = out if len(datasets) == 1 else out / ds.name
+            store = do_collect(
+                m, ds, path, hooks=hooks.split(","), layers=layers, positions=positions,
+                max_len=min(max_len, m.cfg.n_ctx), token_budget=token_budget,
+            )
+            console.print(f"[green]wrote[/] {store} ({store.nbytes() / 2**20:.1f} MiB)")
+    except (DataError, CollectError, StoreError, ValueError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def sweep(
+    spec: Annotated[Path, typer.Argument(help="sweep spec YAML (or a name in experiments/configs)")],
+    out: Annotated[Path, typer.Option("--out", help="results folder")] = Path("runs/sweep"),
+    backend: Annotated[str, typer.Option("--backend", help="local | ray")] = "local",
+    address: Annotated[str | None, typer.Option("--address", help="Ray cluster address")] = None,
+    plot: Annotated[bool, typer.Option("--plot/--no-plot", help="write the standard figures")] = True,
+) -> None:
+    """Run (or resume) a layer × pooling × probe × C sweep and append to OUT/results.parquet."""
+    from experiments.run import SweepError, run_sweep
+    from experiments.spec import SpecError, load_spec
+
+    try:
+        sp, base = load_spec(spec)
+        df = run_sweep(sp, out, base=base, backend=backend, address=address)
+    except (SpecError, SweepError, ValueError) as e:
+        _fail(str(e))
+        return
+    _print_headline(df)
+    if plot:
+        _plot(out)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="results folder")] = Path("probe-atlas-demo"),
+    plot: Annotated[bool, typer.Option("--plot/--no-plot")] = True,
+) -> None:
+    """The main job on the embedded default: a real sweep of SmolLM2-135M-Instruct on the built-in data."""
+    from experiments.run import run_sweep
+    from experiments.spec import load_spec
+
+    sp, base = load_spec("demo.yaml")
+    df = run_sweep(sp, out, base=base)
+    _print_headline(df)
+    if plot:
+        _plot(out)
+    console.print(f"results: {out / 'results.parquet'}")
+
+
+@app.command()
+def plot(results: Annotated[Path, typer.Argument(help="a sweep folder with results.parquet")]) -> None:
+    """Write the standard figures (HTML, and PNG where kaleido works) into DIR/plots/."""
+    _plot(results)
+
+
+@app.command()
+def score(
+    probe: Annotated[Path, typer.Option("--probe", help="a saved probe folder")],
+    data: Annotated[str, typer.Option("--data", help="JSONL file to score")],
+    out: Annotated[Path, typer.Option("--out", help="scores JSONL (id, label, score)")],
+    model: Annotated[str | None, typer.Option("--model", help="override the model the probe names")] = None,
+) -> None:
+    """Score every example of a JSONL with a saved probe (one line per example: id, label, score)."""
+    from experiments.scoring import ScoreError, score_file
+
+    try:
+        n = score_file(probe, data, out, model_name=model)
+    except (ScoreError, ValueError) as e:
+        _fail(str(e))
+        return
+    console.print(f"[green]wrote[/] {n} scores to {out}")
+
+
+def _plot(out: Path) -> None:
+    from experiments.plots import plot_results
+
+    paths = plot_results(out, out)
+    console.print(f"[green]wrote[/] {len(paths)} figure files under {out / 'plots'}")
+
+
+def _print_headline(df: Any) -> None:
+    """Best layer per (probe, pooling) on each eval set: AUROC, TPR@1%FPR, overhead %."""
+    if df is None or len(df) == 0:
+        return
+    from experiments.report import headline_table
+
+    tab = headline_table(df)
+    for eval_set, sub in tab.groupby("eval_set", sort=False):
+        t = Table(title=f"best layer per probe × pooling — {eval_set}")
+        for col in ("probe", "pooling", "layer", "C", "auroc", "tpr_at_1pct_fpr", "overhead_pct"):
+            t.add_column(col, justify="right" if col not in ("probe", "pooling") else "left")
+        for _, r in sub.iterrows():
+            t.add_row(
+                str(r["probe"]), str(r["pooling"]), str(r["layer"]), f"{r['C']:.3g}",
+                f"{r['auroc']:.3f} [{r['auroc_lo']:.3f}, {r['auroc_hi']:.3f}]",
+                f"{r['tpr_at_1pct_fpr']:.3f}", f"{r['overhead_pct']:.2g}",
+            )
+        console.print(t)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

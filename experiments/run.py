@@ -1,0 +1,442 @@
+"""Execute a sweep: collect what is missing, fit, select C on validation, evaluate, append results.
+
+Work is grouped by what shares pooled features: one *group* is (seed, hook kind, pooling), and within it the
+batched logistic solver fits every layer × every C at once. Each finished group appends its rows to
+``DIR/results.parquet`` (atomically); runs already in the table are skipped, so a killed sweep resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from rich.console import Console
+from transformer_lens import HookedTransformer
+
+from activations.collect import HOOK_KINDS, collect, default_store_dir, model_fingerprint, parse_layers
+from activations.data import PromptDataset
+from activations.pooling import Pooling
+from activations.store import ActivationStore, StoreKey
+from experiments.spec import Run, SpecError, SweepSpec, expand
+from probes.base import Probe
+from probes.cost import CostModel
+from probes.linear import DiffMeansProbe, LDAProbe, LogisticProbe, MultiLayerProbe, fit_logistic_batched
+from probes.metrics import auroc, evaluate, log_auroc, threshold_at_fpr, tpr_at_fpr
+
+console = Console(stderr=True)
+
+RESULTS = "results.parquet"
+SWEEP_JSON = "sweep.json"
+
+
+class SweepError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------- datasets
+@dataclass
+class SweepData:
+    """The sweep's datasets, loaded, filtered and checked."""
+
+    train: PromptDataset
+    val: PromptDataset
+    tests: dict[str, PromptDataset]
+    control: PromptDataset
+
+    def all(self) -> dict[str, PromptDataset]:
+        d = {"train": self.train, "val": self.val, "control": self.control}
+        d.update({f"test:{k}": v for k, v in self.tests.items()})
+        return d
+
+    def key(self) -> str:
+        return "|".join(f"{k}={v.fingerprint()}" for k, v in sorted(self.all().items()))
+
+
+def load_sweep_data(spec: SweepSpec, base: Path | None) -> SweepData:
+    ds = spec.datasets
+    train = ds.train.load(base, default_name="train")
+    if ds.val is not None:
+        val = ds.val.load(base, default_name="val")
+    else:  # carve a group-respecting validation split out of train
+        split = PromptDataset([e.__class__(**{**e.__dict__, "split": None}) for e in train], name="train")
+        split = split.with_splits({"train": 0.8, "val": 0.2}, seed=0)
+        train, val = split.filter(split="train", name="train"), split.filter(split="val", name="val")
+    try:
+        train.require_two_classes("train")
+        val.require_two_classes("val")
+    except ValueError as e:
+        raise SpecError(str(e)) from e
+    if ds.benign_control is not None:
+        control = ds.benign_control.load(base, default_name="benign_control")
+        if (control.labels >= 0.5).any():
+            n_bad = int((control.labels >= 0.5).sum())
+            raise SpecError(f"datasets.benign_control: {n_bad} examples are labelled harmful; a control set is benign")
+    else:
+        control = val.filter(label=0.0, name="benign_control")
+    tests = {name: t.load(base, default_name=name) for name, t in ds.test.items()}
+    return SweepData(train=train, val=val, tests=tests, control=control)
+
+
+# ---------------------------------------------------------------------- results table
+def read_results(out: Path) -> pd.DataFrame:
+    p = out / RESULTS
+    if not p.exists():
+        return pd.DataFrame()
+    return pd.read_parquet(p)
+
+
+def append_results(out: Path, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    old = read_results(out)
+    new = pd.DataFrame(rows)
+    df = pd.concat([old, new], ignore_index=True) if len(old) else new
+    tmp = out / f".tmp-{RESULTS}"
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, out / RESULTS)
+
+
+def check_sweep_dir(out: Path, spec: SweepSpec) -> None:
+    """A results folder belongs to one spec: refuse to mix another spec's rows into it."""
+    out.mkdir(parents=True, exist_ok=True)
+    sj = out / SWEEP_JSON
+    fp = spec.fingerprint()
+    if sj.exists():
+        have = json.loads(sj.read_text())
+        if have.get("spec_fingerprint") != fp:
+            raise SweepError(
+                f"{out / RESULTS}: this results folder was written by another spec "
+                f"({have.get('name')!r}, fingerprint {have.get('spec_fingerprint')}); use a new --out folder"
+            )
+    else:
+        sj.write_text(json.dumps({"name": spec.name, "spec_fingerprint": fp}, indent=1))
+        (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+
+
+# ---------------------------------------------------------------------- evaluation
+@dataclass
+class Features:
+    """Pooled features of one dataset for a group: ``[layers, n, d]`` over ``layer_index``."""
+
+    X: torch.Tensor
+    y: np.ndarray
+    layer_index: dict[int, int]
+
+    def layer(self, layer: int) -> torch.Tensor:
+        return self.X[self.layer_index[layer]]
+
+
+def _score_metrics(
+    scores: dict[str, np.ndarray], feats: dict[str, Features], data: SweepData, n_boot: int, seed: int
+) -> dict[str, dict[str, float]]:
+    """Metrics of one probe on every test set.
+
+    Thresholds come from the benign control set. A harmful-only test set is scored against the control set
+    as negatives; a benign-only one (e.g. contrast prompts) gets NaN detection metrics and its
+    over-refusal rate (``benign_flag_rate_at_*``: share of its examples flagged at the control threshold).
+    """
+    control = scores["control"]
+    out = {}
+    for name in data.tests:
+        s = scores[f"test:{name}"]
+        y = feats[f"test:{name}"].y
+        harmful = y >= 0.5
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if harmful.all():
+                yy = np.concatenate([np.ones(len(s), int), np.zeros(len(control), int)])
+                m = evaluate(yy, np.concatenate([s, control]), benign_control_scores=control, n_boot=n_boot, seed=seed)
+            elif harmful.any():
+                m = evaluate(harmful.astype(int), s, benign_control_scores=control, n_boot=n_boot, seed=seed)
+            else:
+                m = {"auroc": float("nan"), "tpr_at_1pct_fpr": float("nan"), "tpr_at_0.1pct_fpr": float("nan")}
+            for fpr, key in ((0.01, "1pct"), (0.001, "0.1pct")):
+                thr = threshold_at_fpr(control, fpr)
+                benign = s[~harmful]
+                m[f"benign_flag_rate_at_{key}_fpr"] = float((benign > thr).mean()) if len(benign) else float("nan")
+        m["n_eval"] = len(s)
+        out[name] = m
+    return out
+
+
+def _val_metric(name: str, y: np.ndarray, s: np.ndarray) -> float:
+    yy = (y >= 0.5).astype(int)
+    if name == "auroc":
+        return auroc(yy, s)
+    if name == "log_auroc":
+        return log_auroc(yy, s)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tpr_at_fpr(s[yy == 1], s[yy == 0], 0.01)
+
+
+@dataclass
+class SweepContext:
+    spec: SweepSpec
+    out: Path
+    model_fp: dict[str, str]
+    cost: CostModel
+    data: SweepData
+    stores: dict[str, ActivationStore]
+    hook_names: dict[str, list[str]]  # hook kind -> full names (one per layer)
+    layers: list[int]
+    done: set[str] = field(default_factory=set)
+
+
+def _features(ctx: SweepContext, hook_kind: str, pooling: Pooling, layers: Sequence[int]) -> dict[str, Features]:
+    feats = {}
+    for role, store in ctx.stores.items():
+        xs = [store.pooled(HOOK_KINDS[hook_kind].format(l=layer), pooling) for layer in layers]
+        feats[role] = Features(torch.stack(xs), np.array(store.labels), {layer: i for i, layer in enumerate(layers)})
+    return feats
+
+
+def _probe_meta(ctx: SweepContext, run: Run, layers: Sequence[int], extra: dict[str, Any]) -> dict[str, Any]:
+    st = ctx.stores["train"]
+    return {
+        **ctx.model_fp,
+        "hook": run.hook_kind,
+        "hook_names": [HOOK_KINDS[run.hook_kind].format(l=layer) for layer in layers],
+        "layers": list(layers),
+        "pooling": run.pooling.params(),
+        "positions": st.key["positions"],
+        "max_len": st.key["max_len"],
+        "chat_template": st.key["chat_template"],
+        "train_dataset": st.key["dataset_name"],
+        "train_fingerprint": st.key["dataset_fingerprint"],
+        "run_id": run.run_id,
+        "sweep": ctx.spec.name,
+        **extra,
+    }
+
+
+def _rows(
+    ctx: SweepContext,
+    run: Run,
+    layers: Sequence[int],
+    probe: Probe,
+    C: float | None,
+    val_metric: float,
+    metrics: dict[str, dict[str, float]],
+    fit_seconds: float,
+) -> list[dict[str, Any]]:
+    d = ctx.cost.d_model
+    marginal = ctx.cost.probe_cost(list(layers), d, run.pooling, view="marginal", order="pool_then_probe")
+    standalone = ctx.cost.probe_cost(list(layers), d, run.pooling, view="standalone", order="pool_then_probe")
+    path = ctx.out / "probes" / run.run_id
+    probe.save(path, _probe_meta(ctx, run, layers, {"C": C, f"val_{ctx.spec.select_metric}": val_metric}))
+    rows = []
+    for eval_set, m in metrics.items():
+        rows.append(
+            {
+                "run_id": run.run_id,
+                "sweep": ctx.spec.name,
+                "model": ctx.model_fp["model_id"],
+                "probe": run.probe.kind,
+                "hook": run.hook_kind,
+                "layer": int(layers[0]) if len(layers) == 1 else -1,
+                "layers": ",".join(str(x) for x in layers),
+                "n_layers_read": len(layers),
+                "pooling": run.pooling.name,
+                "C": float("nan") if C is None else float(C),
+                "seed": run.seed,
+                "eval_set": eval_set,
+                **m,
+                f"val_{ctx.spec.select_metric}": val_metric,
+                "flops_per_token": marginal.flops_per_token,
+                "overhead_pct": marginal.overhead_pct,
+                "standalone_flops_per_token": standalone.flops_per_token,
+                "standalone_overhead_pct": standalone.overhead_pct,
+                "probe_path": str(path),
+                "fit_seconds": fit_seconds,
+                "n_train": len(ctx.data.train),
+                "n_features": probe.n_features_in_,
+            }
+        )
+    return rows
+
+
+def _run_logistic_group(ctx: SweepContext, runs: list[Run], feats: dict[str, Features]) -> list[dict[str, Any]]:
+    """All layers × all C of one logistic probe kind in one batched solve."""
+    probe_spec = runs[0].probe
+    penalty = {"logistic_l2": "l2", "logistic_l1": "l1", "logistic_elasticnet": "elasticnet"}[probe_spec.kind]
+    layers = [r.layer for r in runs]
+    idx = [feats["train"].layer_index[layer] for layer in layers]
+    t0 = time.perf_counter()
+    path = fit_logistic_batched(
+        feats["train"].X[idx], torch.as_tensor(feats["train"].y), ctx.spec.Cs, penalty=penalty,
+        l1_ratio=probe_spec.l1_ratio, class_weight=probe_spec.class_weight, warn=False,
+    )
+    fit_s = (time.perf_counter() - t0) / len(runs)
+    val_scores = path.decision_function(feats["val"].X[idx]).numpy()  # [p, c, n]
+    rows = []
+    for j, run in enumerate(runs):
+        vals = [_val_metric(ctx.spec.select_metric, feats["val"].y, val_scores[j, c]) for c in range(len(ctx.spec.Cs))]
+        best = int(np.nanargmax(vals))
+        probe = path.probe(j, best)
+        scores = {role: probe.decision_function(f.layer(run.layer)).numpy() for role, f in feats.items()}
+        metrics = _score_metrics(scores, feats, ctx.data, ctx.spec.bootstrap, run.seed)
+        rows += _rows(ctx, run, [run.layer], probe, ctx.spec.Cs[best], vals[best], metrics, fit_s)
+    return rows
+
+
+def _make_simple(run: Run) -> Probe:
+    if run.probe.kind == "diffmeans":
+        return DiffMeansProbe()
+    if run.probe.kind == "lda":
+        return LDAProbe(shrinkage=run.probe.shrinkage)
+    raise SweepError(f"no simple probe {run.probe.kind!r}")  # pragma: no cover
+
+
+def _run_simple(ctx: SweepContext, run: Run, feats: dict[str, Features]) -> list[dict[str, Any]]:
+    t0 = time.perf_counter()
+    probe = _make_simple(run).fit(feats["train"].layer(run.layer), torch.as_tensor(feats["train"].y))
+    fit_s = time.perf_counter() - t0
+    scores = {role: probe.decision_function(f.layer(run.layer)).numpy() for role, f in feats.items()}
+    val = _val_metric(ctx.spec.select_metric, feats["val"].y, scores["val"])
+    metrics = _score_metrics(scores, feats, ctx.data, ctx.spec.bootstrap, run.seed)
+    return _rows(ctx, run, [run.layer], probe, None, val, metrics, fit_s)
+
+
+def _run_multilayer(ctx: SweepContext, run: Run, feats: dict[str, Features]) -> list[dict[str, Any]]:
+    layers = parse_layers(run.probe.layers, ctx.cost.n_layers) if run.probe.layers is not None else ctx.layers
+    missing = [la for la in layers if la not in feats["train"].layer_index]
+    if missing:
+        raise SpecError(f"probes.multilayer.layers: layers {missing} are not collected (spec layers: {ctx.layers})")
+    idx = [feats["train"].layer_index[la] for la in layers]
+
+    def flat(f: Features) -> torch.Tensor:
+        return f.X[idx].permute(1, 0, 2).reshape(f.X.shape[1], -1)
+
+    t0 = time.perf_counter()
+    path = fit_logistic_batched(
+        flat(feats["train"])[None], torch.as_tensor(feats["train"].y), ctx.spec.Cs, penalty=run.probe.penalty,
+        l1_ratio=run.probe.l1_ratio, class_weight=run.probe.class_weight, warn=False,
+    )
+    fit_s = time.perf_counter() - t0
+    val_scores = path.decision_function(flat(feats["val"])[None]).numpy()[0]
+    vals = [_val_metric(ctx.spec.select_metric, feats["val"].y, val_scores[c]) for c in range(len(ctx.spec.Cs))]
+    best = int(np.nanargmax(vals))
+    base = path.probe(0, best)
+    probe = MultiLayerProbe(base=base, layers=layers)
+    probe.load_state_dict({f"base.{k}": v for k, v in base.state_dict().items()})
+    scores = {role: probe.decision_function(f.X[idx].permute(1, 0, 2)).numpy() for role, f in feats.items()}
+    metrics = _score_metrics(scores, feats, ctx.data, ctx.spec.bootstrap, run.seed)
+    return _rows(ctx, run, layers, probe, ctx.spec.Cs[best], vals[best], metrics, fit_s)
+
+
+# ---------------------------------------------------------------------- driver
+def prepare(
+    spec: SweepSpec,
+    out: Path,
+    *,
+    base: Path | None = None,
+    model: HookedTransformer | None = None,
+    model_loader: Callable[[str], HookedTransformer] | None = None,
+    store_root: Path | None = None,
+    progress: bool = True,
+) -> SweepContext:
+    """Check the folder, load data, collect missing stores; everything a sweep needs before fitting."""
+    check_sweep_dir(out, spec)
+    data = load_sweep_data(spec, base)
+    if model is None:
+        from activations.models import load_model
+
+        console.print(f"[bold]loading model[/] {spec.model}")
+        model = (model_loader or load_model)(spec.model)
+    layers = parse_layers(spec.layers, model.cfg.n_layers)
+    hook_names = {h: [HOOK_KINDS[h].format(l=layer) for layer in layers] for h in spec.hooks}
+    for h in spec.hooks:
+        if h not in HOOK_KINDS:
+            raise SpecError(f"hooks: unknown hook {h!r}; expected one of {sorted(HOOK_KINDS)}")
+    all_hooks = [n for names in hook_names.values() for n in names]
+    store_root = store_root or out / "stores"
+    stores = {}
+    fp = model_fingerprint(model)
+    for role, ds in data.all().items():
+        key = StoreKey(
+            **fp, dataset_name=ds.name, dataset_fingerprint=ds.fingerprint(), hooks=tuple(all_hooks),
+            positions=spec.positions, keep=spec.positions, max_len=min(spec.max_len, model.cfg.n_ctx),
+            chat_template=bool(getattr(model.tokenizer, "chat_template", None)),
+        )
+        path = default_store_dir(store_root, key)
+        stores[role] = collect(
+            model, ds, path, hooks=all_hooks, layers=None, positions=spec.positions,
+            max_len=min(spec.max_len, model.cfg.n_ctx), token_budget=spec.token_budget, progress=progress,
+        )
+    cost = CostModel.from_config(model.cfg, context_len=spec.context_len)
+    ctx = SweepContext(spec, out, fp, cost, data, stores, hook_names, layers)
+    done = read_results(out)
+    ctx.done = set(done["run_id"]) if len(done) else set()
+    return ctx
+
+
+def run_sweep(
+    spec: SweepSpec,
+    out: str | Path,
+    *,
+    base: Path | None = None,
+    model: HookedTransformer | None = None,
+    store_root: Path | None = None,
+    progress: bool = True,
+    backend: str = "local",
+    address: str | None = None,
+) -> pd.DataFrame:
+    """Run (or resume) a sweep; returns the full results table."""
+    out = Path(out)
+    t_start = time.perf_counter()
+    ctx = prepare(spec, out, base=base, model=model, store_root=store_root, progress=progress)
+    runs = list(expand(spec, ctx.layers, ctx.data.key()))
+    todo = [r for r in runs if r.run_id not in ctx.done]
+    console.print(f"[bold]{spec.name}[/]: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to fit")
+    groups: dict[tuple[int, str, Pooling], list[Run]] = defaultdict(list)
+    for r in todo:
+        groups[(r.seed, r.hook_kind, r.pooling)].append(r)
+    if backend != "local":
+        raise SweepError(f"unknown backend {backend!r} (available: local)")
+    from tqdm.auto import tqdm
+
+    for (_seed, hook_kind, pooling), group in tqdm(list(groups.items()), desc="fit groups", disable=not progress):
+        append_results(out, run_group(ctx, hook_kind, pooling, group))
+    df = read_results(out)
+    console.print(f"[green]done[/] in {time.perf_counter() - t_start:.1f}s: {len(df)} rows in {out / RESULTS}")
+    return df
+
+
+def run_group(ctx: SweepContext, hook_kind: str, pooling: Pooling, group: list[Run]) -> list[dict[str, Any]]:
+    """Fit and evaluate every run of one (seed, hook, pooling) group."""
+    need_layers = sorted({r.layer for r in group if r.layer >= 0} | (
+        set(ctx.layers) if any(r.probe.kind == "multilayer" for r in group) else set()
+    ))
+    feats = _features(ctx, hook_kind, pooling, need_layers)
+    rows: list[dict[str, Any]] = []
+    by_kind: dict[str, list[Run]] = defaultdict(list)
+    for r in group:
+        by_kind[r.probe.model_dump_json()].append(r)
+    for runs in by_kind.values():
+        kind = runs[0].probe.kind
+        if kind.startswith("logistic"):
+            rows += _run_logistic_group(ctx, runs, feats)
+        elif kind == "multilayer":
+            for r in runs:
+                rows += _run_multilayer(ctx, r, feats)
+        else:
+            for r in runs:
+                rows += _run_simple(ctx, r, feats)
+    for row in rows:
+        for k, v in list(row.items()):
+            if isinstance(v, float) and math.isinf(v):
+                row[k] = float("nan")
+    return rows

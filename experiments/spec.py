@@ -1,0 +1,246 @@
+"""Sweep specifications (YAML): model, datasets, hooks × layers × poolings × probe kinds × C grid × seeds.
+
+A spec expands to hashed runs (:class:`Run`); each run is one probe kind on one hook/layer (or layer set) and
+pooling with one seed, its C chosen on the validation set. Unknown keys, empty grids and dataset filters that
+select nothing (or one class where two are needed) are errors that name the key or dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from activations.data import DataError, PromptDataset, load_dataset
+from activations.pooling import Pooling, PoolingError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class SpecError(ValueError):
+    pass
+
+
+def shared_root() -> Path:
+    """Where ``shared:`` dataset paths point: ``$PROBE_ATLAS_SHARED``, else ``../shared`` beside the repo/cwd."""
+    env = os.environ.get("PROBE_ATLAS_SHARED")
+    if env:
+        return Path(env)
+    for cand in (REPO_ROOT.parent / "shared", Path.cwd().parent / "shared", Path.cwd() / "shared"):
+        if cand.exists():
+            return cand
+    return REPO_ROOT.parent / "shared"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(_Frozen):
+    """One dataset: a JSONL path (relative to the spec file; ``shared:`` = the shared data folder),
+    ``builtin`` or ``hf:NAME``, with optional filters, de-duplication and a seeded subsample."""
+
+    path: str
+    name: str | None = None
+    split: str | list[str] | None = None
+    kind: str | list[str] | None = None
+    source: str | list[str] | None = None
+    category: str | list[str] | None = None
+    label: float | None = None
+    dedup: bool = True
+    subsample: int | None = Field(default=None, gt=0)
+    seed: int = 0
+
+    def resolve_path(self, base: Path | None) -> str:
+        p = self.path
+        if p == "builtin" or p.startswith(("builtin:", "hf:")):
+            return p
+        if p.startswith("shared:"):
+            return str(shared_root() / p[len("shared:") :].lstrip("/"))
+        path = Path(os.path.expandvars(p)).expanduser()
+        if not path.is_absolute() and base is not None and (base / path).exists():
+            return str(base / path)
+        return str(path)
+
+    def load(self, base: Path | None = None, *, default_name: str = "data") -> PromptDataset:
+        ref = self.resolve_path(base)
+        try:
+            ds = load_dataset(ref)
+        except DataError as e:
+            raise SpecError(f"dataset {self.name or default_name!r}: {e}") from e
+        name = self.name or default_name
+        ds = ds.filter(
+            split=self.split, kind=self.kind, source=self.source, category=self.category, label=self.label, name=name
+        )
+        if len(ds) == 0:
+            raise SpecError(
+                f"dataset {name!r} ({self.path}): the filter "
+                f"{self.model_dump(exclude_none=True, exclude={'path', 'name', 'dedup', 'seed'})} selects nothing"
+            )
+        if self.dedup:
+            ds = ds.dedup()
+        if self.subsample is not None:
+            ds = ds.subsample(self.subsample, seed=self.seed)
+        return PromptDataset(ds.examples, name=name)
+
+
+class DatasetsSpec(_Frozen):
+    train: DatasetSpec
+    val: DatasetSpec | None = None
+    test: dict[str, DatasetSpec] = Field(default_factory=dict)
+    benign_control: DatasetSpec | None = None
+
+    @model_validator(mode="after")
+    def _has_tests(self) -> DatasetsSpec:
+        if not self.test:
+            raise ValueError("datasets.test: give at least one test set")
+        return self
+
+
+ProbeKind = Literal["logistic_l2", "logistic_l1", "logistic_elasticnet", "diffmeans", "lda", "multilayer"]
+
+
+class ProbeSpec(_Frozen):
+    """A probe family. ``layers`` (multi-layer only): the layers concatenated (default: every layer)."""
+
+    kind: ProbeKind
+    class_weight: Literal["balanced"] | None = "balanced"
+    l1_ratio: float = 0.5
+    shrinkage: float | None = None
+    layers: str | list[int] | None = None
+    penalty: Literal["l2", "l1", "elasticnet"] = "l2"
+
+    @property
+    def uses_C(self) -> bool:
+        return self.kind.startswith("logistic") or self.kind == "multilayer"
+
+    def label(self) -> str:
+        return self.kind
+
+
+class SweepSpec(_Frozen):
+    name: str
+    model: str = "smollm2"
+    max_len: int = Field(default=256, gt=0)
+    token_budget: int = Field(default=4096, gt=0)
+    positions: Literal["auto", "prompt", "response", "prompt+response", "all"] = "auto"
+    datasets: DatasetsSpec
+    hooks: list[str] = Field(default_factory=lambda: ["resid_post"])
+    layers: str | list[int] = "all"
+    poolings: list[str | dict[str, Any]] = Field(default_factory=lambda: ["mean"])
+    probes: list[ProbeSpec]
+    Cs: list[float] = Field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0])
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    select_metric: Literal["auroc", "log_auroc", "tpr_at_1pct_fpr"] = "auroc"
+    bootstrap: int = Field(default=500, ge=0)
+    context_len: int = Field(default=512, gt=0)
+
+    @field_validator("hooks", "poolings", "probes", "Cs", "seeds")
+    @classmethod
+    def _nonempty(cls, v: list[Any], info: Any) -> list[Any]:
+        if not v:
+            raise ValueError(f"{info.field_name}: the grid is empty")
+        return v
+
+    @field_validator("Cs")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(c <= 0 for c in v):
+            raise ValueError("Cs: every C must be > 0")
+        return sorted(v)
+
+    @field_validator("poolings")
+    @classmethod
+    def _poolings(cls, v: list[Any]) -> list[Any]:
+        for p in v:
+            try:
+                Pooling.parse(p)
+            except PoolingError as e:
+                raise ValueError(f"poolings: {e}") from e
+        return v
+
+    # ------------------------------------------------------------------ helpers
+    def pooling_objs(self) -> list[Pooling]:
+        return [Pooling.parse(p) for p in self.poolings]
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[SweepSpec, Path]:
+    """Parse and validate a YAML spec; returns the spec and the folder relative paths resolve against."""
+    p = Path(path)
+    if not p.exists() and (CONFIG_DIR / p.name).exists():
+        p = CONFIG_DIR / p.name
+    if not p.exists():
+        raise SpecError(f"{path}: no such spec file")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(f"{p}: not valid YAML ({e})") from e
+    if not isinstance(raw, dict):
+        raise SpecError(f"{p}: a spec must be a mapping")
+    raw.update(overrides or {})
+    return parse_spec(raw, where=str(p)), p.parent
+
+
+def parse_spec(raw: dict[str, Any], where: str = "spec") -> SweepSpec:
+    try:
+        return SweepSpec.model_validate(raw)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            if err["type"] == "extra_forbidden":
+                msgs.append(f"unknown key {loc!r}")
+            else:
+                msgs.append(f"{loc}: {err['msg']}")
+        raise SpecError(f"{where}: " + "; ".join(msgs)) from None
+
+
+@dataclass(frozen=True)
+class Run:
+    """One probe fit: kind × hook × layer (or layer set) × pooling × seed (C chosen on validation)."""
+
+    probe: ProbeSpec
+    hook_kind: str
+    layer: int  # -1 for multi-layer probes
+    pooling: Pooling
+    seed: int
+    spec_key: str
+
+    @property
+    def run_id(self) -> str:
+        d = {
+            "probe": self.probe.model_dump(mode="json"),
+            "hook": self.hook_kind,
+            "layer": self.layer,
+            "pooling": self.pooling.params(),
+            "seed": self.seed,
+            "spec": self.spec_key,
+        }
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def expand(spec: SweepSpec, layers: list[int], data_key: str) -> Iterator[Run]:
+    """All runs of a spec over resolved ``layers``; ``data_key`` ties run ids to the datasets' fingerprints."""
+    common = {k: v for k, v in spec.model_dump(mode="json").items() if k in ("model", "max_len", "positions", "Cs",
+                                                                          "select_metric", "context_len")}
+    spec_key = hashlib.sha256(json.dumps({**common, "data": data_key}, sort_keys=True).encode()).hexdigest()[:16]
+    for seed in spec.seeds:
+        for hook in spec.hooks:
+            for pooling in spec.pooling_objs():
+                for probe in spec.probes:
+                    if probe.kind == "multilayer":
+                        yield Run(probe, hook, -1, pooling, seed, spec_key)
+                        continue
+                    for layer in layers:
+                        yield Run(probe, hook, layer, pooling, seed, spec_key)
