@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from transformer_lens import HookedTransformer
@@ -48,9 +48,19 @@ MARKER_FILE = "probe-atlas.json"
 # Bump when the layout or the conversion of a cached folder changes: older folders are then rebuilt.
 CACHE_FORMAT_VERSION = 1
 DEFAULT_MODEL = "smollm2"
+
+
+class _Processing(TypedDict):
+    fold_ln: bool
+    center_writing_weights: bool
+    center_unembed: bool
+    fold_value_biases: bool
+    refactor_factored_attn_matrices: bool
+
+
 # TransformerLens's default processing except ``center_unembed``: centring W_U shifts every logit by a
 # per-position constant (softmax is unchanged), but we want logits equal to the ``transformers`` model's.
-PROCESSING: dict[str, bool] = {
+PROCESSING: _Processing = {
     "fold_ln": True,
     "center_writing_weights": True,
     "center_unembed": False,
@@ -463,7 +473,7 @@ def _finish(model: HookedTransformer, model_ident: str) -> HookedTransformer:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    model.probe_atlas_id = model_ident  # read by model_id()
+    model.__dict__["probe_atlas_id"] = model_ident  # a plain attribute, read by model_id()
     return model
 
 

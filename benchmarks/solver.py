@@ -165,9 +165,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--d", type=int, default=576)
     ap.add_argument("--sklearn-p", type=int, default=None, help="time sklearn on this many problems only")
     ap.add_argument("--sklearn-max-iter", type=int, default=1000)
+    ap.add_argument("--sklearn-tol", type=float, default=1e-4, help="scikit-learn's tol (its default: 1e-4)")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--tol", type=float, default=1e-5)
+    ap.add_argument("--tol", type=float, default=1e-4, help="tol of fit_logistic_batched")
     ap.add_argument("--chunk-size", type=int, default=None)
     ap.add_argument("--store", default=None, help="an ActivationStore directory (not wired up yet)")
     ap.add_argument("--seed", type=int, default=0)
@@ -196,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         DEFAULT_CS,
         sklearn_p=sk_p,
         sklearn_max_iter=args.sklearn_max_iter,
+        sklearn_tol=args.sklearn_tol,
         solver_kwargs={"tol": args.tol, "chunk_size": args.chunk_size},
     )
     print(f"Cs: {', '.join(f'{c:.3g}' for c in r['Cs'])} (on standardized features)")

@@ -130,15 +130,25 @@ def _print_headline(df: Any) -> None:
 
     tab = headline_table(df)
     for eval_set, sub in tab.groupby("eval_set", sort=False):
-        t = Table(title=f"best layer per probe × pooling — {eval_set}")
-        for col in ("probe", "pooling", "layer", "C", "auroc", "tpr_at_1pct_fpr", "overhead_pct"):
-            t.add_column(col, justify="right" if col not in ("probe", "pooling") else "left")
+        over_refusal = bool(sub["auroc"].isna().all()) and "benign_flag_rate_at_1pct_fpr" in sub
+        title = "over-refusal (benign-only set)" if over_refusal else "best layer per probe × pooling"
+        t = Table(title=f"{title} — {eval_set}")
+        cols = ["probe", "pooling", "layer", "C"]
+        cols += ["benign_flag_rate_at_1pct_fpr"] if over_refusal else ["auroc", "tpr_at_1pct_fpr", "overhead_pct"]
+        for col in cols:
+            t.add_column(col.replace("benign_flag_rate_at_1pct_fpr", "flagged @1%FPR thr"),
+                         justify="left" if col in ("probe", "pooling") else "right")
         for _, r in sub.iterrows():
-            t.add_row(
-                str(r["probe"]), str(r["pooling"]), str(r["layer"]), f"{r['C']:.3g}",
-                f"{r['auroc']:.3f} [{r['auroc_lo']:.3f}, {r['auroc_hi']:.3f}]",
-                f"{r['tpr_at_1pct_fpr']:.3f}", f"{r['overhead_pct']:.2g}",
-            )
+            cells = [str(r["probe"]), str(r["pooling"]), str(r["layer"]), f"{r['C']:.3g}"]
+            if over_refusal:
+                cells.append(f"{r['benign_flag_rate_at_1pct_fpr']:.3f}")
+            else:
+                cells += [
+                    f"{r['auroc']:.3f} [{r['auroc_lo']:.3f}, {r['auroc_hi']:.3f}]",
+                    f"{r['tpr_at_1pct_fpr']:.3f}",
+                    f"{r['overhead_pct']:.2g}",
+                ]
+            t.add_row(*cells)
         console.print(t)
 
 

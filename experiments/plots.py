@@ -203,6 +203,11 @@ def auroc_by_layer(
     _check(df, ["probe", "pooling", "layer", "eval_set", metric], what)
     if eval_set is not None:
         df, _ = _select_eval_set(df, eval_set, what)
+    # eval sets where the metric is undefined (e.g. AUROC on a benign-only over-refusal set) get no facet
+    has_metric = df.groupby(df["eval_set"].astype(str))[metric].transform(lambda v: v.notna().any())
+    df = df[has_metric.astype(bool)]
+    if len(df) == 0:
+        raise ValueError(f"{what}: {metric} is undefined (NaN) on every eval set")
     df = df.assign(_layer=_layer_key(df["layer"]))
     if not (df["_layer"] >= 0).any():
         raise ValueError(f"{what}: no rows with a layer (all rows are multi-layer or non-layer probes)")

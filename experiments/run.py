@@ -26,7 +26,7 @@ from rich.console import Console
 from transformer_lens import HookedTransformer
 
 from activations.collect import HOOK_KINDS, collect, default_store_dir, model_fingerprint, parse_layers
-from activations.data import PromptDataset
+from activations.data import PromptDataset, normalize_text
 from activations.pooling import Pooling
 from activations.store import ActivationStore, StoreKey
 from experiments.spec import Run, SpecError, SweepSpec, expand
@@ -86,6 +86,20 @@ def load_sweep_data(spec: SweepSpec, base: Path | None) -> SweepData:
     else:
         control = val.filter(label=0.0, name="benign_control")
     tests = {name: t.load(base, default_name=name) for name, t in ds.test.items()}
+    # decontaminate: no evaluation example may repeat a training prompt (benchmarks reuse each other)
+    seen = {normalize_text(e.all_text()) for e in train}
+    for name, tds in [("val", val), ("benign_control", control), *tests.items()]:
+        clean = tds.where(lambda e: normalize_text(e.all_text()) not in seen)
+        if len(clean) < len(tds):
+            console.print(f"[yellow]{name}: dropped {len(tds) - len(clean)} examples that repeat a training prompt")
+            if len(clean) == 0:
+                raise SpecError(f"dataset {name!r}: every example repeats a training prompt")
+            if name == "val":
+                val = clean
+            elif name == "benign_control":
+                control = clean
+            else:
+                tests[name] = clean
     return SweepData(train=train, val=val, tests=tests, control=control)
 
 

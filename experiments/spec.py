@@ -57,6 +57,7 @@ class DatasetSpec(_Frozen):
     label: float | None = None
     dedup: bool = True
     subsample: int | None = Field(default=None, gt=0)
+    max_per_class: int | None = Field(default=None, gt=0)
     seed: int = 0
 
     def resolve_path(self, base: Path | None) -> str:
@@ -78,7 +79,12 @@ class DatasetSpec(_Frozen):
             raise SpecError(f"dataset {self.name or default_name!r}: {e}") from e
         name = self.name or default_name
         ds = ds.filter(
-            split=self.split, kind=self.kind, source=self.source, category=self.category, label=self.label, name=name
+            split=self.split,
+            kind=self.kind,
+            source=self.source,
+            category=self.category,
+            label=self.label,
+            name=name,
         )
         if len(ds) == 0:
             raise SpecError(
@@ -87,6 +93,13 @@ class DatasetSpec(_Frozen):
             )
         if self.dedup:
             ds = ds.dedup()
+        if self.max_per_class is not None:
+            harmful = ds.filter(label=1.0)
+            keep = {e.id for e in harmful.subsample(self.max_per_class, seed=self.seed, stratify=False)}
+            harmless = ds.where(lambda e: e.label < 0.5)
+            keep |= {e.id for e in harmless.subsample(self.max_per_class, seed=self.seed, stratify=False)}
+            keep |= {e.id for e in ds if 0.0 < e.label < 1.0}
+            ds = ds.where(lambda e: e.id in keep)
         if self.subsample is not None:
             ds = ds.subsample(self.subsample, seed=self.seed)
         return PromptDataset(ds.examples, name=name)

