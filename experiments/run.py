@@ -221,6 +221,7 @@ def _probe_meta(ctx: SweepContext, run: Run, layers: Sequence[int], extra: dict[
     st = ctx.stores["train"]
     return {
         **ctx.model_fp,
+        "model_ref": ctx.spec.model,
         "hook": run.hook_kind,
         "hook_names": [HOOK_KINDS[run.hook_kind].format(l=layer) for layer in layers],
         "layers": list(layers),

@@ -69,7 +69,7 @@ def score_file(
 
     meta = read_probe_metadata(probe_dir)
     ds = load_dataset(str(data))
-    model = load_model(model_name or meta["model_id"])
+    model = load_model(model_name or meta.get("model_ref") or meta["model_id"])
     scores, _ = score_dataset(probe_dir, ds, model, progress=True)
     outp = Path(out)
     outp.parent.mkdir(parents=True, exist_ok=True)
