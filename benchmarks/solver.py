@@ -213,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"extrapolated linearly to {r['p']})"
         )
     print(
-        f"sklearn lbfgs loop (tol={args.sklearn_tol:g}, max_iter={r['sklearn_max_iter']}): {r['sklearn_seconds']:.1f}s{extra}; "
+        f"sklearn lbfgs loop (tol={args.sklearn_tol:g}, max_iter={r['sklearn_max_iter']}): "
+        f"{r['sklearn_seconds']:.1f}s{extra}; "
         f"{r['sklearn_not_converged']} fits hit max_iter"
     )
     print(

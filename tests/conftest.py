@@ -74,3 +74,13 @@ def tiny_model():
 @pytest.fixture()
 def planted() -> PromptDataset:
     return planted_dataset()
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ANN001, ANN201
+    """Tests marked ``gpu`` skip themselves where no CUDA device is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
