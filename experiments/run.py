@@ -14,6 +14,7 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from jaxtyping import Float
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,9 @@ from activations.data import PromptDataset, normalize_text
 from activations.pooling import Pooling
 from activations.store import ActivationStore, StoreKey
 from experiments.spec import Run, SpecError, SweepSpec, expand
+from experiments.registry import kinds
 from probes.base import Probe
-from probes.cost import CostModel
-from probes.linear import DiffMeansProbe, LDAProbe, LogisticProbe, MultiLayerProbe, fit_logistic_batched
+from probes.cost import CostModel, ProbeCost
 from probes.metrics import auroc, evaluate, log_auroc, threshold_at_fpr, tpr_at_fpr
 
 console = Console(stderr=True)
@@ -141,32 +142,78 @@ def check_sweep_dir(out: Path, spec: SweepSpec) -> None:
 
 # ---------------------------------------------------------------------- evaluation
 @dataclass
-class Features:
-    """Pooled features of one dataset for a group: ``[layers, n, d]`` over ``layer_index``."""
+class SweepContext:
+    spec: SweepSpec
+    out: Path
+    model_fp: dict[str, str]
+    cost: CostModel
+    data: SweepData
+    stores: dict[str, ActivationStore]
+    hook_names: dict[str, list[str]]  # hook kind -> full names (one per layer)
+    layers: list[int]
+    done: set[str] = field(default_factory=set)
+    model: HookedTransformer | None = None
 
-    X: torch.Tensor
-    y: np.ndarray
-    layer_index: dict[int, int]
+    @property
+    def roles(self) -> list[str]:
+        return list(self.stores)
 
-    def layer(self, layer: int) -> torch.Tensor:
-        return self.X[self.layer_index[layer]]
+    def labels(self, role: str) -> np.ndarray:
+        return np.array(self.stores[role].labels)
 
 
-def _score_metrics(
-    scores: dict[str, np.ndarray], feats: dict[str, Features], data: SweepData, n_boot: int, seed: int
-) -> dict[str, dict[str, float]]:
-    """Metrics of one probe on every test set.
+class FeatureCache:
+    """Pooled features of every dataset role for one (hook, pooling), computed once per layer."""
+
+    def __init__(self, ctx: SweepContext, hook_kind: str, pooling: Pooling) -> None:
+        self.ctx, self.hook_kind, self.pooling = ctx, hook_kind, pooling
+        self._cache: dict[tuple[str, int], torch.Tensor] = {}
+
+    def hook(self, layer: int) -> str:
+        return HOOK_KINDS[self.hook_kind].format(l=layer)
+
+    def layer(self, role: str, layer: int) -> Float[torch.Tensor, "n d"]:
+        key = (role, layer)
+        if key not in self._cache:
+            self._cache[key] = self.ctx.stores[role].pooled(self.hook(layer), self.pooling)
+        return self._cache[key]
+
+    def layers(self, role: str, layers: Sequence[int]) -> Float[torch.Tensor, "l n d"]:
+        return torch.stack([self.layer(role, layer) for layer in layers])
+
+
+@dataclass
+class RunGroup:
+    """The runs of one probe spec that share seed, hook and pooling (what a kind's runner receives)."""
+
+    ctx: SweepContext
+    runs: list[Run]
+    hook_kind: str
+    pooling: Pooling
+    feats: FeatureCache
+
+    @property
+    def spec(self) -> SweepSpec:
+        return self.ctx.spec
+
+    @property
+    def probe_spec(self) -> Any:
+        return self.runs[0].probe
+
+
+def evaluate_scores(ctx: SweepContext, scores: dict[str, np.ndarray], seed: int) -> dict[str, dict[str, float]]:
+    """Metrics of one probe's scores (one array per dataset role) on every test set.
 
     Thresholds come from the benign control set. A harmful-only test set is scored against the control set
     as negatives; a benign-only one (e.g. contrast prompts) gets NaN detection metrics and its
     over-refusal rate (``benign_flag_rate_at_*``: share of its examples flagged at the control threshold).
     """
     control = scores["control"]
+    n_boot = ctx.spec.bootstrap
     out = {}
-    for name in data.tests:
+    for name in ctx.data.tests:
         s = scores[f"test:{name}"]
-        y = feats[f"test:{name}"].y
-        harmful = y >= 0.5
+        harmful = ctx.labels(f"test:{name}") >= 0.5
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if harmful.all():
@@ -185,8 +232,10 @@ def _score_metrics(
     return out
 
 
-def _val_metric(name: str, y: np.ndarray, s: np.ndarray) -> float:
-    yy = (y >= 0.5).astype(int)
+def val_metric(ctx: SweepContext, s: np.ndarray) -> float:
+    """The spec's selection metric of validation scores ``s``."""
+    yy = (ctx.labels("val") >= 0.5).astype(int)
+    name = ctx.spec.select_metric
     if name == "auroc":
         return auroc(yy, s)
     if name == "log_auroc":
@@ -196,28 +245,14 @@ def _val_metric(name: str, y: np.ndarray, s: np.ndarray) -> float:
         return tpr_at_fpr(s[yy == 1], s[yy == 0], 0.01)
 
 
-@dataclass
-class SweepContext:
-    spec: SweepSpec
-    out: Path
-    model_fp: dict[str, str]
-    cost: CostModel
-    data: SweepData
-    stores: dict[str, ActivationStore]
-    hook_names: dict[str, list[str]]  # hook kind -> full names (one per layer)
-    layers: list[int]
-    done: set[str] = field(default_factory=set)
+def select_best(ctx: SweepContext, val_scores: Sequence[np.ndarray]) -> tuple[int, list[float]]:
+    """Index of the candidate (e.g. a C value) with the best validation metric, and every candidate's."""
+    vals = [val_metric(ctx, np.asarray(s)) for s in val_scores]
+    return int(np.nanargmax(vals)), vals
 
 
-def _features(ctx: SweepContext, hook_kind: str, pooling: Pooling, layers: Sequence[int]) -> dict[str, Features]:
-    feats = {}
-    for role, store in ctx.stores.items():
-        xs = [store.pooled(HOOK_KINDS[hook_kind].format(l=layer), pooling) for layer in layers]
-        feats[role] = Features(torch.stack(xs), np.array(store.labels), {layer: i for i, layer in enumerate(layers)})
-    return feats
-
-
-def _probe_meta(ctx: SweepContext, run: Run, layers: Sequence[int], extra: dict[str, Any]) -> dict[str, Any]:
+def probe_metadata(ctx: SweepContext, run: Run, layers: Sequence[int], extra: dict[str, Any]) -> dict[str, Any]:
+    """What a saved probe records: model fingerprint and reference, hooks, pooling, positions, data."""
     st = ctx.stores["train"]
     return {
         **ctx.model_fp,
@@ -237,21 +272,33 @@ def _probe_meta(ctx: SweepContext, run: Run, layers: Sequence[int], extra: dict[
     }
 
 
-def _rows(
+def make_rows(
     ctx: SweepContext,
     run: Run,
     layers: Sequence[int],
-    probe: Probe,
+    probe: Probe | None,
+    *,
     C: float | None,
-    val_metric: float,
+    val: float,
     metrics: dict[str, dict[str, float]],
     fit_seconds: float,
+    cost: tuple[ProbeCost, ProbeCost] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
+    """One results row per eval set for a finished run; saves ``probe`` under ``OUT/probes/<run_id>``.
+
+    ``cost`` is (marginal, standalone); by default a pooled linear read-out of ``layers``.
+    """
     d = ctx.cost.d_model
-    marginal = ctx.cost.probe_cost(list(layers), d, run.pooling, view="marginal", order="pool_then_probe")
-    standalone = ctx.cost.probe_cost(list(layers), d, run.pooling, view="standalone", order="pool_then_probe")
+    if cost is None:
+        marginal = ctx.cost.probe_cost(list(layers), d, run.pooling, view="marginal", order="pool_then_probe")
+        standalone = ctx.cost.probe_cost(list(layers), d, run.pooling, view="standalone", order="pool_then_probe")
+    else:
+        marginal, standalone = cost
     path = ctx.out / "probes" / run.run_id
-    probe.save(path, _probe_meta(ctx, run, layers, {"C": C, f"val_{ctx.spec.select_metric}": val_metric}))
+    if probe is not None:
+        probe.save(path, probe_metadata(ctx, run, layers, {"C": C, f"val_{ctx.spec.select_metric}": val,
+                                                            **(extra or {})}))
     rows = []
     for eval_set, m in metrics.items():
         rows.append(
@@ -269,87 +316,25 @@ def _rows(
                 "seed": run.seed,
                 "eval_set": eval_set,
                 **m,
-                f"val_{ctx.spec.select_metric}": val_metric,
+                f"val_{ctx.spec.select_metric}": val,
                 "flops_per_token": marginal.flops_per_token,
                 "overhead_pct": marginal.overhead_pct,
                 "standalone_flops_per_token": standalone.flops_per_token,
                 "standalone_overhead_pct": standalone.overhead_pct,
-                "probe_path": str(path),
+                "probe_path": str(path) if probe is not None else "",
                 "fit_seconds": fit_seconds,
                 "n_train": len(ctx.data.train),
-                "n_features": probe.n_features_in_,
+                "n_features": probe.n_features_in_ if probe is not None else -1,
+                "params": json.dumps(run.probe.params, sort_keys=True) if run.probe.params else "",
+                **{k: v for k, v in (extra or {}).items() if isinstance(v, (int, float, str))},
             }
         )
     return rows
 
 
-def _run_logistic_group(ctx: SweepContext, runs: list[Run], feats: dict[str, Features]) -> list[dict[str, Any]]:
-    """All layers × all C of one logistic probe kind in one batched solve."""
-    probe_spec = runs[0].probe
-    penalty = {"logistic_l2": "l2", "logistic_l1": "l1", "logistic_elasticnet": "elasticnet"}[probe_spec.kind]
-    layers = [r.layer for r in runs]
-    idx = [feats["train"].layer_index[layer] for layer in layers]
-    t0 = time.perf_counter()
-    path = fit_logistic_batched(
-        feats["train"].X[idx], torch.as_tensor(feats["train"].y), ctx.spec.Cs, penalty=penalty,
-        l1_ratio=probe_spec.l1_ratio, class_weight=probe_spec.class_weight, warn=False,
-    )
-    fit_s = (time.perf_counter() - t0) / len(runs)
-    val_scores = path.decision_function(feats["val"].X[idx]).numpy()  # [p, c, n]
-    rows = []
-    for j, run in enumerate(runs):
-        vals = [_val_metric(ctx.spec.select_metric, feats["val"].y, val_scores[j, c]) for c in range(len(ctx.spec.Cs))]
-        best = int(np.nanargmax(vals))
-        probe = path.probe(j, best)
-        scores = {role: probe.decision_function(f.layer(run.layer)).numpy() for role, f in feats.items()}
-        metrics = _score_metrics(scores, feats, ctx.data, ctx.spec.bootstrap, run.seed)
-        rows += _rows(ctx, run, [run.layer], probe, ctx.spec.Cs[best], vals[best], metrics, fit_s)
-    return rows
-
-
-def _make_simple(run: Run) -> Probe:
-    if run.probe.kind == "diffmeans":
-        return DiffMeansProbe()
-    if run.probe.kind == "lda":
-        return LDAProbe(shrinkage=run.probe.shrinkage)
-    raise SweepError(f"no simple probe {run.probe.kind!r}")  # pragma: no cover
-
-
-def _run_simple(ctx: SweepContext, run: Run, feats: dict[str, Features]) -> list[dict[str, Any]]:
-    t0 = time.perf_counter()
-    probe = _make_simple(run).fit(feats["train"].layer(run.layer), torch.as_tensor(feats["train"].y))
-    fit_s = time.perf_counter() - t0
-    scores = {role: probe.decision_function(f.layer(run.layer)).numpy() for role, f in feats.items()}
-    val = _val_metric(ctx.spec.select_metric, feats["val"].y, scores["val"])
-    metrics = _score_metrics(scores, feats, ctx.data, ctx.spec.bootstrap, run.seed)
-    return _rows(ctx, run, [run.layer], probe, None, val, metrics, fit_s)
-
-
-def _run_multilayer(ctx: SweepContext, run: Run, feats: dict[str, Features]) -> list[dict[str, Any]]:
-    layers = parse_layers(run.probe.layers, ctx.cost.n_layers) if run.probe.layers is not None else ctx.layers
-    missing = [la for la in layers if la not in feats["train"].layer_index]
-    if missing:
-        raise SpecError(f"probes.multilayer.layers: layers {missing} are not collected (spec layers: {ctx.layers})")
-    idx = [feats["train"].layer_index[la] for la in layers]
-
-    def flat(f: Features) -> torch.Tensor:
-        return f.X[idx].permute(1, 0, 2).reshape(f.X.shape[1], -1)
-
-    t0 = time.perf_counter()
-    path = fit_logistic_batched(
-        flat(feats["train"])[None], torch.as_tensor(feats["train"].y), ctx.spec.Cs, penalty=run.probe.penalty,
-        l1_ratio=run.probe.l1_ratio, class_weight=run.probe.class_weight, warn=False,
-    )
-    fit_s = time.perf_counter() - t0
-    val_scores = path.decision_function(flat(feats["val"])[None]).numpy()[0]
-    vals = [_val_metric(ctx.spec.select_metric, feats["val"].y, val_scores[c]) for c in range(len(ctx.spec.Cs))]
-    best = int(np.nanargmax(vals))
-    base = path.probe(0, best)
-    probe = MultiLayerProbe(base=base, layers=layers)
-    probe.load_state_dict({f"base.{k}": v for k, v in base.state_dict().items()})
-    scores = {role: probe.decision_function(f.X[idx].permute(1, 0, 2)).numpy() for role, f in feats.items()}
-    metrics = _score_metrics(scores, feats, ctx.data, ctx.spec.bootstrap, run.seed)
-    return _rows(ctx, run, layers, probe, ctx.spec.Cs[best], vals[best], metrics, fit_s)
+def score_roles(ctx: SweepContext, fn: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
+    """``{role: fn(role)}`` over every dataset role of the sweep."""
+    return {role: np.asarray(fn(role)) for role in ctx.roles}
 
 
 # ---------------------------------------------------------------------- driver
@@ -392,7 +377,7 @@ def prepare(
             max_len=min(spec.max_len, model.cfg.n_ctx), token_budget=spec.token_budget, progress=progress,
         )
     cost = CostModel.from_config(model.cfg, context_len=spec.context_len)
-    ctx = SweepContext(spec, out, fp, cost, data, stores, hook_names, layers)
+    ctx = SweepContext(spec, out, fp, cost, data, stores, hook_names, layers, model=model)
     done = read_results(out)
     ctx.done = set(done["run_id"]) if len(done) else set()
     return ctx
@@ -431,25 +416,16 @@ def run_sweep(
 
 
 def run_group(ctx: SweepContext, hook_kind: str, pooling: Pooling, group: list[Run]) -> list[dict[str, Any]]:
-    """Fit and evaluate every run of one (seed, hook, pooling) group."""
-    need_layers = sorted({r.layer for r in group if r.layer >= 0} | (
-        set(ctx.layers) if any(r.probe.kind == "multilayer" for r in group) else set()
-    ))
-    feats = _features(ctx, hook_kind, pooling, need_layers)
+    """Fit and evaluate every run of one (seed, hook, pooling) group, kind by kind."""
+    registry = kinds()
+    feats = FeatureCache(ctx, hook_kind, pooling)
     rows: list[dict[str, Any]] = []
-    by_kind: dict[str, list[Run]] = defaultdict(list)
+    by_spec: dict[str, list[Run]] = defaultdict(list)
     for r in group:
-        by_kind[r.probe.model_dump_json()].append(r)
-    for runs in by_kind.values():
-        kind = runs[0].probe.kind
-        if kind.startswith("logistic"):
-            rows += _run_logistic_group(ctx, runs, feats)
-        elif kind == "multilayer":
-            for r in runs:
-                rows += _run_multilayer(ctx, r, feats)
-        else:
-            for r in runs:
-                rows += _run_simple(ctx, r, feats)
+        by_spec[r.probe.model_dump_json()].append(r)
+    for runs in by_spec.values():
+        info = registry[runs[0].probe.kind]
+        rows += info.runner(RunGroup(ctx, runs, hook_kind, pooling, feats))
     for row in rows:
         for k, v in list(row.items()):
             if isinstance(v, float) and math.isinf(v):

@@ -118,22 +118,46 @@ class DatasetsSpec(_Frozen):
         return self
 
 
-ProbeKind = Literal["logistic_l2", "logistic_l1", "logistic_elasticnet", "diffmeans", "lda", "multilayer"]
-
-
 class ProbeSpec(_Frozen):
-    """A probe family. ``layers`` (multi-layer only): the layers concatenated (default: every layer)."""
+    """A probe kind (see :mod:`experiments.registry`; ``probe-atlas kinds`` lists them) and its options.
 
-    kind: ProbeKind
+    ``layers``: the layers a multi-layer kind reads (default: every collected layer). ``params``: options
+    of plug-in kinds (each kind declares the keys it accepts).
+    """
+
+    kind: str
     class_weight: Literal["balanced"] | None = "balanced"
     l1_ratio: float = 0.5
     shrinkage: float | None = None
     layers: str | list[int] | None = None
     penalty: Literal["l2", "l1", "elasticnet"] = "l2"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        from experiments.registry import kinds
+
+        known = kinds()
+        if v not in known:
+            raise ValueError(f"unknown probe kind {v!r}; known kinds: {sorted(known)}")
+        return v
+
+    @model_validator(mode="after")
+    def _known_params(self) -> ProbeSpec:
+        from experiments.registry import kinds
+
+        allowed = kinds()[self.kind].params
+        bad = sorted(set(self.params) - allowed)
+        if bad:
+            raise ValueError(f"probe kind {self.kind!r} has no parameter(s) {bad}; it takes {sorted(allowed)}")
+        return self
 
     @property
     def uses_C(self) -> bool:
-        return self.kind.startswith("logistic") or self.kind == "multilayer"
+        from experiments.registry import kinds
+
+        return kinds()[self.kind].uses_C
 
     def label(self) -> str:
         return self.kind
@@ -248,11 +272,14 @@ def expand(spec: SweepSpec, layers: list[int], data_key: str) -> Iterator[Run]:
     common = {k: v for k, v in spec.model_dump(mode="json").items() if k in ("model", "max_len", "positions", "Cs",
                                                                           "select_metric", "context_len")}
     spec_key = hashlib.sha256(json.dumps({**common, "data": data_key}, sort_keys=True).encode()).hexdigest()[:16]
+    from experiments.registry import kinds
+
+    registry = kinds()
     for seed in spec.seeds:
         for hook in spec.hooks:
             for pooling in spec.pooling_objs():
                 for probe in spec.probes:
-                    if probe.kind == "multilayer":
+                    if not registry[probe.kind].per_layer:
                         yield Run(probe, hook, -1, pooling, seed, spec_key)
                         continue
                     for layer in layers:

@@ -1,0 +1,103 @@
+"""Built-in probe kinds of the sweep (pool, then probe): logistic (L2/L1/elastic-net), difference of means,
+LDA and the multi-layer (concatenated) probe. Plug-in families register more kinds from their own modules,
+imported at the bottom of this file."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from activations.collect import parse_layers
+from experiments.registry import register_kind
+from experiments.run import RunGroup, evaluate_scores, make_rows, score_roles, select_best
+from experiments.spec import SpecError
+from probes.base import Probe
+from probes.linear import DiffMeansProbe, LDAProbe, MultiLayerProbe, fit_logistic_batched
+
+_PENALTY = {"logistic_l2": "l2", "logistic_l1": "l1", "logistic_elasticnet": "elasticnet"}
+
+
+def _logistic(g: RunGroup) -> list[dict[str, Any]]:
+    """Every layer × every C of one logistic probe in one batched solve; C selected on validation."""
+    ctx, ps = g.ctx, g.probe_spec
+    layers = [r.layer for r in g.runs]
+    t0 = time.perf_counter()
+    path = fit_logistic_batched(
+        g.feats.layers("train", layers), torch.as_tensor(ctx.labels("train")), ctx.spec.Cs,
+        penalty=_PENALTY[ps.kind], l1_ratio=ps.l1_ratio, class_weight=ps.class_weight, warn=False,
+    )  # fmt: skip
+    fit_s = (time.perf_counter() - t0) / len(g.runs)
+    val_scores = path.decision_function(g.feats.layers("val", layers)).numpy()  # [p, c, n]
+    rows = []
+    for j, run in enumerate(g.runs):
+        best, vals = select_best(ctx, list(val_scores[j]))
+        probe = path.probe(j, best)
+        scores = score_roles(ctx, lambda role, r=run, p=probe: p.decision_function(g.feats.layer(role, r.layer)).numpy())
+        metrics = evaluate_scores(ctx, scores, run.seed)
+        rows += make_rows(ctx, run, [run.layer], probe, C=ctx.spec.Cs[best], val=vals[best], metrics=metrics,
+                          fit_seconds=fit_s)
+    return rows
+
+
+for _name in _PENALTY:
+    register_kind(_name, description=f"logistic regression ({_PENALTY[_name]}) on pooled activations")(_logistic)
+
+
+def _simple(make: Any) -> Any:
+    def runner(g: RunGroup) -> list[dict[str, Any]]:
+        ctx = g.ctx
+        rows = []
+        for run in g.runs:
+            t0 = time.perf_counter()
+            probe: Probe = make(run.probe).fit(g.feats.layer("train", run.layer), torch.as_tensor(ctx.labels("train")))
+            fit_s = time.perf_counter() - t0
+            scores = score_roles(ctx, lambda role, r=run: probe.decision_function(g.feats.layer(role, r.layer)).numpy())
+            rows += make_rows(ctx, run, [run.layer], probe, C=None, val=select_best(ctx, [scores["val"]])[1][0],
+                              metrics=evaluate_scores(ctx, scores, run.seed), fit_seconds=fit_s)
+        return rows
+
+    return runner
+
+
+register_kind("diffmeans", uses_C=False, description="difference of class means")(_simple(lambda ps: DiffMeansProbe()))
+register_kind("lda", uses_C=False, description="LDA with (Ledoit-Wolf) shrinkage")(
+    _simple(lambda ps: LDAProbe(shrinkage=ps.shrinkage if ps.shrinkage is not None else "auto"))
+)
+
+
+@register_kind("multilayer", per_layer=False, description="logistic probe on concatenated layers (CC++)")
+def _multilayer(g: RunGroup) -> list[dict[str, Any]]:
+    ctx = g.ctx
+    rows = []
+    for run in g.runs:
+        ps = run.probe
+        layers = parse_layers(ps.layers, ctx.cost.n_layers) if ps.layers is not None else ctx.layers
+        missing = [la for la in layers if la not in ctx.layers]
+        if missing:
+            raise SpecError(f"probes.multilayer.layers: layers {missing} are not collected (spec layers: {ctx.layers})")
+
+        def flat(role: str, ls: list[int] = layers) -> torch.Tensor:
+            x = g.feats.layers(role, ls)  # [L, n, d]
+            return x.permute(1, 0, 2).reshape(x.shape[1], -1)
+
+        t0 = time.perf_counter()
+        path = fit_logistic_batched(
+            flat("train")[None], torch.as_tensor(ctx.labels("train")), ctx.spec.Cs, penalty=ps.penalty,
+            l1_ratio=ps.l1_ratio, class_weight=ps.class_weight, warn=False,
+        )  # fmt: skip
+        fit_s = time.perf_counter() - t0
+        val_scores = path.decision_function(flat("val")[None]).numpy()[0]
+        best, vals = select_best(ctx, list(val_scores))
+        base = path.probe(0, best)
+        probe = MultiLayerProbe(base=base, layers=layers)
+        probe.load_state_dict({f"base.{k}": v for k, v in base.state_dict().items()})
+        scores = score_roles(ctx, lambda role, ls=layers, p=probe: p.decision_function(
+            g.feats.layers(role, ls).permute(1, 0, 2)).numpy())
+        rows += make_rows(ctx, run, layers, probe, C=ctx.spec.Cs[best], val=vals[best],
+                          metrics=evaluate_scores(ctx, scores, run.seed), fit_seconds=fit_s)
+    return rows
+
+
+# ---- plug-in kinds: one import line per family -------------------------------------------------------
