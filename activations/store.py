@@ -141,6 +141,13 @@ class ActivationStore:
         self._offsets: np.ndarray | None = None
         self._cache: dict[str, np.ndarray] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # memory maps are re-opened lazily on the other side (a pickle must not copy the activations)
+        return {"path": str(self.path), "manifest": self.manifest}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(Path(state["path"]), state["manifest"])  # type: ignore[misc]
+
     # ------------------------------------------------------------------ creation
     @classmethod
     def create(cls, path: str | Path, key: StoreKey, layout: StoreLayout) -> ActivationStore:

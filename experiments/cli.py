@@ -152,6 +152,36 @@ def _print_headline(df: Any) -> None:
         console.print(t)
 
 
+@app.command("kinds")
+def list_kinds() -> None:
+    """List the probe kinds a sweep spec can name."""
+    from experiments.registry import kinds
+
+    t = Table(title="probe kinds")
+    for col in ("kind", "per layer", "C grid", "params", "description"):
+        t.add_column(col)
+    for k in sorted(kinds().values(), key=lambda k: k.name):
+        t.add_row(k.name, "yes" if k.per_layer else "no", "yes" if k.uses_C else "no",
+                  ", ".join(sorted(k.params)), k.description)
+    console.print(t)
+
+
+def _register_plugins() -> None:
+    import importlib
+
+    from experiments.registry import CLI_PLUGINS, import_plugins
+
+    import_plugins(CLI_PLUGINS)
+    for name in CLI_PLUGINS:
+        mod = sys.modules.get(name)
+        if mod is not None and hasattr(mod, "register"):
+            mod.register(app)
+    importlib.invalidate_caches()
+
+
+_register_plugins()
+
+
 def main() -> None:  # pragma: no cover
     app()
 

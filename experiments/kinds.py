@@ -101,3 +101,6 @@ def _multilayer(g: RunGroup) -> list[dict[str, Any]]:
 
 
 # ---- plug-in kinds: one import line per family -------------------------------------------------------
+from experiments.registry import KIND_PLUGINS, import_plugins  # noqa: E402
+
+import_plugins(KIND_PLUGINS)

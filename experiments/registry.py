@@ -49,3 +49,24 @@ def kinds() -> dict[str, KindInfo]:
     import experiments.kinds  # noqa: F401  (registers)
 
     return PROBE_KINDS
+
+
+def import_plugins(modules: list[str]) -> None:
+    """Import each plug-in module that exists (its import registers kinds or commands); errors propagate."""
+    import importlib
+    import importlib.util
+
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # the parent package does not exist
+            found = False
+        if found:
+            importlib.import_module(name)
+
+
+#: modules that register more probe kinds (imported by :func:`kinds`)
+KIND_PLUGINS = ["experiments.kinds_token", "experiments.kinds_sae", "experiments.kinds_frontier"]
+#: modules that add commands to the CLI: each defines ``register(app: typer.Typer) -> None``
+CLI_PLUGINS = ["experiments.cli_stream", "experiments.cli_sae", "experiments.cli_robustness",
+               "experiments.cli_frontier", "experiments.cli_report"]

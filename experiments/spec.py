@@ -59,6 +59,23 @@ class DatasetSpec(_Frozen):
     subsample: int | None = Field(default=None, gt=0)
     max_per_class: int | None = Field(default=None, gt=0)
     seed: int = 0
+    augment: list[str] | None = None
+    augment_copies: int = Field(default=1, gt=0)
+    augment_keep_original: bool = True
+
+    @field_validator("augment")
+    @classmethod
+    def _known_transforms(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        from activations.augment import get_transform
+
+        for name in v:
+            try:
+                get_transform(name)
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"augment: {e}") from e
+        return v
 
     def resolve_path(self, base: Path | None) -> str:
         p = self.path
@@ -102,6 +119,11 @@ class DatasetSpec(_Frozen):
             ds = ds.where(lambda e: e.id in keep)
         if self.subsample is not None:
             ds = ds.subsample(self.subsample, seed=self.seed)
+        if self.augment:
+            from activations.augment import augment_dataset
+
+            ds = augment_dataset(ds, self.augment, seed=self.seed, copies=self.augment_copies,
+                                 include_original=self.augment_keep_original)
         return PromptDataset(ds.examples, name=name)
 
 
