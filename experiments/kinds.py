@@ -37,7 +37,7 @@ def _logistic(g: RunGroup) -> list[dict[str, Any]]:
         scores = score_roles(ctx, lambda role, r=run, p=probe: p.decision_function(g.feats.layer(role, r.layer)).numpy())
         metrics = evaluate_scores(ctx, scores, run.seed)
         rows += make_rows(ctx, run, [run.layer], probe, C=ctx.spec.Cs[best], val=vals[best], metrics=metrics,
-                          fit_seconds=fit_s)
+                          fit_seconds=fit_s, val_scores=scores["val"])
     return rows
 
 
@@ -55,7 +55,8 @@ def _simple(make: Any) -> Any:
             fit_s = time.perf_counter() - t0
             scores = score_roles(ctx, lambda role, r=run: probe.decision_function(g.feats.layer(role, r.layer)).numpy())
             rows += make_rows(ctx, run, [run.layer], probe, C=None, val=select_best(ctx, [scores["val"]])[1][0],
-                              metrics=evaluate_scores(ctx, scores, run.seed), fit_seconds=fit_s)
+                              metrics=evaluate_scores(ctx, scores, run.seed), fit_seconds=fit_s,
+                              val_scores=scores["val"])
         return rows
 
     return runner
@@ -96,7 +97,7 @@ def _multilayer(g: RunGroup) -> list[dict[str, Any]]:
         scores = score_roles(ctx, lambda role, ls=layers, p=probe: p.decision_function(
             g.feats.layers(role, ls).permute(1, 0, 2)).numpy())
         rows += make_rows(ctx, run, layers, probe, C=ctx.spec.Cs[best], val=vals[best],
-                          metrics=evaluate_scores(ctx, scores, run.seed), fit_seconds=fit_s)
+                          metrics=evaluate_scores(ctx, scores, run.seed), fit_seconds=fit_s, val_scores=scores["val"])
     return rows
 
 

@@ -246,9 +246,19 @@ def val_metric(ctx: SweepContext, s: np.ndarray) -> float:
 
 
 def select_best(ctx: SweepContext, val_scores: Sequence[np.ndarray]) -> tuple[int, list[float]]:
-    """Index of the candidate (e.g. a C value) with the best validation metric, and every candidate's."""
+    """Index of the candidate (e.g. a C value) with the best validation metric, and every candidate's.
+
+    Ties (common when the validation AUROC saturates at 1) are broken by the log-space AUROC, which weighs
+    the low-FPR end, then by the earlier candidate (the stronger regularization, for a C path).
+    """
     vals = [val_metric(ctx, np.asarray(s)) for s in val_scores]
-    return int(np.nanargmax(vals)), vals
+    top = np.nanmax(vals)
+    tied = [i for i, v in enumerate(vals) if v >= top - 1e-12]
+    if len(tied) == 1:
+        return tied[0], vals
+    y = (ctx.labels("val") >= 0.5).astype(int)
+    second = [log_auroc(y, np.asarray(val_scores[i])) for i in tied]
+    return tied[int(np.nanargmax(second))], vals
 
 
 def probe_metadata(ctx: SweepContext, run: Run, layers: Sequence[int], extra: dict[str, Any]) -> dict[str, Any]:
@@ -284,11 +294,16 @@ def make_rows(
     fit_seconds: float,
     cost: tuple[ProbeCost, ProbeCost] | None = None,
     extra: dict[str, Any] | None = None,
+    val_scores: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """One results row per eval set for a finished run; saves ``probe`` under ``OUT/probes/<run_id>``.
 
-    ``cost`` is (marginal, standalone); by default a pooled linear read-out of ``layers``.
+    ``cost`` is (marginal, standalone); by default a pooled linear read-out of ``layers``. ``val_scores``
+    (the chosen probe's validation scores) adds ``val_log_auroc``, the tie-breaker of model selection.
     """
+    val_log = float("nan")
+    if val_scores is not None:
+        val_log = log_auroc((ctx.labels("val") >= 0.5).astype(int), np.asarray(val_scores))
     d = ctx.cost.d_model
     if cost is None:
         marginal = ctx.cost.probe_cost(list(layers), d, run.pooling, view="marginal", order="pool_then_probe")
@@ -317,6 +332,7 @@ def make_rows(
                 "eval_set": eval_set,
                 **m,
                 f"val_{ctx.spec.select_metric}": val,
+                "val_log_auroc": val_log,
                 "flops_per_token": marginal.flops_per_token,
                 "overhead_pct": marginal.overhead_pct,
                 "standalone_flops_per_token": standalone.flops_per_token,
