@@ -9,6 +9,7 @@ collection resumes where it stopped and gives the same store as an uninterrupted
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -36,7 +37,13 @@ HOOK_KINDS: dict[str, str] = {
     "mlp_out": "blocks.{l}.hook_mlp_out",
     "resid_post": "blocks.{l}.hook_resid_post",
 }
-_ORDER = {"hook_resid_pre": 0, "hook_attn_out": 1, "hook_resid_mid": 2, "hook_mlp_out": 3, "hook_resid_post": 4}
+_ORDER = {
+    "hook_resid_pre": 0,
+    "hook_attn_out": 1,
+    "hook_resid_mid": 2,
+    "hook_mlp_out": 3,
+    "hook_resid_post": 4,
+}
 _FULL = re.compile(r"^blocks\.(\d+)\.(hook_\w+)$")
 
 
@@ -75,7 +82,9 @@ def parse_layers(layers: str | int | Sequence[int] | None, n_layers: int) -> lis
     for layer in items:
         real = layer + n_layers if layer < 0 else layer
         if not 0 <= real < n_layers:
-            raise CollectError(f"layer {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+            raise CollectError(
+                f"layer {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})"
+            )
         if real not in out:
             out.append(real)
     if not out:
@@ -84,7 +93,9 @@ def parse_layers(layers: str | int | Sequence[int] | None, n_layers: int) -> lis
 
 
 def resolve_hooks(
-    model: HookedTransformer, hooks: Sequence[str] = ("resid_post",), layers: str | Sequence[int] | None = "all"
+    model: HookedTransformer,
+    hooks: Sequence[str] = ("resid_post",),
+    layers: str | Sequence[int] | None = "all",
 ) -> list[str]:
     """Full TransformerLens hook names for ``hooks`` (short kinds × layers, or full names)."""
     if isinstance(hooks, str):
@@ -104,13 +115,16 @@ def resolve_hooks(
             names = [h]
         else:
             raise CollectError(
-                f"unknown hook {h!r}; use one of {sorted(HOOK_KINDS)} or a full name like 'blocks.3.hook_resid_post'"
+                f"unknown hook {h!r}; use one of {sorted(HOOK_KINDS)} "
+                "or a full name like 'blocks.3.hook_resid_post'"
             )
         for name in names:
             if name not in model.hook_dict:
                 m = _FULL.match(name)
                 if m and int(m.group(1)) >= n_layers:
-                    raise CollectError(f"hook {name!r}: layer {m.group(1)} is out of range (model has {n_layers})")
+                    raise CollectError(
+                        f"hook {name!r}: layer {m.group(1)} is out of range (model has {n_layers})"
+                    )
                 raise CollectError(f"unknown hook {name!r}: the model has no such hook point")
             if name not in out:
                 out.append(name)
@@ -174,7 +188,7 @@ def model_fingerprint(model: HookedTransformer) -> dict[str, str]:
             "tokenizer_hash": tokenizer_hash(model.tokenizer),
             "weights_hash": weights_hash(model),
         }
-        model._probe_atlas_fingerprint = fp  # type: ignore[attr-defined]
+        model._probe_atlas_fingerprint = fp  # type: ignore[attr-defined,assignment]
     return dict(fp)
 
 
@@ -243,7 +257,11 @@ def collect(
     max_len = int(max_len or model.cfg.n_ctx)
     if max_len > model.cfg.n_ctx:
         raise CollectError(f"max_len={max_len} exceeds the model's context n_ctx={model.cfg.n_ctx}")
-    tpl = bool(getattr(model.tokenizer, "chat_template", None)) if use_chat_template is None else use_chat_template
+    tpl = (
+        bool(getattr(model.tokenizer, "chat_template", None))
+        if use_chat_template is None
+        else use_chat_template
+    )
     fp = model_fingerprint(model)
     key = StoreKey(
         **fp,
@@ -289,11 +307,16 @@ def _layout(
     token_budget: int,
     max_batch: int,
 ) -> StoreLayout:
-    rendered: list[Rendered] = render_all(dataset.examples, model.tokenizer, max_len=max_len, use_chat_template=tpl)
-    n_trunc = [(e.id, r.n_truncated) for e, r in zip(dataset.examples, rendered, strict=True) if r.n_truncated]
+    rendered: list[Rendered] = render_all(
+        dataset.examples, model.tokenizer, max_len=max_len, use_chat_template=tpl
+    )
+    n_trunc = [
+        (e.id, r.n_truncated) for e, r in zip(dataset.examples, rendered, strict=True) if r.n_truncated
+    ]
     if n_trunc:
         warnings.warn(
-            f"{dataset.name}: {len(n_trunc)} of {len(dataset)} examples were longer than max_len={max_len} tokens "
+            f"{dataset.name}: {len(n_trunc)} of {len(dataset)} examples were longer than "
+            f"max_len={max_len} tokens "
             f"and were truncated from the left (first: {n_trunc[0][0]!r}, {n_trunc[0][1]} tokens dropped)",
             stacklevel=3,
         )
@@ -307,7 +330,9 @@ def _layout(
                 + (" (it has no response)" if positions == "response" and not ex.is_exchange else "")
             )
         if not kept.any() or (scored & ~kept).any():
-            raise DataError(f"example {ex.id!r}: keep={keep!r} must include the scored positions={positions!r}")
+            raise DataError(
+                f"example {ex.id!r}: keep={keep!r} must include the scored positions={positions!r}"
+            )
         idx = np.nonzero(kept)[0]
         tok_parts.append(r.ids[idx])
         role_parts.append(r.roles[idx])
@@ -371,7 +396,12 @@ def _run(
     seqs_by_batch: dict[int, list[int]] = {}
     for i, b in enumerate(batch_of):
         seqs_by_batch.setdefault(int(b), []).append(i)
-    bar = tqdm(total=len(todo), desc=f"collect {store.manifest['key']['dataset_name']}", disable=not progress, unit="batch")
+    bar = tqdm(
+        total=len(todo),
+        desc=f"collect {store.manifest['key']['dataset_name']}",
+        disable=not progress,
+        unit="batch",
+    )
     n_tok, t0 = 0, time.perf_counter()
     for step, b in enumerate(todo):
         if stop_after is not None and step >= stop_after:
@@ -390,8 +420,14 @@ def _run(
         pi = np.concatenate([positions[offsets[s] : offsets[s + 1]] for s in seqs])
         dest = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in seqs])
         captured = _forward_capture(
-            model, tokens.to(device), attn.to(device), hook_names, last_hook, n_layers_needed,
-            torch.from_numpy(bi).to(device), torch.from_numpy(pi).to(device),
+            model,
+            tokens.to(device),
+            attn.to(device),
+            hook_names,
+            last_hook,
+            n_layers_needed,
+            torch.from_numpy(bi).to(device),
+            torch.from_numpy(pi).to(device),
         )
         for h, x in captured.items():
             arr = x.numpy()
@@ -435,11 +471,12 @@ def _forward_capture(
         if hook.name == last_hook:
             raise _StopForward
 
-    with torch.inference_mode(), model.hooks(fwd_hooks=[(h, grab) for h in hook_names]):
-        try:
-            model(tokens, attention_mask=attention_mask, stop_at_layer=n_layers_needed)
-        except _StopForward:
-            pass
+    with (
+        torch.inference_mode(),
+        model.hooks(fwd_hooks=[(h, grab) for h in hook_names]),
+        contextlib.suppress(_StopForward),
+    ):
+        model(tokens, attention_mask=attention_mask, stop_at_layer=n_layers_needed)
     missing = set(hook_names) - set(captured)
     if missing:  # pragma: no cover - would mean TL skipped a hook
         raise StoreError(f"hooks {sorted(missing)} did not fire during the forward pass")

@@ -363,7 +363,9 @@ class PromptDataset(Sequence[Example]):
         assign: dict[str, str] = {}
         for cls in (True, False):
             keys = sorted(
-                k for k, ix in groups.items() if (np.mean([self._examples[i].label for i in ix]) >= 0.5) == cls
+                k
+                for k, ix in groups.items()
+                if (np.mean([self._examples[i].label for i in ix]) >= 0.5) == cls
             )
             rng = random.Random(f"{seed}:{cls}")
             rng.shuffle(keys)
@@ -374,9 +376,7 @@ class PromptDataset(Sequence[Example]):
                 j = int(np.argmax(target - filled))
                 assign[k] = names[j]
                 filled[j] += s
-        out = [
-            replace(e, split=assign[e.group_key]) if e.group_key in assign else e for e in self._examples
-        ]
+        out = [replace(e, split=assign[e.group_key]) if e.group_key in assign else e for e in self._examples]
         return PromptDataset(out, name=self.name)
 
     def split(self, name: str) -> PromptDataset:
@@ -423,7 +423,9 @@ def load_jsonl(path: str | Path, *, name: str | None = None, soft_labels: bool =
             obj["id"] = f"{p.stem}:{line_no}"
         ex = Example.from_json(obj, where=where)
         if not soft_labels and ex.label not in (0.0, 1.0):
-            raise DataError(f"{where}: label {ex.label!r} is not 0 or 1 (pass soft_labels=True for soft labels)")
+            raise DataError(
+                f"{where}: label {ex.label!r} is not 0 or 1 (pass soft_labels=True for soft labels)"
+            )
         if ex.id in seen:
             raise DataError(f"{where}: duplicate id {ex.id!r} (first on line {seen[ex.id]})")
         seen[ex.id] = line_no

@@ -102,20 +102,24 @@ class Pooling:
                 if not rest:
                     return cls(kind=kind)
                 try:
-                    return cls(kind=kind, **{field_name: conv(rest)})
+                    return cls(kind=kind, **{field_name: conv(rest)})  # type: ignore[arg-type]
                 except ValueError as e:
                     raise PoolingError(f"cannot parse pooling {spec!r}") from e
         return cls(kind=s)
 
     # ------------------------------------------------------------------ padded
-    def __call__(self, values: Float[Tensor, "b s *d"], mask: Bool[Tensor, "b s"] | None = None) -> Float[Tensor, "b *d"]:
+    def __call__(
+        self, values: Float[Tensor, "b s *d"], mask: Bool[Tensor, "b s"] | None = None
+    ) -> Float[Tensor, " b *d"]:
         if values.ndim < 2:
             raise PoolingError(f"values must be [batch, seq, ...], got shape {tuple(values.shape)}")
         b, s = values.shape[:2]
         if mask is None:
             mask = torch.ones(b, s, dtype=torch.bool, device=values.device)
         if mask.shape != (b, s):
-            raise PoolingError(f"mask shape {tuple(mask.shape)} does not match values {tuple(values.shape[:2])}")
+            raise PoolingError(
+                f"mask shape {tuple(mask.shape)} does not match values {tuple(values.shape[:2])}"
+            )
         mask = mask.to(torch.bool)
         lengths = mask.sum(1)
         if bool((lengths == 0).any()):
@@ -130,14 +134,16 @@ class Pooling:
 
     # ------------------------------------------------------------------ ragged
     def ragged(
-        self, values: Float[Tensor, "n *d"], offsets: Int[Tensor, " b1"] | np.ndarray
-    ) -> Float[Tensor, "b *d"]:
+        self, values: Float[Tensor, " n *d"], offsets: Int[Tensor, " b1"] | np.ndarray
+    ) -> Float[Tensor, " b *d"]:
         """Pool ragged ``values`` (sequence i is ``values[offsets[i]:offsets[i+1]]``)."""
         off = torch.as_tensor(np.asarray(offsets), dtype=torch.long, device=values.device)
         if off.ndim != 1 or off.numel() < 2:
             raise PoolingError("offsets must be 1-D with at least 2 entries")
         if int(off[0]) != 0 or int(off[-1]) != values.shape[0]:
-            raise PoolingError(f"offsets must run from 0 to n_tokens={values.shape[0]}, got {int(off[0])}..{int(off[-1])}")
+            raise PoolingError(
+                f"offsets must run from 0 to n_tokens={values.shape[0]}, got {int(off[0])}..{int(off[-1])}"
+            )
         lengths = off[1:] - off[:-1]
         if bool((lengths < 0).any()):
             raise PoolingError("offsets must be non-decreasing")
@@ -192,7 +198,9 @@ def _pool_left_aligned(p: Pooling, x: Tensor, lengths: Tensor) -> Tensor:
             best = torch.where(v, torch.maximum(best, e), best)
         return best
     if p.kind == "window":
-        c = torch.cumsum(torch.where(valid, x, 0).to(torch.float64 if x.dtype == torch.float64 else torch.float32), 1)
+        c = torch.cumsum(
+            torch.where(valid, x, 0).to(torch.float64 if x.dtype == torch.float64 else torch.float32), 1
+        )
         c = torch.cat([torch.zeros_like(c[:, :1]), c], 1)  # c[:, t] = sum of x[:, :t]
         w = p.window
         t_idx = ar  # window ends at t (inclusive)
@@ -214,20 +222,23 @@ def _pool_left_aligned(p: Pooling, x: Tensor, lengths: Tensor) -> Tensor:
 
 def pool(
     values: Float[Tensor, "b s *d"], mask: Bool[Tensor, "b s"] | None, pooling: Pooling | str
-) -> Float[Tensor, "b *d"]:
+) -> Float[Tensor, " b *d"]:
     """Functional form of :meth:`Pooling.__call__`."""
     return Pooling.parse(pooling)(values, mask)
 
 
 def pool_ragged(
-    values: Float[Tensor, "n *d"] | np.ndarray,
+    values: Float[Tensor, " n *d"] | np.ndarray | Any,
     offsets: Int[Tensor, " b1"] | np.ndarray,
     pooling: Pooling | str,
     *,
     chunk_tokens: int = 1 << 18,
     dtype: torch.dtype = torch.float32,
-) -> Float[Tensor, "b *d"]:
-    """Pool ragged values in chunks of whole sequences (bounded memory; ``values`` may be a memmap)."""
+) -> Float[Tensor, " b *d"]:
+    """Pool ragged values in chunks of whole sequences (bounded memory).
+
+    ``values`` is a tensor, an array, a memmap, or anything sliced by rows like one.
+    """
     p = Pooling.parse(pooling)
     off = np.asarray(offsets, dtype=np.int64)
     outs = []
@@ -257,7 +268,7 @@ def iter_sequence_chunks(offsets: np.ndarray, chunk_tokens: int) -> Iterator[tup
 
 
 def ragged_to_padded(
-    values: Float[Tensor, "n *d"], offsets: Int[Tensor, " b1"] | np.ndarray, pad_value: float = 0.0
+    values: Float[Tensor, " n *d"], offsets: Int[Tensor, " b1"] | np.ndarray, pad_value: float = 0.0
 ) -> tuple[Float[Tensor, "b s *d"], Bool[Tensor, "b s"]]:
     """Right-padded copy of ragged values and its mask."""
     off = torch.as_tensor(np.asarray(offsets), dtype=torch.long, device=values.device)

@@ -2,10 +2,12 @@
 
 With a chat template (instruction models) the conversation is rendered exactly as the model sees it; the role
 of each token comes from the character span of each message in the rendered string. Without one (base
-models, tiny test models without a template) prompts are plain text and exchanges ``User: ...\\nAssistant: ...``.
+models, tiny test models without a template) prompts are plain text and exchanges
+``User: ...\\nAssistant: ...``.
 
 Roles: ``0`` system prompt and template tokens before the first user turn, ``1`` prompt (user turns and the
-template tokens up to the response, including the generation prompt), ``2`` response (the final assistant turn).
+template tokens up to the response, including the generation prompt), ``2`` response (the final assistant
+turn).
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ def role_selection(positions: str, is_exchange: bool) -> tuple[int, ...]:
     return (ROLE_SYSTEM, ROLE_PROMPT, ROLE_RESPONSE)
 
 
-def render_text(example: Example, tokenizer: Any, use_chat_template: bool | None = None) -> tuple[str, np.ndarray]:
+def render_text(
+    example: Example, tokenizer: Any, use_chat_template: bool | None = None
+) -> tuple[str, np.ndarray]:
     """The rendered string and a per-character role array."""
     msgs = example.as_messages()
     use_tpl = has_chat_template(tokenizer) if use_chat_template is None else use_chat_template
@@ -143,4 +147,6 @@ def render_all(
     max_len: int,
     use_chat_template: bool | None = None,
 ) -> list[Rendered]:
-    return [render_example(e, tokenizer, max_len=max_len, use_chat_template=use_chat_template) for e in examples]
+    return [
+        render_example(e, tokenizer, max_len=max_len, use_chat_template=use_chat_template) for e in examples
+    ]

@@ -172,7 +172,9 @@ class ActivationStore:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         os.replace(tmp, p / "examples.jsonl")
         for hook, d in layout.hook_dims.items():
-            mm = np.lib.format.open_memmap(p / hook_filename(hook), mode="w+", dtype=np.float16, shape=(n_rows, d))
+            mm = np.lib.format.open_memmap(
+                p / hook_filename(hook), mode="w+", dtype=np.float16, shape=(n_rows, d)
+            )
             del mm
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -190,8 +192,10 @@ class ActivationStore:
         return cls(p, manifest)
 
     @classmethod
-    def open(cls, path: str | Path, expect: StoreKey | None = None, *, require_complete: bool = True) -> ActivationStore:
-        """Open a store; with ``expect``, a store made for another request raises :class:`StoreMismatchError`."""
+    def open(
+        cls, path: str | Path, expect: StoreKey | None = None, *, require_complete: bool = True
+    ) -> ActivationStore:
+        """Open a store; with ``expect``, a store made for another request raises ``StoreMismatchError``."""
         p = Path(path)
         mpath = p / MANIFEST
         if not mpath.exists():
@@ -209,7 +213,9 @@ class ActivationStore:
         store = cls(p, manifest)
         if require_complete and not manifest.get("complete"):
             done, total = len(manifest["done_batches"]), manifest["n_batches"]
-            raise StoreError(f"{p}: store is incomplete ({done}/{total} batches); rerun the collection to resume")
+            raise StoreError(
+                f"{p}: store is incomplete ({done}/{total} batches); rerun the collection to resume"
+            )
         return store
 
     # ------------------------------------------------------------------ progress (used by collect)
@@ -345,7 +351,11 @@ class ActivationStore:
             seqs = np.asarray(sequences, dtype=np.int64)
             lens = off[seqs + 1] - off[seqs]
             if rows is None:
-                rows = np.concatenate([np.arange(off[s], off[s + 1]) for s in seqs]) if len(seqs) else np.zeros(0, int)
+                rows = (
+                    np.concatenate([np.arange(off[s], off[s + 1]) for s in seqs])
+                    if len(seqs)
+                    else np.zeros(0, int)
+                )
             else:
                 rows = np.concatenate([rows[off[s] : off[s + 1]] for s in seqs]) if len(seqs) else rows[:0]
             off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
@@ -395,14 +405,20 @@ class HookWriter:
     def write_rows(self, dest: np.ndarray, values: np.ndarray) -> None:
         """Write ``values[i]`` to row ``dest[i]`` (runs of consecutive rows go out in one call)."""
         if values.dtype != self.dtype or values.ndim != 2 or values.shape[1] != self.shape[1]:
-            raise StoreError(f"rows of shape {values.shape}/{values.dtype} do not fit {self.shape}/{self.dtype}")
+            raise StoreError(
+                f"rows of shape {values.shape}/{values.dtype} do not fit {self.shape}/{self.dtype}"
+            )
         if len(dest) == 0:
             return
         order = np.argsort(dest, kind="stable")
         d, v = dest[order], values[order]
         breaks = np.nonzero(np.diff(d) != 1)[0] + 1
         for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(d)], strict=True):
-            os.pwrite(self.fd, np.ascontiguousarray(v[lo:hi]).tobytes(), self.data_offset + int(d[lo]) * self.row_bytes)
+            os.pwrite(
+                self.fd,
+                np.ascontiguousarray(v[lo:hi]).tobytes(),
+                self.data_offset + int(d[lo]) * self.row_bytes,
+            )
 
     def sync(self) -> None:
         os.fsync(self.fd)

@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformers import PreTrainedTokenizerFast
 
 SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>")
 CHAT_TEMPLATE = (
@@ -23,20 +24,123 @@ CHAT_TEMPLATE = (
 )
 _WORD = re.compile(r"\w+|[^\w\s]")
 
-BASE_VOCAB = tuple(
-    """the a an of to and in is for on how can i you me with make write give tell explain what why where
-    when who my your this that it be do please some about into from at by as or not no yes are was will
-    would should could steps guide recipe story poem list plan way best good bad help people home school
-    water bread cake garden dog cat car bike music book code python email letter friend family money bank
-    weapon bomb poison hack steal kill drug virus attack explosive malware password fraud scam gun
-    user assistant system ? . , ! : '""".split()
+BASE_VOCAB: tuple[str, ...] = tuple(
+    [
+        "the",
+        "a",
+        "an",
+        "of",
+        "to",
+        "and",
+        "in",
+        "is",
+        "for",
+        "on",
+        "how",
+        "can",
+        "i",
+        "you",
+        "me",
+        "with",
+        "make",
+        "write",
+        "give",
+        "tell",
+        "explain",
+        "what",
+        "why",
+        "where",
+        "when",
+        "who",
+        "my",
+        "your",
+        "this",
+        "that",
+        "it",
+        "be",
+        "do",
+        "please",
+        "some",
+        "about",
+        "into",
+        "from",
+        "at",
+        "by",
+        "as",
+        "or",
+        "not",
+        "no",
+        "yes",
+        "are",
+        "was",
+        "will",
+        "would",
+        "should",
+        "could",
+        "steps",
+        "guide",
+        "recipe",
+        "story",
+        "poem",
+        "list",
+        "plan",
+        "way",
+        "best",
+        "good",
+        "bad",
+        "help",
+        "people",
+        "home",
+        "school",
+        "water",
+        "bread",
+        "cake",
+        "garden",
+        "dog",
+        "cat",
+        "car",
+        "bike",
+        "music",
+        "book",
+        "code",
+        "python",
+        "email",
+        "letter",
+        "friend",
+        "family",
+        "money",
+        "bank",
+        "weapon",
+        "bomb",
+        "poison",
+        "hack",
+        "steal",
+        "kill",
+        "drug",
+        "virus",
+        "attack",
+        "explosive",
+        "malware",
+        "password",
+        "fraud",
+        "scam",
+        "gun",
+        "user",
+        "assistant",
+        "system",
+        "?",
+        ".",
+        ",",
+        "!",
+        ":",
+        "'",
+    ]
 )
 
 
-def make_tokenizer(words: Iterable[str] = (), *, chat_template: bool = True) -> object:
+def make_tokenizer(words: Iterable[str] = (), *, chat_template: bool = True) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer (``PreTrainedTokenizerFast``) over ``BASE_VOCAB`` + ``words``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
     for w in (*SPECIALS, *BASE_VOCAB, *words):
@@ -114,10 +218,10 @@ def plant_direction(
     direction = direction / direction.norm()
     with torch.no_grad():
         for w in triggers:
-            ids = tok.convert_tokens_to_ids([w.lower()])
-            if ids[0] == tok.unk_token_id:
+            tid = tok.convert_tokens_to_ids(w.lower())
+            if not isinstance(tid, int) or tid == tok.unk_token_id:
                 raise ValueError(f"trigger word {w!r} is not in the tiny model's vocabulary")
-            model.W_E[ids[0]] += scale * direction
+            model.W_E[tid] += scale * direction
     return direction
 
 

@@ -78,8 +78,16 @@ def time_collect(model, ds, out: Path, max_len: int, token_budget: int) -> float
     from activations.collect import collect
 
     t0 = time.perf_counter()
-    collect(model, ds, out, hooks=["resid_post"], layers="all", max_len=max_len, token_budget=token_budget,
-            progress=False)
+    collect(
+        model,
+        ds,
+        out,
+        hooks=["resid_post"],
+        layers="all",
+        max_len=max_len,
+        token_budget=token_budget,
+        progress=False,
+    )
     return time.perf_counter() - t0
 
 
@@ -132,9 +140,21 @@ def main() -> None:
 
     def child(n: int) -> float:
         res = subprocess.run(
-            [sys.executable, __file__, "--rss-child", str(n), "--model", args.model, "--max-len",
-             str(args.max_len), "--token-budget", str(args.token_budget)],
-            capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                __file__,
+                "--rss-child",
+                str(n),
+                "--model",
+                args.model,
+                "--max-len",
+                str(args.max_len),
+                "--token-budget",
+                str(args.token_budget),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         return float(json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mib"])
 

@@ -10,7 +10,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="probe-atlas: cheap safety probes on a model's own activations.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="probe-atlas: cheap safety probes on a model's own activations.",
+)
 console = Console()
 
 
@@ -23,10 +27,16 @@ def _fail(msg: str) -> None:
 def collect(
     data: Annotated[list[str], typer.Option("--data", help="JSONL file (repeatable), 'builtin' or hf:NAME")],
     out: Annotated[Path, typer.Option("--out", help="store directory (one per dataset when several --data)")],
-    model: Annotated[str, typer.Option("--model", help="smollm2, gemma3-270m, a TL name or an HF folder")] = "smollm2",
+    model: Annotated[
+        str, typer.Option("--model", help="smollm2, gemma3-270m, a TL name or an HF folder")
+    ] = "smollm2",
     layers: Annotated[str, typer.Option("--layers", help="all | 0,5,9 | 3-7")] = "all",
-    hooks: Annotated[str, typer.Option("--hooks", help="comma list of resid_post,resid_pre,mlp_out,attn_out")] = "resid_post",
-    positions: Annotated[str, typer.Option("--positions", help="auto | prompt | response | prompt+response | all")] = "auto",
+    hooks: Annotated[
+        str, typer.Option("--hooks", help="comma list of resid_post,resid_pre,mlp_out,attn_out")
+    ] = "resid_post",
+    positions: Annotated[
+        str, typer.Option("--positions", help="auto | prompt | response | prompt+response | all")
+    ] = "auto",
     max_len: Annotated[int, typer.Option("--max-len")] = 512,
     token_budget: Annotated[int, typer.Option("--token-budget", help="padded tokens per batch")] = 4096,
 ) -> None:
@@ -43,8 +53,14 @@ def collect(
         for ds in datasets:
             path = out if len(datasets) == 1 else out / ds.name
             store = do_collect(
-                m, ds, path, hooks=hooks.split(","), layers=layers, positions=positions,
-                max_len=min(max_len, m.cfg.n_ctx), token_budget=token_budget,
+                m,
+                ds,
+                path,
+                hooks=hooks.split(","),
+                layers=layers,
+                positions=positions,
+                max_len=min(max_len, m.cfg.n_ctx),
+                token_budget=token_budget,
             )
             console.print(f"[green]wrote[/] {store} ({store.nbytes() / 2**20:.1f} MiB)")
     except (DataError, CollectError, StoreError, ValueError) as e:
@@ -134,10 +150,14 @@ def _print_headline(df: Any) -> None:
         title = "over-refusal (benign-only set)" if over_refusal else "best layer per probe × pooling"
         t = Table(title=f"{title} — {eval_set}")
         cols = ["probe", "pooling", "layer", "C"]
-        cols += ["benign_flag_rate_at_1pct_fpr"] if over_refusal else ["auroc", "tpr_at_1pct_fpr", "overhead_pct"]
+        cols += (
+            ["benign_flag_rate_at_1pct_fpr"] if over_refusal else ["auroc", "tpr_at_1pct_fpr", "overhead_pct"]
+        )
         for col in cols:
-            t.add_column(col.replace("benign_flag_rate_at_1pct_fpr", "flagged @1%FPR thr"),
-                         justify="left" if col in ("probe", "pooling") else "right")
+            t.add_column(
+                col.replace("benign_flag_rate_at_1pct_fpr", "flagged @1%FPR thr"),
+                justify="left" if col in ("probe", "pooling") else "right",
+            )
         for _, r in sub.iterrows():
             cells = [str(r["probe"]), str(r["pooling"]), str(r["layer"]), f"{r['C']:.3g}"]
             if over_refusal:
@@ -161,8 +181,13 @@ def list_kinds() -> None:
     for col in ("kind", "per layer", "C grid", "params", "description"):
         t.add_column(col)
     for k in sorted(kinds().values(), key=lambda k: k.name):
-        t.add_row(k.name, "yes" if k.per_layer else "no", "yes" if k.uses_C else "no",
-                  ", ".join(sorted(k.params)), k.description)
+        t.add_row(
+            k.name,
+            "yes" if k.per_layer else "no",
+            "yes" if k.uses_C else "no",
+            ", ".join(sorted(k.params)),
+            k.description,
+        )
     console.print(t)
 
 

@@ -5,8 +5,10 @@ imported at the bottom of this file."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
+import numpy as np
 import torch
 
 from activations.collect import parse_layers
@@ -14,7 +16,17 @@ from experiments.registry import register_kind
 from experiments.run import RunGroup, evaluate_scores, make_rows, score_roles, select_best
 from experiments.spec import SpecError
 from probes.base import Probe
-from probes.linear import DiffMeansProbe, LDAProbe, MultiLayerProbe, fit_logistic_batched
+from probes.linear import Penalty, DiffMeansProbe, LDAProbe, MultiLayerProbe, fit_logistic_batched
+
+
+def _scorer(g: RunGroup, probe: Probe, layer: int) -> Callable[[str], np.ndarray]:
+    """Scores of ``probe`` on one layer's pooled features, per dataset role."""
+
+    def score(role: str) -> np.ndarray:
+        return probe.decision_function(g.feats.layer(role, layer)).numpy()
+
+    return score
+
 
 _PENALTY = {"logistic_l2": "l2", "logistic_l1": "l1", "logistic_elasticnet": "elasticnet"}
 
@@ -26,7 +38,7 @@ def _logistic(g: RunGroup) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     path = fit_logistic_batched(
         g.feats.layers("train", layers), torch.as_tensor(ctx.labels("train")), ctx.spec.Cs,
-        penalty=_PENALTY[ps.kind], l1_ratio=ps.l1_ratio, class_weight=ps.class_weight, warn=False,
+        penalty=cast(Penalty, _PENALTY[ps.kind]), l1_ratio=ps.l1_ratio, class_weight=ps.class_weight, warn=False,
     )  # fmt: skip
     fit_s = (time.perf_counter() - t0) / len(g.runs)
     val_scores = path.decision_function(g.feats.layers("val", layers)).numpy()  # [p, c, n]
@@ -34,15 +46,26 @@ def _logistic(g: RunGroup) -> list[dict[str, Any]]:
     for j, run in enumerate(g.runs):
         best, vals = select_best(ctx, list(val_scores[j]))
         probe = path.probe(j, best)
-        scores = score_roles(ctx, lambda role, r=run, p=probe: p.decision_function(g.feats.layer(role, r.layer)).numpy())
+        scores = score_roles(ctx, _scorer(g, probe, run.layer))
         metrics = evaluate_scores(ctx, scores, run.seed)
-        rows += make_rows(ctx, run, [run.layer], probe, C=ctx.spec.Cs[best], val=vals[best], metrics=metrics,
-                          fit_seconds=fit_s, val_scores=scores["val"])
+        rows += make_rows(
+            ctx,
+            run,
+            [run.layer],
+            probe,
+            C=ctx.spec.Cs[best],
+            val=vals[best],
+            metrics=metrics,
+            fit_seconds=fit_s,
+            val_scores=scores["val"],
+        )
     return rows
 
 
 for _name in _PENALTY:
-    register_kind(_name, description=f"logistic regression ({_PENALTY[_name]}) on pooled activations")(_logistic)
+    register_kind(_name, description=f"logistic regression ({_PENALTY[_name]}) on pooled activations")(
+        _logistic
+    )
 
 
 def _simple(make: Any) -> Any:
@@ -51,18 +74,30 @@ def _simple(make: Any) -> Any:
         rows = []
         for run in g.runs:
             t0 = time.perf_counter()
-            probe: Probe = make(run.probe).fit(g.feats.layer("train", run.layer), torch.as_tensor(ctx.labels("train")))
+            probe: Probe = make(run.probe).fit(
+                g.feats.layer("train", run.layer), torch.as_tensor(ctx.labels("train"))
+            )
             fit_s = time.perf_counter() - t0
-            scores = score_roles(ctx, lambda role, r=run: probe.decision_function(g.feats.layer(role, r.layer)).numpy())
-            rows += make_rows(ctx, run, [run.layer], probe, C=None, val=select_best(ctx, [scores["val"]])[1][0],
-                              metrics=evaluate_scores(ctx, scores, run.seed), fit_seconds=fit_s,
-                              val_scores=scores["val"])
+            scores = score_roles(ctx, _scorer(g, probe, run.layer))
+            rows += make_rows(
+                ctx,
+                run,
+                [run.layer],
+                probe,
+                C=None,
+                val=select_best(ctx, [scores["val"]])[1][0],
+                metrics=evaluate_scores(ctx, scores, run.seed),
+                fit_seconds=fit_s,
+                val_scores=scores["val"],
+            )
         return rows
 
     return runner
 
 
-register_kind("diffmeans", uses_C=False, description="difference of class means")(_simple(lambda ps: DiffMeansProbe()))
+register_kind("diffmeans", uses_C=False, description="difference of class means")(
+    _simple(lambda ps: DiffMeansProbe())
+)
 register_kind("lda", uses_C=False, description="LDA with (Ledoit-Wolf) shrinkage")(
     _simple(lambda ps: LDAProbe(shrinkage=ps.shrinkage if ps.shrinkage is not None else "auto"))
 )
@@ -77,7 +112,9 @@ def _multilayer(g: RunGroup) -> list[dict[str, Any]]:
         layers = parse_layers(ps.layers, ctx.cost.n_layers) if ps.layers is not None else ctx.layers
         missing = [la for la in layers if la not in ctx.layers]
         if missing:
-            raise SpecError(f"probes.multilayer.layers: layers {missing} are not collected (spec layers: {ctx.layers})")
+            raise SpecError(
+                f"probes.multilayer.layers: layers {missing} are not collected (spec layers: {ctx.layers})"
+            )
 
         def flat(role: str, ls: list[int] = layers) -> torch.Tensor:
             x = g.feats.layers(role, ls)  # [L, n, d]
@@ -94,10 +131,22 @@ def _multilayer(g: RunGroup) -> list[dict[str, Any]]:
         base = path.probe(0, best)
         probe = MultiLayerProbe(base=base, layers=layers)
         probe.load_state_dict({f"base.{k}": v for k, v in base.state_dict().items()})
-        scores = score_roles(ctx, lambda role, ls=layers, p=probe: p.decision_function(
-            g.feats.layers(role, ls).permute(1, 0, 2)).numpy())
-        rows += make_rows(ctx, run, layers, probe, C=ctx.spec.Cs[best], val=vals[best],
-                          metrics=evaluate_scores(ctx, scores, run.seed), fit_seconds=fit_s, val_scores=scores["val"])
+
+        def score(role: str, ls: list[int] = layers, p: Probe = probe) -> np.ndarray:
+            return p.decision_function(g.feats.layers(role, ls).permute(1, 0, 2)).numpy()
+
+        scores = score_roles(ctx, score)
+        rows += make_rows(
+            ctx,
+            run,
+            layers,
+            probe,
+            C=ctx.spec.Cs[best],
+            val=vals[best],
+            metrics=evaluate_scores(ctx, scores, run.seed),
+            fit_seconds=fit_s,
+            val_scores=scores["val"],
+        )
     return rows
 
 

@@ -68,5 +68,10 @@ def import_plugins(modules: list[str]) -> None:
 #: modules that register more probe kinds (imported by :func:`kinds`)
 KIND_PLUGINS = ["experiments.kinds_token", "experiments.kinds_sae", "experiments.kinds_frontier"]
 #: modules that add commands to the CLI: each defines ``register(app: typer.Typer) -> None``
-CLI_PLUGINS = ["experiments.cli_stream", "experiments.cli_sae", "experiments.cli_robustness",
-               "experiments.cli_frontier", "experiments.cli_report"]
+CLI_PLUGINS = [
+    "experiments.cli_stream",
+    "experiments.cli_sae",
+    "experiments.cli_robustness",
+    "experiments.cli_frontier",
+    "experiments.cli_report",
+]

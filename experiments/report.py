@@ -21,7 +21,8 @@ def headline_table(df: pd.DataFrame, select: str | None = None) -> pd.DataFrame:
     keys = ["eval_set", "probe", "pooling"]
     tie = ["val_log_auroc"] if "val_log_auroc" in df.columns and select != "val_log_auroc" else []
     ordered = df.sort_values(
-        [*keys, select, *tie, "flops_per_token"], ascending=[True, True, True, False, *[False] * len(tie), True]
+        [*keys, select, *tie, "flops_per_token"],
+        ascending=[True, True, True, False, *[False] * len(tie), True],
     )
     best = ordered.groupby(keys, sort=False).head(1)
     order = {k: i for i, k in enumerate(dict.fromkeys(df["eval_set"]))}

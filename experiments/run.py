@@ -14,7 +14,6 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from jaxtyping import Float
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from jaxtyping import Float
 from rich.console import Console
 from transformer_lens import HookedTransformer
 
@@ -30,8 +30,8 @@ from activations.collect import HOOK_KINDS, collect, default_store_dir, model_fi
 from activations.data import PromptDataset, normalize_text
 from activations.pooling import Pooling
 from activations.store import ActivationStore, StoreKey
-from experiments.spec import Run, SpecError, SweepSpec, expand
 from experiments.registry import kinds
+from experiments.spec import Run, SpecError, SweepSpec, expand
 from probes.base import Probe
 from probes.cost import CostModel, ProbeCost
 from probes.metrics import auroc, evaluate, log_auroc, threshold_at_fpr, tpr_at_fpr
@@ -83,7 +83,9 @@ def load_sweep_data(spec: SweepSpec, base: Path | None) -> SweepData:
         control = ds.benign_control.load(base, default_name="benign_control")
         if (control.labels >= 0.5).any():
             n_bad = int((control.labels >= 0.5).sum())
-            raise SpecError(f"datasets.benign_control: {n_bad} examples are labelled harmful; a control set is benign")
+            raise SpecError(
+                f"datasets.benign_control: {n_bad} examples are labelled harmful; a control set is benign"
+            )
     else:
         control = val.filter(label=0.0, name="benign_control")
     tests = {name: t.load(base, default_name=name) for name, t in ds.test.items()}
@@ -92,7 +94,9 @@ def load_sweep_data(spec: SweepSpec, base: Path | None) -> SweepData:
     for name, tds in [("val", val), ("benign_control", control), *tests.items()]:
         clean = tds.where(lambda e: normalize_text(e.all_text()) not in seen)
         if len(clean) < len(tds):
-            console.print(f"[yellow]{name}: dropped {len(tds) - len(clean)} examples that repeat a training prompt")
+            console.print(
+                f"[yellow]{name}: dropped {len(tds) - len(clean)} examples that repeat a training prompt"
+            )
             if len(clean) == 0:
                 raise SpecError(f"dataset {name!r}: every example repeats a training prompt")
             if name == "val":
@@ -201,7 +205,9 @@ class RunGroup:
         return self.runs[0].probe
 
 
-def evaluate_scores(ctx: SweepContext, scores: dict[str, np.ndarray], seed: int) -> dict[str, dict[str, float]]:
+def evaluate_scores(
+    ctx: SweepContext, scores: dict[str, np.ndarray], seed: int
+) -> dict[str, dict[str, float]]:
     """Metrics of one probe's scores (one array per dataset role) on every test set.
 
     Thresholds come from the benign control set. A harmful-only test set is scored against the control set
@@ -218,15 +224,23 @@ def evaluate_scores(ctx: SweepContext, scores: dict[str, np.ndarray], seed: int)
             warnings.simplefilter("ignore")
             if harmful.all():
                 yy = np.concatenate([np.ones(len(s), int), np.zeros(len(control), int)])
-                m = evaluate(yy, np.concatenate([s, control]), benign_control_scores=control, n_boot=n_boot, seed=seed)
+                m = evaluate(
+                    yy, np.concatenate([s, control]), benign_control_scores=control, n_boot=n_boot, seed=seed
+                )
             elif harmful.any():
                 m = evaluate(harmful.astype(int), s, benign_control_scores=control, n_boot=n_boot, seed=seed)
             else:
-                m = {"auroc": float("nan"), "tpr_at_1pct_fpr": float("nan"), "tpr_at_0.1pct_fpr": float("nan")}
+                m = {
+                    "auroc": float("nan"),
+                    "tpr_at_1pct_fpr": float("nan"),
+                    "tpr_at_0.1pct_fpr": float("nan"),
+                }
             for fpr, key in ((0.01, "1pct"), (0.001, "0.1pct")):
                 thr = threshold_at_fpr(control, fpr)
                 benign = s[~harmful]
-                m[f"benign_flag_rate_at_{key}_fpr"] = float((benign > thr).mean()) if len(benign) else float("nan")
+                m[f"benign_flag_rate_at_{key}_fpr"] = (
+                    float((benign > thr).mean()) if len(benign) else float("nan")
+                )
         m["n_eval"] = len(s)
         out[name] = m
     return out
@@ -261,7 +275,9 @@ def select_best(ctx: SweepContext, val_scores: Sequence[np.ndarray]) -> tuple[in
     return tied[int(np.nanargmax(second))], vals
 
 
-def probe_metadata(ctx: SweepContext, run: Run, layers: Sequence[int], extra: dict[str, Any]) -> dict[str, Any]:
+def probe_metadata(
+    ctx: SweepContext, run: Run, layers: Sequence[int], extra: dict[str, Any]
+) -> dict[str, Any]:
     """What a saved probe records: model fingerprint and reference, hooks, pooling, positions, data."""
     st = ctx.stores["train"]
     return {
@@ -307,13 +323,17 @@ def make_rows(
     d = ctx.cost.d_model
     if cost is None:
         marginal = ctx.cost.probe_cost(list(layers), d, run.pooling, view="marginal", order="pool_then_probe")
-        standalone = ctx.cost.probe_cost(list(layers), d, run.pooling, view="standalone", order="pool_then_probe")
+        standalone = ctx.cost.probe_cost(
+            list(layers), d, run.pooling, view="standalone", order="pool_then_probe"
+        )
     else:
         marginal, standalone = cost
     path = ctx.out / "probes" / run.run_id
     if probe is not None:
-        probe.save(path, probe_metadata(ctx, run, layers, {"C": C, f"val_{ctx.spec.select_metric}": val,
-                                                            **(extra or {})}))
+        probe.save(
+            path,
+            probe_metadata(ctx, run, layers, {"C": C, f"val_{ctx.spec.select_metric}": val, **(extra or {})}),
+        )
     rows = []
     for eval_set, m in metrics.items():
         rows.append(
@@ -383,14 +403,26 @@ def prepare(
     fp = model_fingerprint(model)
     for role, ds in data.all().items():
         key = StoreKey(
-            **fp, dataset_name=ds.name, dataset_fingerprint=ds.fingerprint(), hooks=tuple(all_hooks),
-            positions=spec.positions, keep=spec.positions, max_len=min(spec.max_len, model.cfg.n_ctx),
+            **fp,
+            dataset_name=ds.name,
+            dataset_fingerprint=ds.fingerprint(),
+            hooks=tuple(all_hooks),
+            positions=spec.positions,
+            keep=spec.positions,
+            max_len=min(spec.max_len, model.cfg.n_ctx),
             chat_template=bool(getattr(model.tokenizer, "chat_template", None)),
         )
         path = default_store_dir(store_root, key)
         stores[role] = collect(
-            model, ds, path, hooks=all_hooks, layers=None, positions=spec.positions,
-            max_len=min(spec.max_len, model.cfg.n_ctx), token_budget=spec.token_budget, progress=progress,
+            model,
+            ds,
+            path,
+            hooks=all_hooks,
+            layers=None,
+            positions=spec.positions,
+            max_len=min(spec.max_len, model.cfg.n_ctx),
+            token_budget=spec.token_budget,
+            progress=progress,
         )
     cost = CostModel.from_config(model.cfg, context_len=spec.context_len)
     ctx = SweepContext(spec, out, fp, cost, data, stores, hook_names, layers, model=model)
@@ -416,7 +448,9 @@ def run_sweep(
     ctx = prepare(spec, out, base=base, model=model, store_root=store_root, progress=progress)
     runs = list(expand(spec, ctx.layers, ctx.data.key()))
     todo = [r for r in runs if r.run_id not in ctx.done]
-    console.print(f"[bold]{spec.name}[/]: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to fit")
+    console.print(
+        f"[bold]{spec.name}[/]: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to fit"
+    )
     groups: dict[tuple[int, str, Pooling], list[Run]] = defaultdict(list)
     for r in todo:
         groups[(r.seed, r.hook_kind, r.pooling)].append(r)
@@ -424,10 +458,14 @@ def run_sweep(
         raise SweepError(f"unknown backend {backend!r} (available: local)")
     from tqdm.auto import tqdm
 
-    for (_seed, hook_kind, pooling), group in tqdm(list(groups.items()), desc="fit groups", disable=not progress):
+    for (_seed, hook_kind, pooling), group in tqdm(
+        list(groups.items()), desc="fit groups", disable=not progress
+    ):
         append_results(out, run_group(ctx, hook_kind, pooling, group))
     df = read_results(out)
-    console.print(f"[green]done[/] in {time.perf_counter() - t_start:.1f}s: {len(df)} rows in {out / RESULTS}")
+    console.print(
+        f"[green]done[/] in {time.perf_counter() - t_start:.1f}s: {len(df)} rows in {out / RESULTS}"
+    )
     return df
 
 

@@ -27,7 +27,9 @@ def read_probe_metadata(probe_dir: str | Path) -> dict[str, Any]:
     meta = dict(read_probe_info(probe_dir).get("metadata") or {})
     for k in ("hook_names", "pooling", "model_id"):
         if k not in meta:
-            raise ScoreError(f"probe at {probe_dir} has no {k!r} in its metadata: it was not saved by a sweep")
+            raise ScoreError(
+                f"probe at {probe_dir} has no {k!r} in its metadata: it was not saved by a sweep"
+            )
     return meta
 
 
@@ -52,9 +54,15 @@ def score_dataset(
     pooling = Pooling.parse(dict(meta["pooling"]))
     with tempfile.TemporaryDirectory(prefix="probe-atlas-score-") as tmp:
         store = collect(
-            model, dataset, Path(tmp) / "store", hooks=hook_names, layers=None,
-            positions=meta.get("positions", "auto"), max_len=int(meta.get("max_len", model.cfg.n_ctx)),
-            use_chat_template=meta.get("chat_template"), progress=progress,
+            model,
+            dataset,
+            Path(tmp) / "store",
+            hooks=hook_names,
+            layers=None,
+            positions=meta.get("positions", "auto"),
+            max_len=int(meta.get("max_len", model.cfg.n_ctx)),
+            use_chat_template=meta.get("chat_template"),
+            progress=progress,
         )
         feats = [store.pooled(h, pooling) for h in hook_names]
     X = torch.stack(feats, 1) if probe.input_ndim == 3 else feats[0]
@@ -75,6 +83,10 @@ def score_file(
     outp.parent.mkdir(parents=True, exist_ok=True)
     with outp.open("w", encoding="utf-8") as f:
         for ex, s in zip(ds, scores, strict=True):
-            f.write(json.dumps({"id": ex.id, "label": ex.label, "score": float(s),
-                                "prob": float(1 / (1 + np.exp(-s)))}) + "\n")
+            f.write(
+                json.dumps(
+                    {"id": ex.id, "label": ex.label, "score": float(s), "prob": float(1 / (1 + np.exp(-s)))}
+                )
+                + "\n"
+            )
     return len(ds)

@@ -30,7 +30,7 @@ class SpecError(ValueError):
 
 
 def shared_root() -> Path:
-    """Where ``shared:`` dataset paths point: ``$PROBE_ATLAS_SHARED``, else ``../shared`` beside the repo/cwd."""
+    """Where ``shared:`` paths point: ``$PROBE_ATLAS_SHARED``, else ``../shared`` near the repo or cwd."""
     env = os.environ.get("PROBE_ATLAS_SHARED")
     if env:
         return Path(env)
@@ -106,7 +106,8 @@ class DatasetSpec(_Frozen):
         if len(ds) == 0:
             raise SpecError(
                 f"dataset {name!r} ({self.path}): the filter "
-                f"{self.model_dump(exclude_none=True, exclude={'path', 'name', 'dedup', 'seed'})} selects nothing"
+                f"{self.model_dump(exclude_none=True, exclude={'path', 'name', 'dedup', 'seed'})} "
+                "selects nothing"
             )
         if self.dedup:
             ds = ds.dedup()
@@ -122,8 +123,13 @@ class DatasetSpec(_Frozen):
         if self.augment:
             from activations.augment import augment_dataset
 
-            ds = augment_dataset(ds, self.augment, seed=self.seed, copies=self.augment_copies,
-                                 include_original=self.augment_keep_original)
+            ds = augment_dataset(
+                ds,
+                self.augment,
+                seed=self.seed,
+                copies=self.augment_copies,
+                include_original=self.augment_keep_original,
+            )
         return PromptDataset(ds.examples, name=name)
 
 
@@ -172,7 +178,9 @@ class ProbeSpec(_Frozen):
         allowed = kinds()[self.kind].params
         bad = sorted(set(self.params) - allowed)
         if bad:
-            raise ValueError(f"probe kind {self.kind!r} has no parameter(s) {bad}; it takes {sorted(allowed)}")
+            raise ValueError(
+                f"probe kind {self.kind!r} has no parameter(s) {bad}; it takes {sorted(allowed)}"
+            )
         return self
 
     @property
@@ -194,7 +202,7 @@ class SweepSpec(_Frozen):
     datasets: DatasetsSpec
     hooks: list[str] = Field(default_factory=lambda: ["resid_post"])
     layers: str | list[int] = "all"
-    poolings: list[str | dict[str, Any]] = Field(default_factory=lambda: ["mean"])
+    poolings: list[str | dict[str, Any]] = Field(default_factory=lambda: list[str | dict[str, Any]](["mean"]))
     probes: list[ProbeSpec]
     Cs: list[float] = Field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0])
     seeds: list[int] = Field(default_factory=lambda: [0])
@@ -231,7 +239,9 @@ class SweepSpec(_Frozen):
         return [Pooling.parse(p) for p in self.poolings]
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[
+            :16
+        ]
 
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[SweepSpec, Path]:
@@ -290,10 +300,15 @@ class Run:
 
 
 def expand(spec: SweepSpec, layers: list[int], data_key: str) -> Iterator[Run]:
-    """All runs of a spec over resolved ``layers``; ``data_key`` ties run ids to the datasets' fingerprints."""
-    common = {k: v for k, v in spec.model_dump(mode="json").items() if k in ("model", "max_len", "positions", "Cs",
-                                                                          "select_metric", "context_len")}
-    spec_key = hashlib.sha256(json.dumps({**common, "data": data_key}, sort_keys=True).encode()).hexdigest()[:16]
+    """All runs of a spec over resolved ``layers``; ``data_key`` ties run ids to the data's fingerprints."""
+    common = {
+        k: v
+        for k, v in spec.model_dump(mode="json").items()
+        if k in ("model", "max_len", "positions", "Cs", "select_metric", "context_len")
+    }
+    spec_key = hashlib.sha256(json.dumps({**common, "data": data_key}, sort_keys=True).encode()).hexdigest()[
+        :16
+    ]
     from experiments.registry import kinds
 
     registry = kinds()

@@ -15,7 +15,23 @@ SHARED_DATASETS = Path(os.environ.get("PROBE_ATLAS_SHARED", SHARED)) / "datasets
 
 HARM_WORDS = ["bomb", "poison", "hack", "malware", "explosive"]
 BENIGN_WORDS = ["cake", "garden", "poem", "bread", "music"]
-FILLER = "the a of to and in for on with about how can you me please".split()
+FILLER = [
+    "the",
+    "a",
+    "of",
+    "to",
+    "and",
+    "in",
+    "for",
+    "on",
+    "with",
+    "about",
+    "how",
+    "can",
+    "you",
+    "me",
+    "please",
+]
 
 
 def _sentence(rng: random.Random, key: str, n: int) -> str:
@@ -24,7 +40,9 @@ def _sentence(rng: random.Random, key: str, n: int) -> str:
     return " ".join(words)
 
 
-def planted_dataset(n: int = 64, seed: int = 0, name: str = "planted", min_len: int = 4, max_len: int = 14) -> PromptDataset:
+def planted_dataset(
+    n: int = 64, seed: int = 0, name: str = "planted", min_len: int = 4, max_len: int = 14
+) -> PromptDataset:
     """Harmful prompts contain a trigger word (planted direction in the tiny model); harmless ones do not."""
     rng = random.Random(seed)
     exs = []
@@ -76,7 +94,7 @@ def planted() -> PromptDataset:
     return planted_dataset()
 
 
-def pytest_collection_modifyitems(config, items):  # noqa: ANN001, ANN201
+def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` skip themselves where no CUDA device is present."""
     if torch.cuda.is_available():
         return

@@ -34,18 +34,45 @@ def _invoke(args: list[str]) -> str:
 def test_collect_sweep_score_plot(tmp_path, llama_folder) -> None:
     data = planted_dataset(n=80, seed=2).with_splits({"train": 0.5, "val": 0.25, "test": 0.25})
     data.to_jsonl(tmp_path / "d.jsonl")
-    _invoke(["collect", "--model", str(llama_folder), "--data", str(tmp_path / "d.jsonl"), "--layers", "0,1",
-             "--hooks", "resid_post,mlp_out", "--out", str(tmp_path / "store"), "--max-len", "64"])
+    _invoke(
+        [
+            "collect",
+            "--model",
+            str(llama_folder),
+            "--data",
+            str(tmp_path / "d.jsonl"),
+            "--layers",
+            "0,1",
+            "--hooks",
+            "resid_post,mlp_out",
+            "--out",
+            str(tmp_path / "store"),
+            "--max-len",
+            "64",
+        ]
+    )
     st = ActivationStore.open(tmp_path / "store")
-    assert st.hooks == ["blocks.0.hook_mlp_out", "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out",
-                        "blocks.1.hook_resid_post"]
+    assert st.hooks == [
+        "blocks.0.hook_mlp_out",
+        "blocks.0.hook_resid_post",
+        "blocks.1.hook_mlp_out",
+        "blocks.1.hook_resid_post",
+    ]
     assert st.n_sequences == 80
 
     spec = {
-        "name": "cli", "model": str(llama_folder), "max_len": 64,
-        "datasets": {"train": {"path": "d.jsonl", "split": "train"}, "val": {"path": "d.jsonl", "split": "val"},
-                     "test": {"held": {"path": "d.jsonl", "split": "test"}}},
-        "poolings": ["mean", "last"], "probes": [{"kind": "logistic_l2"}], "Cs": [0.1, 1.0], "bootstrap": 20,
+        "name": "cli",
+        "model": str(llama_folder),
+        "max_len": 64,
+        "datasets": {
+            "train": {"path": "d.jsonl", "split": "train"},
+            "val": {"path": "d.jsonl", "split": "val"},
+            "test": {"held": {"path": "d.jsonl", "split": "test"}},
+        },
+        "poolings": ["mean", "last"],
+        "probes": [{"kind": "logistic_l2"}],
+        "Cs": [0.1, 1.0],
+        "bootstrap": 20,
     }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     out = _invoke(["sweep", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "sw")])
@@ -54,7 +81,17 @@ def test_collect_sweep_score_plot(tmp_path, llama_folder) -> None:
     assert len(df) == 2 * 2 and set(df["pooling"]) == {"mean", "last"}
     assert list((tmp_path / "sw" / "plots").glob("*.html"))
     probe_dir = df.sort_values("auroc").iloc[-1]["probe_path"]
-    _invoke(["score", "--probe", probe_dir, "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "s.jsonl")])
+    _invoke(
+        [
+            "score",
+            "--probe",
+            probe_dir,
+            "--data",
+            str(tmp_path / "d.jsonl"),
+            "--out",
+            str(tmp_path / "s.jsonl"),
+        ]
+    )
     lines = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert len(lines) == 80 and {"id", "label", "score", "prob"} <= set(lines[0])
     _invoke(["plot", str(tmp_path / "sw")])
@@ -62,12 +99,34 @@ def test_collect_sweep_score_plot(tmp_path, llama_folder) -> None:
 
 def test_cli_errors_are_one_line(tmp_path, llama_folder) -> None:
     (tmp_path / "bad.jsonl").write_text('{"text": "x", "label": 3}\n')
-    res = runner.invoke(app, ["collect", "--model", str(llama_folder), "--data", str(tmp_path / "bad.jsonl"),
-                              "--out", str(tmp_path / "s")])
+    res = runner.invoke(
+        app,
+        [
+            "collect",
+            "--model",
+            str(llama_folder),
+            "--data",
+            str(tmp_path / "bad.jsonl"),
+            "--out",
+            str(tmp_path / "s"),
+        ],
+    )
     assert res.exit_code == 2 and "bad.jsonl:1" in res.output
     assert not (tmp_path / "s").exists()
-    res = runner.invoke(app, ["collect", "--model", str(llama_folder), "--data", "builtin", "--layers", "5",
-                              "--out", str(tmp_path / "s")])
+    res = runner.invoke(
+        app,
+        [
+            "collect",
+            "--model",
+            str(llama_folder),
+            "--data",
+            "builtin",
+            "--layers",
+            "5",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+    )
     assert res.exit_code == 2 and "out of range" in res.output
     (tmp_path / "spec.yaml").write_text("name: x\nmodel: m\nbogus: 1\n")
     res = runner.invoke(app, ["sweep", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "o")])

@@ -27,7 +27,9 @@ def _assert_store_matches_cache(model, ds, store) -> None:
     for i, e in enumerate(ds):
         r = render_example(e, model.tokenizer, max_len=store.key["max_len"])
         _, cache = model.run_with_cache(torch.tensor(r.ids)[None])
-        pos = torch.from_numpy(np.asarray(store.positions[store.offsets[i] : store.offsets[i + 1]], dtype=np.int64))
+        pos = torch.from_numpy(
+            np.asarray(store.positions[store.offsets[i] : store.offsets[i + 1]], dtype=np.int64)
+        )
         assert np.array_equal(store.tokens[store.offsets[i] : store.offsets[i + 1]], r.ids[pos.numpy()])
         for h in store.hooks:
             ref = cache[h][0][pos]
@@ -39,8 +41,13 @@ def _assert_store_matches_cache(model, ds, store) -> None:
 def test_round_trip_equals_run_with_cache(tmp_path, tiny_model) -> None:
     ds = planted_dataset(n=24)
     store = collect(
-        tiny_model, ds, tmp_path / "s", hooks=["resid_post", "resid_pre", "mlp_out", "attn_out"],
-        layers="all", token_budget=64, progress=False,
+        tiny_model,
+        ds,
+        tmp_path / "s",
+        hooks=["resid_post", "resid_pre", "mlp_out", "attn_out"],
+        layers="all",
+        token_budget=64,
+        progress=False,
     )
     assert store.complete and len(store.hooks) == 12
     assert store.manifest["n_batches"] > 3  # several length-sorted batches with padding
@@ -49,8 +56,13 @@ def test_round_trip_equals_run_with_cache(tmp_path, tiny_model) -> None:
     assert [e["id"] for e in store.examples()] == ds.ids
     _assert_store_matches_cache(tiny_model, ds, store)
     # reopening with the same request reuses the store; pooled reads are finite and shaped right
-    again = collect(tiny_model, ds, tmp_path / "s", hooks=["resid_post", "resid_pre", "mlp_out", "attn_out"],
-                    progress=False)
+    again = collect(
+        tiny_model,
+        ds,
+        tmp_path / "s",
+        hooks=["resid_post", "resid_pre", "mlp_out", "attn_out"],
+        progress=False,
+    )
     assert again.manifest == store.manifest
     x = store.pooled("blocks.2.hook_resid_post", "mean")
     assert x.shape == (24, 32) and torch.isfinite(x).all()
@@ -58,8 +70,15 @@ def test_round_trip_equals_run_with_cache(tmp_path, tiny_model) -> None:
 
 def test_exchanges_store_response_and_prompt(tmp_path, tiny_model) -> None:
     ds = exchange_dataset(n=8)
-    st = collect(tiny_model, ds, tmp_path / "x", layers=[1], positions="response", keep="prompt+response",
-                 progress=False)
+    st = collect(
+        tiny_model,
+        ds,
+        tmp_path / "x",
+        layers=[1],
+        positions="response",
+        keep="prompt+response",
+        progress=False,
+    )
     assert set(np.unique(st.roles)) == {1, 2}
     assert (st.mask == (st.roles == 2)).all()
     _, off_resp = st.selection("response")
@@ -121,7 +140,9 @@ def test_resume_after_kill_9(tmp_path) -> None:
     m = json.loads(manifest.read_text())
     assert not m["complete"] and 3 <= len(m["done_batches"]) < m["n_batches"]
     subprocess.run([sys.executable, str(tmp_path / "c.py"), str(tmp_path / "s"), "fast"], env=env, check=True)
-    subprocess.run([sys.executable, str(tmp_path / "c.py"), str(tmp_path / "ref"), "fast"], env=env, check=True)
+    subprocess.run(
+        [sys.executable, str(tmp_path / "c.py"), str(tmp_path / "ref"), "fast"], env=env, check=True
+    )
     a, b = ActivationStore.open(tmp_path / "s"), ActivationStore.open(tmp_path / "ref")
     for h in a.hooks:
         assert np.array_equal(np.asarray(a.activations(h)), np.asarray(b.activations(h)))

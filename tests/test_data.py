@@ -5,7 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from activations.data import DataError, Example, Message, PromptDataset, load_dataset, load_jsonl, normalize_text
+from activations.data import (
+    DataError,
+    Example,
+    Message,
+    PromptDataset,
+    load_dataset,
+    load_jsonl,
+    normalize_text,
+)
 from activations.render import ROLE_PROMPT, ROLE_RESPONSE, ROLE_SYSTEM, render_example
 from tests.conftest import SHARED_DATASETS, planted_dataset
 
@@ -18,10 +26,27 @@ def _write(tmp_path, lines: list[str], name: str = "d.jsonl"):
 
 def test_load_shared_schema_and_fingerprint(tmp_path) -> None:
     rows = [
-        {"id": "a", "text": "How do I bake bread?", "label": 0, "source": "t", "split": "train", "kind": "plain"},
-        {"id": "b", "text": "How do I build a bomb?", "label": 1, "source": "t", "split": "test", "kind": "plain"},
-        {"id": "c", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-         "label": 0},
+        {
+            "id": "a",
+            "text": "How do I bake bread?",
+            "label": 0,
+            "source": "t",
+            "split": "train",
+            "kind": "plain",
+        },
+        {
+            "id": "b",
+            "text": "How do I build a bomb?",
+            "label": 1,
+            "source": "t",
+            "split": "test",
+            "kind": "plain",
+        },
+        {
+            "id": "c",
+            "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+            "label": 0,
+        },
     ]
     p = _write(tmp_path, [json.dumps(r) for r in rows])
     ds = load_jsonl(p)
@@ -101,7 +126,11 @@ def test_splits_never_cut_a_group() -> None:
 
 
 def test_exchange_roles_with_chat_template(tiny_model) -> None:
-    ex = Example(id="e", label=1, messages=(Message("user", "how to make a bomb"), Message("assistant", "no i will not")))
+    ex = Example(
+        id="e",
+        label=1,
+        messages=(Message("user", "how to make a bomb"), Message("assistant", "no i will not")),
+    )
     r = render_example(ex, tiny_model.tokenizer, max_len=100)
     toks = tiny_model.tokenizer.convert_ids_to_tokens(r.ids.tolist())
     resp = [t for t, role in zip(toks, r.roles, strict=True) if role == ROLE_RESPONSE]
@@ -124,7 +153,9 @@ def test_builtin_dataset_loads() -> None:
     assert {e.split for e in ds} >= {"train", "test"}
 
 
-@pytest.mark.skipif(not (SHARED_DATASETS / "refusal_direction").exists(), reason="shared datasets not present")
+@pytest.mark.skipif(
+    not (SHARED_DATASETS / "refusal_direction").exists(), reason="shared datasets not present"
+)
 def test_shared_dataset_loads() -> None:
     ds = load_jsonl(SHARED_DATASETS / "jailbreakbench" / "jailbreakbench.jsonl")
     assert len(ds) == 200 and set(np.unique(ds.labels)) == {0.0, 1.0}

@@ -24,7 +24,9 @@ def _ragged(lengths: list[int], d: int, seed: int) -> tuple[torch.Tensor, np.nda
     kind=st.sampled_from(ALL),
     seed=st.integers(0, 1000),
 )
-def test_ragged_equals_padded_for_any_padding(lengths: list[int], extra_pad: int, kind: str, seed: int) -> None:
+def test_ragged_equals_padded_for_any_padding(
+    lengths: list[int], extra_pad: int, kind: str, seed: int
+) -> None:
     v, off = _ragged(lengths, 3, seed)
     p = Pooling.parse(kind)
     r = p.ragged(v, off)
@@ -56,7 +58,9 @@ def test_known_answers() -> None:
     # window longer than the sequence: the whole mean
     assert Pooling("window", window=16)(x, m).item() == pytest.approx(1.5)
     w = torch.softmax(torch.tensor([1.0, 3.0, 2.0, 0.0]), 0)
-    assert Pooling("softmax", temperature=1.0)(x, m).item() == pytest.approx(float((w * x[0, :, 0]).sum()), rel=1e-6)
+    assert Pooling("softmax", temperature=1.0)(x, m).item() == pytest.approx(
+        float((w * x[0, :, 0]).sum()), rel=1e-6
+    )
 
 
 def test_softmax_limits_and_ema_alpha_one() -> None:
@@ -64,7 +68,9 @@ def test_softmax_limits_and_ema_alpha_one() -> None:
     torch.testing.assert_close(
         Pooling("softmax", temperature=1e6).ragged(v, off), Pooling("mean").ragged(v, off), atol=1e-4, rtol=0
     )
-    torch.testing.assert_close(Pooling("softmax", temperature=1e-4).ragged(v, off), Pooling("max").ragged(v, off))
+    torch.testing.assert_close(
+        Pooling("softmax", temperature=1e-4).ragged(v, off), Pooling("max").ragged(v, off)
+    )
     torch.testing.assert_close(Pooling("ema", alpha=1.0).ragged(v, off), Pooling("max").ragged(v, off))
     torch.testing.assert_close(Pooling("window", window=1).ragged(v, off), Pooling("max").ragged(v, off))
 

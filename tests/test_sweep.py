@@ -13,9 +13,23 @@ from experiments.spec import SpecError, expand, parse_spec
 from tests.conftest import planted_dataset
 
 REQUIRED = [
-    "run_id", "probe", "hook", "layer", "pooling", "C", "eval_set", "auroc", "tpr_at_1pct_fpr",
-    "tpr_at_0.1pct_fpr", "flops_per_token", "overhead_pct", "probe_path", "auroc_lo", "auroc_hi",
-    "standalone_overhead_pct", "fit_seconds",
+    "run_id",
+    "probe",
+    "hook",
+    "layer",
+    "pooling",
+    "C",
+    "eval_set",
+    "auroc",
+    "tpr_at_1pct_fpr",
+    "tpr_at_0.1pct_fpr",
+    "flops_per_token",
+    "overhead_pct",
+    "probe_path",
+    "auroc_lo",
+    "auroc_hi",
+    "standalone_overhead_pct",
+    "fit_seconds",
 ]
 
 
@@ -64,7 +78,9 @@ def test_sweep_end_to_end_and_resume(tmp_path, tiny_model) -> None:
     assert set(df.loc[df.probe == "logistic_l2", "C"]).issubset({0.01, 0.1, 1.0})
     assert df.loc[df.probe == "diffmeans", "C"].isna().all()
     # costs: marginal overhead of a single-layer probe is tiny; standalone is larger and grows with depth
-    lin = df[(df.probe == "logistic_l2") & (df.eval_set == "heldout") & (df.pooling == "mean")].sort_values("layer")
+    lin = df[(df.probe == "logistic_l2") & (df.eval_set == "heldout") & (df.pooling == "mean")].sort_values(
+        "layer"
+    )
     assert (lin["overhead_pct"] < lin["standalone_overhead_pct"]).all()
     assert lin["standalone_overhead_pct"].is_monotonic_increasing
     ml = df[df.probe == "multilayer"]
@@ -113,17 +129,27 @@ def test_killed_sweep_resumes_to_the_same_table(tmp_path, tiny_model, monkeypatc
 def test_spec_errors(tmp_path, tiny_model) -> None:
     with pytest.raises(SpecError, match="unknown key 'pooling'"):
         _spec(tmp_path, pooling=["mean"])
-    with pytest.raises(SpecError, match="Cs: .*grid is empty"):
+    with pytest.raises(SpecError, match=r"Cs: .*grid is empty"):
         _spec(tmp_path, Cs=[])
     with pytest.raises(SpecError, match=r"unknown key 'datasets\.train\.splitt'"):
         _spec(tmp_path, datasets={"train": {"path": "x", "splitt": "train"}, "test": {"a": {"path": "x"}}})
     spec = _spec(tmp_path)
-    bad = spec.model_copy(update={"datasets": spec.datasets.model_copy(update={
-        "train": spec.datasets.train.model_copy(update={"split": "nope"})})})
+    bad = spec.model_copy(
+        update={
+            "datasets": spec.datasets.model_copy(
+                update={"train": spec.datasets.train.model_copy(update={"split": "nope"})}
+            )
+        }
+    )
     with pytest.raises(SpecError, match="selects nothing"):
         run_sweep(bad, tmp_path / "o1", base=tmp_path, model=tiny_model, progress=False)
-    one = spec.model_copy(update={"datasets": spec.datasets.model_copy(update={
-        "train": spec.datasets.train.model_copy(update={"label": 1.0})})})
+    one = spec.model_copy(
+        update={
+            "datasets": spec.datasets.model_copy(
+                update={"train": spec.datasets.train.model_copy(update={"label": 1.0})}
+            )
+        }
+    )
     with pytest.raises(SpecError, match="only one class"):
         run_sweep(one, tmp_path / "o2", base=tmp_path, model=tiny_model, progress=False)
     # a results folder from another spec
