@@ -99,7 +99,16 @@ def rss_child(n: int, model_name: str, max_len: int, token_budget: int) -> None:
     ds = prompts(n, seed=1)
     with tempfile.TemporaryDirectory() as tmp:
         time_collect(model, ds, Path(tmp) / "s", max_len, token_budget)
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "n": n}))
+    print(json.dumps({"peak_rss_mib": peak_rss_mib(), "n": n}))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM). ``getrusage``'s ru_maxrss is not used: Linux carries it over from
+    the parent through fork and exec, so a child would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # pragma: no cover - non-Linux
 
 
 def main() -> None:
@@ -111,6 +120,7 @@ def main() -> None:
     ap.add_argument("--token-budget", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--only-rss", action="store_true", help="measure only the memory growth")
     args = ap.parse_args()
     if args.rss_child is not None:
         rss_child(args.rss_child, args.model, args.max_len, args.token_budget)
@@ -118,6 +128,20 @@ def main() -> None:
 
     from activations.models import load_model
 
+    def child(n: int) -> float:
+        res = subprocess.run(
+            [sys.executable, __file__, "--rss-child", str(n), "--model", args.model, "--max-len",
+             str(args.max_len), "--token-budget", str(args.token_budget)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return float(json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mib"])
+
+    # memory first, in fresh processes, before this one grows
+    small, big = child(args.rss_n), child(10 * args.rss_n)
+    print(f"peak RSS: {args.rss_n} prompts {small:.0f} MiB, {10 * args.rss_n} prompts {big:.0f} MiB")
+    if args.only_rss:
+        print(json.dumps({"rss_growth_10x": round(big / small - 1, 4)}))
+        return
     torch.manual_seed(0)
     model = load_model(args.model)
     n_layers = model.cfg.n_layers
