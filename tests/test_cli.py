@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
 from activations.store import ActivationStore
 from experiments.cli import app
-from tests.conftest import planted_dataset
+from tests.conftest import SHARED_DATASETS, planted_dataset
 from tests.test_models import _save_tiny_llama
 
 runner = CliRunner()
@@ -131,3 +133,22 @@ def test_cli_errors_are_one_line(tmp_path, llama_folder) -> None:
     (tmp_path / "spec.yaml").write_text("name: x\nmodel: m\nbogus: 1\n")
     res = runner.invoke(app, ["sweep", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "unknown key 'bogus'" in res.output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATASETS / "harmbench").exists(), reason="shared datasets not present")
+def test_collect_default_model_from_shared_file(tmp_path) -> None:
+    """`probe-atlas collect` writes a store for the default model from a ../shared/datasets file."""
+    src = SHARED_DATASETS / "harmbench" / "harmbench.jsonl"
+    small = tmp_path / "hb.jsonl"
+    small.write_text(
+        "".join(src.read_text(encoding="utf-8").splitlines(keepends=True)[:12]), encoding="utf-8"
+    )
+    _invoke(["collect", "--model", "smollm2", "--data", str(small), "--layers", "0,15,-1", "--out",
+             str(tmp_path / "store"), "--max-len", "128"])  # fmt: skip
+    st = ActivationStore.open(tmp_path / "store")
+    assert st.key["model_id"] == "smollm2" and st.n_sequences == 12
+    assert st.hooks == ["blocks.0.hook_resid_post", "blocks.15.hook_resid_post", "blocks.29.hook_resid_post"]
+    x = st.pooled("blocks.29.hook_resid_post", "last")
+    assert x.shape == (12, 576) and bool(torch.isfinite(x).all())
+    assert set(np.unique(st.roles)) == {1}  # prompt tokens only: the system prompt is not stored
