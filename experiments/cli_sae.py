@@ -29,15 +29,24 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option()] = 1024,
         lr: Annotated[float, typer.Option()] = 1e-3,
         eval_store: Annotated[Path | None, typer.Option(help="held-out store for the metrics")] = None,
-        model: Annotated[str | None, typer.Option(help="model for the CE-loss figures (e.g. smollm2)")] = None,
+        model: Annotated[
+            str | None, typer.Option(help="model for the CE-loss figures (e.g. smollm2)")
+        ] = None,
     ) -> None:
         """Train an SAE with sae-lens on one hook of a store; print its reconstruction report."""
         from activations.store import ActivationStore
         from sae.train import SAETrainConfig, SAETrainError, train_sae
 
         try:
-            cfg = SAETrainConfig(architecture=architecture, expansion_factor=expansion_factor,  # type: ignore[arg-type]
-                                 l1_coefficient=l1_coefficient, k=k, n_tokens=tokens, batch_size=batch_size, lr=lr)  # fmt: skip
+            cfg = SAETrainConfig(
+                architecture=architecture,
+                expansion_factor=expansion_factor,  # type: ignore[arg-type]
+                l1_coefficient=l1_coefficient,
+                k=k,
+                n_tokens=tokens,
+                batch_size=batch_size,
+                lr=lr,
+            )
         except SAETrainError as e:
             raise typer.BadParameter(str(e)) from e
         st = ActivationStore.open(store)
@@ -54,10 +63,14 @@ def register(app: typer.Typer) -> None:
 
     @app.command("sae-view")
     def sae_view(
-        probe: Annotated[Path, typer.Option("--probe", help="a saved SAE-feature probe (OUT/probes/<run_id>)")],
+        probe: Annotated[
+            Path, typer.Option("--probe", help="a saved SAE-feature probe (OUT/probes/<run_id>)")
+        ],
         store: Annotated[Path, typer.Option("--store", help="activation store to search for top examples")],
         out: Annotated[Path, typer.Option("--out", help="output prefix: writes OUT.parquet and OUT.html")],
-        model: Annotated[str | None, typer.Option(help="model whose tokenizer decodes tokens (default: the probe's)")] = None,
+        model: Annotated[
+            str | None, typer.Option(help="model whose tokenizer decodes tokens (default: the probe's)")
+        ] = None,
         n_latents: Annotated[int, typer.Option()] = 8,
         n_examples: Annotated[int, typer.Option()] = 10,
     ) -> None:

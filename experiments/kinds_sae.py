@@ -93,17 +93,31 @@ def _sae_data_store(ctx: SweepContext, hook: str, params: dict[str, Any]) -> Act
     if len(ds) == 0:
         raise SpecError(f"params.sae_data {ref!r}: every prompt repeats an evaluation prompt")
     path = ctx.out / "saes" / "data" / f"{ds.fingerprint()[:16]}-{hook}"
-    return collect(ctx.model, ds, path, hooks=[hook], layers=None, positions=ctx.spec.positions,
-                   max_len=min(ctx.spec.max_len, ctx.model.cfg.n_ctx), token_budget=ctx.spec.token_budget)  # fmt: skip
+    return collect(
+        ctx.model,
+        ds,
+        path,
+        hooks=[hook],
+        layers=None,
+        positions=ctx.spec.positions,
+        max_len=min(ctx.spec.max_len, ctx.model.cfg.n_ctx),
+        token_budget=ctx.spec.token_budget,
+    )
 
 
 def _role_data(ctx: SweepContext, role: str) -> Any:
     return {"train": ctx.data.train, "val": ctx.data.val, "control": ctx.data.control}[role]
 
 
-def get_sae(ctx: SweepContext, hook: str, layer: int, params: dict[str, Any]) -> tuple[Any, dict[str, Any], str]:
+def get_sae(
+    ctx: SweepContext, hook: str, layer: int, params: dict[str, Any]
+) -> tuple[Any, dict[str, Any], str]:
     """The run's SAE (named or trained and cached), its reconstruction report and its reference."""
-    key = ("sae", hook, json.dumps({k: params.get(k) for k in SAE_PARAMS if k != "head_penalty"}, sort_keys=True))
+    key = (
+        "sae",
+        hook,
+        json.dumps({k: params.get(k) for k in SAE_PARAMS if k != "head_penalty"}, sort_keys=True),
+    )
     cache = _cache(ctx)
     if key in cache:
         return cache[key]
@@ -142,7 +156,9 @@ def get_sae(ctx: SweepContext, hook: str, layer: int, params: dict[str, Any]) ->
     return out
 
 
-def _latents(ctx: SweepContext, sae: Any, ref: str, hook: str) -> tuple[LatentEncoder, dict[str, dict[str, torch.Tensor]]]:
+def _latents(
+    ctx: SweepContext, sae: Any, ref: str, hook: str
+) -> tuple[LatentEncoder, dict[str, dict[str, torch.Tensor]]]:
     """The SAE's full encoder and every role's pooled latents for every pooling of the spec (cached)."""
     key = ("latents", ref, hook)
     cache = _cache(ctx)
@@ -173,8 +189,14 @@ def _runner(k_fixed: int | None, dense: bool) -> Any:
             name = g.pooling.name
             t0 = time.perf_counter()
             penalty = params.get("head_penalty", "l2")
-            heads = fit_heads(Z["train"][name], ctx.labels("train"), [k], ctx.spec.Cs, penalty=penalty,
-                              class_weight=run.probe.class_weight)  # fmt: skip
+            heads = fit_heads(
+                Z["train"][name],
+                ctx.labels("train"),
+                [k],
+                ctx.spec.Cs,
+                penalty=penalty,
+                class_weight=run.probe.class_weight,
+            )
             sel, path = heads[k]
             fit_s = time.perf_counter() - t0
             val_scores = path.decision_function(Z["val"][name][:, sel][None]).numpy()[0]
@@ -195,9 +217,19 @@ def _runner(k_fixed: int | None, dense: bool) -> Any:
                 sae_k=int(sub.n_latents),
                 sae_latents=",".join(str(int(i)) for i in sub.ids[:64].tolist()),
             )
-            new = make_rows(ctx, run, [run.layer], probe, C=ctx.spec.Cs[best], val=vals[best],
-                            metrics=evaluate_scores(ctx, scores, run.seed), fit_seconds=fit_s, cost=cost,
-                            extra=extra, val_scores=scores["val"])  # fmt: skip
+            new = make_rows(
+                ctx,
+                run,
+                [run.layer],
+                probe,
+                C=ctx.spec.Cs[best],
+                val=vals[best],
+                metrics=evaluate_scores(ctx, scores, run.seed),
+                fit_seconds=fit_s,
+                cost=cost,
+                extra=extra,
+                val_scores=scores["val"],
+            )
             for row in new:
                 row["probe"] = label
             rows += new
@@ -215,8 +247,8 @@ for _k in (1, 8, 64, 512):
 register_kind("sae_dense", params=SAE_PARAMS, description="logistic probe on every SAE latent (pooled)")(
     _runner(None, dense=True)
 )
-register_kind("sae", params=(*SAE_PARAMS, "k"), description="SAE-feature probe with params.k latents ('all': dense)")(
-    _runner(None, dense=False)
-)
+register_kind(
+    "sae", params=(*SAE_PARAMS, "k"), description="SAE-feature probe with params.k latents ('all': dense)"
+)(_runner(None, dense=False))
 
 __all__ = ["SAE_PARAMS", "get_sae"]

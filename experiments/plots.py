@@ -748,7 +748,7 @@ def plot_results(
         for es in eval_sets:
             if has_layers:
                 attempt(f"heatmap_{metric}_{es}", lambda m=metric, e=es: layer_pooling_heatmap(df, m, e))
-            for cost in ("flops_per_token", "overhead_pct"):
+            for cost in ("flops_per_token", "overhead_pct", "standalone_overhead_pct"):
                 if cost in df.columns:
                     attempt(
                         f"frontier_{metric}_{cost}_{es}",

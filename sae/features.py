@@ -116,16 +116,32 @@ class LatentEncoder:
                 return cls(W[:, ids].clone(), b[ids].clone(), b_in, ids.clone(), "relu", d_sae=d_sae)
             if arch == "jumprelu":
                 th = sae.threshold.detach().float().cpu()
-                return cls(W[:, ids].clone(), b[ids].clone(), b_in, ids.clone(), "jumprelu", threshold=th[ids].clone(),
-                           d_sae=d_sae)  # fmt: skip
+                return cls(
+                    W[:, ids].clone(),
+                    b[ids].clone(),
+                    b_in,
+                    ids.clone(),
+                    "jumprelu",
+                    threshold=th[ids].clone(),
+                    d_sae=d_sae,
+                )
             if arch == "topk":
                 scale = (
                     sae.W_dec.detach().float().cpu().norm(dim=-1)
                     if getattr(cfg, "rescale_acts_by_decoder_norm", False)
                     else None
                 )
-                return cls(W.clone(), b.clone(), b_in, ids.clone(), "topk", scale=scale, select=ids.clone(),
-                           topk=int(cfg.k), d_sae=d_sae)  # fmt: skip
+                return cls(
+                    W.clone(),
+                    b.clone(),
+                    b_in,
+                    ids.clone(),
+                    "topk",
+                    scale=scale,
+                    select=ids.clone(),
+                    topk=int(cfg.k),
+                    d_sae=d_sae,
+                )
         raise ValueError(
             f"SAE architecture {arch!r} is not supported for feature probes (standard, jumprelu, topk are)"
         )
@@ -136,11 +152,27 @@ class LatentEncoder:
         ids = self.ids[pos].clone()
         if self.activation == "topk":
             sel = (self.select if self.select is not None else torch.arange(self.n_computed))[pos].clone()
-            return LatentEncoder(self.W, self.b, self.b_in, ids, "topk", scale=self.scale, select=sel,
-                                 topk=self.topk, d_sae=self.d_sae)  # fmt: skip
+            return LatentEncoder(
+                self.W,
+                self.b,
+                self.b_in,
+                ids,
+                "topk",
+                scale=self.scale,
+                select=sel,
+                topk=self.topk,
+                d_sae=self.d_sae,
+            )
         th = self.threshold[pos].clone() if self.threshold is not None else None
-        return LatentEncoder(self.W[:, pos].clone(), self.b[pos].clone(), self.b_in, ids, self.activation,
-                             threshold=th, d_sae=self.d_sae)  # fmt: skip
+        return LatentEncoder(
+            self.W[:, pos].clone(),
+            self.b[pos].clone(),
+            self.b_in,
+            ids,
+            self.activation,
+            threshold=th,
+            d_sae=self.d_sae,
+        )
 
     def __call__(self, x: Float[Tensor, "n d"]) -> Float[Tensor, "n k"]:
         if x.ndim != 2 or x.shape[1] != self.d_in:
@@ -182,9 +214,18 @@ class LatentEncoder:
         W, b, b_in, ids = get("W"), get("b"), get("b_in"), get("ids")
         if W is None or b is None or b_in is None or ids is None:
             raise ValueError(f"the state has no complete encoder under {prefix!r} (W, b, b_in, ids)")
-        return cls(W.float(), b.float(), b_in.float(), ids.long(), str(config["activation"]),
-                   threshold=get("threshold"), scale=get("scale"), select=get("select"),
-                   topk=int(config.get("topk", 0)), d_sae=int(config.get("d_sae", 0)))  # fmt: skip
+        return cls(
+            W.float(),
+            b.float(),
+            b_in.float(),
+            ids.long(),
+            str(config["activation"]),
+            threshold=get("threshold"),
+            scale=get("scale"),
+            select=get("select"),
+            topk=int(config.get("topk", 0)),
+            d_sae=int(config.get("d_sae", 0)),
+        )
 
 
 def _encoder(sae_or_encoder: Any, latents: Sequence[int] | Tensor | None = None) -> LatentEncoder:
@@ -244,7 +285,7 @@ def pooled_latents(
     return res if many else res[pools[0].name]
 
 
-# ---------------------------------------------------------------------------------------------- sparse on disk
+# ------------------------------------------------------------------------------------------ sparse on disk
 def encode_store(
     store: ActivationStore,
     hook: str,
@@ -330,8 +371,8 @@ class SparseLatents:
         counts = np.diff(self.indptr[lo : hi + 1])
         r = np.repeat(np.arange(hi - lo), counts)
         out = torch.zeros(hi - lo, self.n_latents)
-        out[torch.from_numpy(r), torch.from_numpy(np.asarray(self.indices[a:b], dtype=np.int64))] = torch.from_numpy(
-            np.asarray(self.values[a:b], dtype=np.float32)
+        out[torch.from_numpy(r), torch.from_numpy(np.asarray(self.indices[a:b], dtype=np.int64))] = (
+            torch.from_numpy(np.asarray(self.values[a:b], dtype=np.float32))
         )
         return out
 

@@ -58,16 +58,19 @@ def check_hook(sae: Any, hook: str, store: ActivationStore | None = None) -> Non
         )
     if store is not None:
         if hook not in store.hooks:
-            raise SAEHookMismatchError(f"hook {hook!r} is not in the store {store.path} (it has {store.hooks})")
+            raise SAEHookMismatchError(
+                f"hook {hook!r} is not in the store {store.path} (it has {store.hooks})"
+            )
         d = int(store.activations(hook).shape[1])
         if int(sae.cfg.d_in) != d:
             raise SAEHookMismatchError(
-                f"the SAE reads {sae.cfg.d_in}-dimensional activations, but {hook} in {store.path} is {d}-wide"
+                f"the SAE reads {sae.cfg.d_in}-dimensional activations, "
+                f"but {hook} in {store.path} is {d}-wide"
             )
 
 
 def save_sae(sae: Any, path: str | Path, *, hook: str | None = None, model_id: str | None = None) -> Path:
-    """Save an inference SAE in sae-lens's format (``save_model``), recording hook and model in its metadata."""
+    """Save an inference SAE in sae-lens's format (``save_model``), recording hook and model."""
     if hook is not None:
         sae.cfg.metadata.hook_name = hook
     if model_id is not None:

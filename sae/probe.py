@@ -84,7 +84,12 @@ class SAEFeatureProbe(Probe):
         topk: int = 0,
         d_sae: int = 0,
     ) -> None:
-        self.C, self.penalty, self.l1_ratio, self.class_weight = float(C), penalty, float(l1_ratio), class_weight
+        self.C, self.penalty, self.l1_ratio, self.class_weight = (
+            float(C),
+            penalty,
+            float(l1_ratio),
+            class_weight,
+        )
         self.k = None if k is None else int(k)
         self.pooling = Pooling.parse(dict(pooling) if isinstance(pooling, Mapping) else pooling)
         self.hook, self.sae_ref = hook, sae_ref
@@ -108,9 +113,20 @@ class SAEFeatureProbe(Probe):
         if not head.is_fitted:
             raise ValueError("the head must be fitted")
         if head.n_features_in_ != encoder.n_latents:
-            raise ValueError(f"the head reads {head.n_features_in_} features, the encoder gives {encoder.n_latents}")
-        p = cls(C=head.C, penalty=head.penalty, l1_ratio=head.l1_ratio, class_weight=head.class_weight, k=k,
-                pooling=Pooling.parse(pooling).params(), hook=hook, sae_ref=sae_ref, **encoder.config())  # fmt: skip
+            raise ValueError(
+                f"the head reads {head.n_features_in_} features, the encoder gives {encoder.n_latents}"
+            )
+        p = cls(
+            C=head.C,
+            penalty=head.penalty,
+            l1_ratio=head.l1_ratio,
+            class_weight=head.class_weight,
+            k=k,
+            pooling=Pooling.parse(pooling).params(),
+            hook=hook,
+            sae_ref=sae_ref,
+            **encoder.config(),
+        )
         p.encoder_, p.head_ = encoder, head
         p.n_features_in_ = encoder.n_latents
         return p
@@ -144,8 +160,9 @@ class SAEFeatureProbe(Probe):
         assert self.encoder_ is not None
         if X.shape[1] != self.encoder_.n_latents:
             raise ValueError(f"X has {X.shape[1]} latents, the encoder gives {self.encoder_.n_latents}")
-        self.head_ = LogisticProbe(C=self.C, penalty=self.penalty, l1_ratio=self.l1_ratio,
-                                   class_weight=self.class_weight).fit(X, y, sample_weight)  # fmt: skip
+        self.head_ = LogisticProbe(
+            C=self.C, penalty=self.penalty, l1_ratio=self.l1_ratio, class_weight=self.class_weight
+        ).fit(X, y, sample_weight)
 
     def _decision_function(self, X: Tensor) -> Float[Tensor, " n"]:
         assert self.head_ is not None
@@ -211,7 +228,9 @@ class SAEFeatureProbe(Probe):
         self.encoder_ = LatentEncoder.from_state(
             {"activation": self.activation, "topk": self.topk, "d_sae": self.d_sae}, state, "encoder."
         )
-        head = LogisticProbe(C=self.C, penalty=self.penalty, l1_ratio=self.l1_ratio, class_weight=self.class_weight)
+        head = LogisticProbe(
+            C=self.C, penalty=self.penalty, l1_ratio=self.l1_ratio, class_weight=self.class_weight
+        )
         head.load_state_dict({k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")})
         self.head_ = head
         self.n_features_in_ = head.n_features_in_
@@ -268,7 +287,8 @@ def fit_heads(
     out: dict[int | None, tuple[Tensor, Any]] = {}
     for k in ks:
         sel = select_latents(Z_train, yt, k)
-        path = fit_logistic_batched(Z_train[:, sel][None], yt, Cs, penalty=penalty, class_weight=class_weight,
-                                    warn=False)  # fmt: skip
+        path = fit_logistic_batched(
+            Z_train[:, sel][None], yt, Cs, penalty=penalty, class_weight=class_weight, warn=False
+        )
         out[k] = (sel, path)
     return out

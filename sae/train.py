@@ -150,7 +150,12 @@ def store_batches(
 # ---------------------------------------------------------------------------------------------- training
 def make_training_sae(d_in: int, cfg: SAETrainConfig, *, hook: str = "", model_id: str = "") -> Any:
     """A fresh sae-lens training SAE (``StandardTrainingSAE`` or ``TopKTrainingSAE``), seeded."""
-    from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens import (
+        StandardTrainingSAE,
+        StandardTrainingSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
     from sae_lens.saes.sae import SAEMetadata
 
     d_sae = int(cfg.expansion_factor * d_in)
@@ -229,8 +234,14 @@ def train_sae(
         n_batches_for_norm_estimate=max(1, min(50, 16384 // cfg.batch_size)),
         logger=LoggingConfig(log_to_wandb=False),
     )
-    data = store_batches(st, hook, cfg.batch_size, buffer_rows=max(cfg.buffer_rows, cfg.batch_size),
-                         select=cfg.select, seed=cfg.seed)  # fmt: skip
+    data = store_batches(
+        st,
+        hook,
+        cfg.batch_size,
+        buffer_rows=max(cfg.buffer_rows, cfg.batch_size),
+        select=cfg.select,
+        seed=cfg.seed,
+    )
     trainer = SAETrainer(cfg=tcfg, sae=sae_t, data_provider=data)
     t0 = time.perf_counter()
     import contextlib
@@ -340,8 +351,8 @@ def reconstruction_metrics(
 def ce_loss_metrics(
     model: Any, sae: Any, store: ActivationStore, hook: str, *, n_sequences: int = 16
 ) -> dict[str, float]:
-    """Next-token cross-entropy of ``model`` on ``n_sequences`` of the store's sequences: clean, with the SAE's
-    reconstruction spliced in at ``hook``, and with ``hook`` zero-ablated; ``ce_loss_recovered`` is
+    """Next-token cross-entropy of ``model`` on ``n_sequences`` of the store's sequences: clean, with the
+    SAE's reconstruction spliced in at ``hook``, and with ``hook`` zero-ablated; ``ce_loss_recovered`` is
     ``(zero - spliced) / (zero - clean)``.
 
     Only the positions the store holds (the positions the SAE was trained on) are replaced; the loss is the
@@ -357,7 +368,9 @@ def ce_loss_metrics(
     totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
     count = 0
     for i in np.linspace(0, store.n_sequences - 1, n).astype(int):
-        toks = torch.as_tensor(np.asarray(full_tok[full_off[i] : full_off[i + 1]], dtype=np.int64), device=dev)
+        toks = torch.as_tensor(
+            np.asarray(full_tok[full_off[i] : full_off[i + 1]], dtype=np.int64), device=dev
+        )
         if len(toks) < 2:
             continue
         where = torch.as_tensor(np.asarray(pos[off[i] : off[i + 1]], dtype=np.int64), device=dev)

@@ -75,7 +75,9 @@ def latent_table(
         pos = list(latents) if latents is not None else list(range(min(n_latents, enc.n_latents)))
         weights = [float("nan")] * len(pos)
     else:
-        raise TypeError(f"expected an SAEFeatureProbe or a LatentEncoder, got {type(probe_or_encoder).__name__}")
+        raise TypeError(
+            f"expected an SAEFeatureProbe or a LatentEncoder, got {type(probe_or_encoder).__name__}"
+        )
     if not h:
         raise ValueError("give the hook the latents read")
     sub = enc.subset(pos)
@@ -97,7 +99,7 @@ def latent_table(
     tokens, all_off = np.asarray(store.tokens), np.asarray(store.offsets)
     labels, exs = np.asarray(store.labels), store.examples()
     out = []
-    for j, p in enumerate(pos):
+    for j in range(len(pos)):
         order = np.argsort(-best[:, j], kind="stable")[:n_examples]
         top_lab = labels[order] >= 0.5
         for r, s in enumerate(order):
@@ -138,9 +140,12 @@ def latent_figure(table: pd.DataFrame, title: str = "What the SAE probe reads") 
     for lat in lats:
         t = table[table.latent == lat]
         titles.append(
-            f"latent {lat} (weight {t.weight.iloc[0]:+.3g}, {100 * t.frac_harmful_top.iloc[0]:.0f}% harmful in top)"
+            f"latent {lat} (weight {t.weight.iloc[0]:+.3g}, "
+            f"{100 * t.frac_harmful_top.iloc[0]:.0f}% harmful in top)"
         )
-    fig = make_subplots(rows=len(lats), cols=1, subplot_titles=titles, vertical_spacing=0.4 / max(len(lats), 1))
+    fig = make_subplots(
+        rows=len(lats), cols=1, subplot_titles=titles, vertical_spacing=0.4 / max(len(lats), 1)
+    )
     for i, lat in enumerate(lats, start=1):
         t = table[table.latent == lat].sort_values("example_rank", ascending=False)
         fig.add_trace(
@@ -149,7 +154,10 @@ def latent_figure(table: pd.DataFrame, title: str = "What the SAE probe reads") 
                 y=[f"#{r} {tok!r}" for r, tok in zip(t.example_rank, t.token, strict=True)],
                 orientation="h",
                 marker_color=["#d62728" if lab >= 0.5 else "#1f77b4" for lab in t.label],
-                hovertext=[f"{eid} (label {lab:g})<br>{c}" for eid, lab, c in zip(t.example_id, t.label, t.context, strict=True)],
+                hovertext=[
+                    f"{eid} (label {lab:g})<br>{c}"
+                    for eid, lab, c in zip(t.example_id, t.label, t.context, strict=True)
+                ],
                 hoverinfo="text+x",
                 showlegend=False,
             ),

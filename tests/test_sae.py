@@ -89,7 +89,7 @@ def test_k1_probe_finds_the_planted_latent(trained, store, planted_model) -> Non
     sae, _, _ = trained
     _, direction = planted_model
     Z = pooled_latents(store, HOOK, sae, "max")
-    y = torch.as_tensor(np.asarray(store.labels))
+    y = torch.as_tensor(np.array(store.labels))
     sel = select_latents(Z, y, 1)
     lat = int(sel[0])
     assert auroc((y >= 0.5).int().numpy(), Z[:, lat].numpy()) > 0.99
@@ -128,12 +128,16 @@ def test_round_trip_through_sae_lens_format(trained, store, tmp_path) -> None:
 def test_probe_save_load_round_trip(trained, store, tmp_path) -> None:
     sae, _, folder = trained
     Z = pooled_latents(store, HOOK, sae, "mean")
-    y = torch.as_tensor(np.asarray(store.labels))
+    y = torch.as_tensor(np.array(store.labels))
     sel = select_latents(Z, y, 8)
     probe = SAEFeatureProbe.build(
-        LatentEncoder.from_sae(sae, sel), LogisticProbe(C=0.1).fit(Z[:, sel], y), k=8, pooling="mean",
-        hook=HOOK, sae_ref=str(folder),
-    )  # fmt: skip
+        LatentEncoder.from_sae(sae, sel),
+        LogisticProbe(C=0.1).fit(Z[:, sel], y),
+        k=8,
+        pooling="mean",
+        hook=HOOK,
+        sae_ref=str(folder),
+    )
     probe.save(tmp_path / "p")
     back = load_probe(tmp_path / "p")
     assert isinstance(back, SAEFeatureProbe) and back.get_config() == probe.get_config()
@@ -146,7 +150,9 @@ def test_hook_mismatch_is_a_clear_error(trained, store, tmp_path) -> None:
     from sae_lens import StandardSAE, StandardSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
-    local = StandardSAE(StandardSAEConfig(d_in=32, d_sae=64, metadata=SAEMetadata(hook_name="blocks.0.hook_resid_post")))
+    local = StandardSAE(
+        StandardSAEConfig(d_in=32, d_sae=64, metadata=SAEMetadata(hook_name="blocks.0.hook_resid_post"))
+    )
     with pytest.raises(SAEHookMismatchError, match=r"blocks\.0\.hook_resid_post.*blocks\.1\.hook_resid_post"):
         check_hook(local, HOOK)
     check_hook(local, "blocks.0.hook_resid_post")
@@ -156,7 +162,7 @@ def test_hook_mismatch_is_a_clear_error(trained, store, tmp_path) -> None:
     save_sae(local, tmp_path / "local")
     with pytest.raises(SAEHookMismatchError, match="trained on hook"):
         load_sae(tmp_path / "local", hook=HOOK)
-    with pytest.raises(SAELoadError, match="no cfg.json"):
+    with pytest.raises(SAELoadError, match=r"no cfg\.json"):
         load_sae(tmp_path / "nothing")
 
 
@@ -177,7 +183,9 @@ def test_sparse_encoding_matches_dense(trained, store, tmp_path) -> None:
     assert again.n_rows == sp.n_rows == store.manifest["n_scored"]
     x = torch.from_numpy(np.asarray(store.activations(HOOK)[:40], dtype=np.float32))
     torch.testing.assert_close(again.dense(0, 40), sae.encode(x).detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(again.pooled("max"), pooled_latents(store, HOOK, sae, "max"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        again.pooled("max"), pooled_latents(store, HOOK, sae, "max"), rtol=1e-5, atol=1e-6
+    )
     col = again.column(5)
     np.testing.assert_allclose(col[:40], sae.encode(x)[:, 5].detach().numpy(), rtol=1e-5, atol=1e-6)
     top = encode_store(store, HOOK, sae, tmp_path / "top2", top_k=2)
@@ -202,10 +210,15 @@ def test_latent_view(trained, store, planted_model) -> None:
     sae, _, _ = trained
     m, _ = planted_model
     Z = pooled_latents(store, HOOK, sae, "max")
-    y = torch.as_tensor(np.asarray(store.labels))
+    y = torch.as_tensor(np.array(store.labels))
     sel = select_latents(Z, y, 4)
-    probe = SAEFeatureProbe.build(LatentEncoder.from_sae(sae, sel), LogisticProbe(C=1.0).fit(Z[:, sel], y), k=4,
-                                  pooling="max", hook=HOOK)  # fmt: skip
+    probe = SAEFeatureProbe.build(
+        LatentEncoder.from_sae(sae, sel),
+        LogisticProbe(C=1.0).fit(Z[:, sel], y),
+        k=4,
+        pooling="max",
+        hook=HOOK,
+    )
     table = latent_table(probe, store, m.tokenizer, latents=[0], n_examples=6)
     assert len(table) == 6 and table.latent.iloc[0] == int(sel[0])
     # the top latent fires on the planted trigger words, in harmful prompts
