@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal, cast
 
 import typer
 from rich.console import Console
@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
 
         try:
             cfg = SAETrainConfig(
-                architecture=architecture,
+                architecture=cast(Literal["standard", "topk"], architecture),
                 expansion_factor=expansion_factor,  # type: ignore[arg-type]
                 l1_coefficient=l1_coefficient,
                 k=k,

@@ -34,7 +34,7 @@ from activations.store import ActivationStore
 from experiments.registry import register_kind
 from experiments.run import RunGroup, SweepContext, evaluate_scores, make_rows, select_best
 from experiments.spec import DatasetSpec, SpecError
-from sae.features import LatentEncoder, pooled_latents
+from sae.features import LatentEncoder, pooled_latents_multi
 from sae.load import SAEHookMismatchError, SAELoadError, check_hook, load_sae
 from sae.probe import SAEFeatureProbe, fit_heads, sae_probe_cost
 from sae.train import SAETrainConfig, SAETrainError, ce_loss_metrics, reconstruction_metrics, train_sae_cached
@@ -165,7 +165,7 @@ def _latents(
     if key not in cache:
         enc = LatentEncoder.from_sae(sae)
         pools = ctx.spec.pooling_objs()
-        Z = {role: pooled_latents(ctx.stores[role], hook, enc, pools) for role in ctx.roles}
+        Z = {role: pooled_latents_multi(ctx.stores[role], hook, enc, pools) for role in ctx.roles}
         cache[key] = (enc, Z)
     return cache[key]
 

@@ -64,6 +64,9 @@ def score_dataset(
             use_chat_template=meta.get("chat_template"),
             progress=progress,
         )
+        score_store = getattr(probe, "score_store", None)
+        if callable(score_store):  # probes that read tokens themselves (SAE-feature, per-token probes)
+            return np.asarray(score_store(store, hook_names[0])), meta
         feats = [store.pooled(h, pooling) for h in hook_names]
     X = torch.stack(feats, 1) if probe.input_ndim == 3 else feats[0]
     return probe.decision_function(X).numpy(), meta

@@ -37,6 +37,18 @@ PROBE_REGISTRY: dict[str, type[Probe]] = {}
 P = TypeVar("P", bound="type[Probe]")
 
 
+#: modules whose import registers probe families (searched in order by :func:`get_probe_class`)
+PROBE_MODULES: list[str] = [
+    "probes.linear",
+    "probes.token",
+    "sae.probe",
+    "probes.finetune",
+    "probes.ensemble",
+    "probes.cascade",
+    "probes.baselines",
+]
+
+
 def register_probe(cls: P) -> P:
     """Class decorator: register a probe family under its ``kind`` (must be unique)."""
     kind = getattr(cls, "kind", None)
@@ -50,9 +62,16 @@ def register_probe(cls: P) -> P:
 
 
 def get_probe_class(kind: str) -> type[Probe]:
-    """The registered class for ``kind`` (importing the built-in families first)."""
+    """The registered class for ``kind`` (importing the built-in and plug-in families first)."""
     if kind not in PROBE_REGISTRY:
-        import probes.linear  # noqa: F401  (registers the built-in families)
+        import importlib
+        import importlib.util
+
+        for module in PROBE_MODULES:
+            if kind in PROBE_REGISTRY:
+                break
+            if importlib.util.find_spec(module.split(".")[0]) and importlib.util.find_spec(module):
+                importlib.import_module(module)  # registers its families
     try:
         return PROBE_REGISTRY[kind]
     except KeyError:

@@ -34,6 +34,7 @@ __all__ = [
     "encode_store",
     "iter_encoded",
     "pooled_latents",
+    "pooled_latents_multi",
 ]
 
 ACTIVATIONS = ("relu", "jumprelu", "topk")
@@ -259,30 +260,47 @@ def iter_encoded(
             yield lo, hi, off[lo : hi + 1] - off[lo], enc(x)
 
 
-def pooled_latents(
+def pooled_latents_multi(
     store: ActivationStore,
     hook: str,
     sae_or_encoder: Any,
-    pooling: Pooling | str | Sequence[Pooling | str],
+    poolings: Sequence[Pooling | str],
     *,
     latents: Sequence[int] | Tensor | None = None,
     select: str = "scored",
     chunk_tokens: int = 8192,
-) -> Float[Tensor, "n k"] | dict[str, Float[Tensor, "n k"]]:
-    """Per-sequence pooled SAE latents ``[n_seq, k]`` (float32); a list of poolings gives ``{name: tensor}``.
-
-    Each token's latents are computed first and pooled over the sequence's ``select`` rows (pool the
-    latents, as the raw probes pool activations), chunk by chunk of whole sequences.
-    """
-    many = isinstance(pooling, list | tuple)
-    pools = [Pooling.parse(p) for p in (pooling if many else [pooling])]  # type: ignore[union-attr]
+) -> dict[str, Float[Tensor, "n k"]]:
+    """``{pooling name: [n_seq, k] pooled latents}`` for several poolings from one pass of the encoder."""
+    pools = [Pooling.parse(p) for p in poolings]
+    if not pools:
+        raise ValueError("give at least one pooling")
     enc = _encoder(sae_or_encoder, latents)
     outs: dict[str, list[Tensor]] = {p.name: [] for p in pools}
     for _lo, _hi, off, z in iter_encoded(store, hook, enc, select=select, chunk_tokens=chunk_tokens):
         for p in pools:
             outs[p.name].append(p.ragged(z, off))
-    res = {k: torch.cat(v) for k, v in outs.items()}
-    return res if many else res[pools[0].name]
+    return {k: torch.cat(v) for k, v in outs.items()}
+
+
+def pooled_latents(
+    store: ActivationStore,
+    hook: str,
+    sae_or_encoder: Any,
+    pooling: Pooling | str,
+    *,
+    latents: Sequence[int] | Tensor | None = None,
+    select: str = "scored",
+    chunk_tokens: int = 8192,
+) -> Float[Tensor, "n k"]:
+    """Per-sequence pooled SAE latents ``[n_seq, k]`` (float32).
+
+    Each token's latents are computed first and pooled over the sequence's ``select`` rows (pool the
+    latents, as the raw probes pool activations), chunk by chunk of whole sequences.
+    """
+    p = Pooling.parse(pooling)
+    return pooled_latents_multi(
+        store, hook, sae_or_encoder, [p], latents=latents, select=select, chunk_tokens=chunk_tokens
+    )[p.name]
 
 
 # ------------------------------------------------------------------------------------------ sparse on disk
@@ -371,8 +389,8 @@ class SparseLatents:
         counts = np.diff(self.indptr[lo : hi + 1])
         r = np.repeat(np.arange(hi - lo), counts)
         out = torch.zeros(hi - lo, self.n_latents)
-        out[torch.from_numpy(r), torch.from_numpy(np.asarray(self.indices[a:b], dtype=np.int64))] = (
-            torch.from_numpy(np.asarray(self.values[a:b], dtype=np.float32))
+        out[torch.from_numpy(r), torch.from_numpy(np.array(self.indices[a:b], dtype=np.int64))] = (
+            torch.from_numpy(np.array(self.values[a:b], dtype=np.float32))
         )
         return out
 

@@ -188,7 +188,6 @@ class SAEFeatureProbe(Probe):
             raise ValueError("give the hook: the probe does not record one")
         self._check_encoder()
         Z = pooled_latents(store, h, self.encoder_, self.pooling, select=select)
-        assert isinstance(Z, Tensor)
         return self.decision_function(Z)
 
     def flops_per_token(self) -> float:

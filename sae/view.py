@@ -71,7 +71,7 @@ def latent_table(
         pos = list(latents) if latents is not None else top_latents(probe_or_encoder, n_latents)
         weights = probe_or_encoder.coef[pos].tolist()
     elif isinstance(probe_or_encoder, LatentEncoder):
-        enc, h = probe_or_encoder, hook
+        enc, h = probe_or_encoder, hook or ""
         pos = list(latents) if latents is not None else list(range(min(n_latents, enc.n_latents)))
         weights = [float("nan")] * len(pos)
     else:
