@@ -33,7 +33,9 @@ def register(app: typer.Typer) -> None:
             list[Path] | None,
             typer.Option("--best-of", help="a sweep folder: add its best probe per pooling (by val AUROC)"),
         ] = None,
-        transforms: Annotated[str, typer.Option("--transforms", help="all | a,b,c (a+b composes)")] = "all",
+        transforms: Annotated[
+            str, typer.Option("--transforms", help="all | none | a,b,c (a+b composes)")
+        ] = "all",
         n: Annotated[
             int | None, typer.Option("--n", help="at most N harmful, N harmless and N contrast prompts")
         ] = None,

@@ -203,21 +203,24 @@ def best_probes(
     for _, g in df.groupby(per, sort=True):
         best = g.sort_values(keys, ascending=False, na_position="last", kind="stable").iloc[0]
         path = Path(str(best["probe_path"]))
-        if not path.is_absolute() and not path.exists():
-            path = Path(sweep_dir).parent / path if (Path(sweep_dir).parent / path).exists() else path
+        if not path.exists() and (Path(sweep_dir) / "probes" / path.name).exists():
+            path = Path(sweep_dir) / "probes" / path.name  # the sweep folder was moved or run elsewhere
         out.append(path)
     return out
 
 
 # ---------------------------------------------------------------------------------------------- data
 def parse_transforms(spec: str | Sequence[str]) -> list[str]:
-    """``all`` (every registered transform, sorted), ``a,b`` or a list; ``a+b`` composes."""
+    """``all`` (every registered transform, sorted), ``none`` (clean and contrast rows only), ``a,b`` or a
+    list; ``a+b`` composes."""
     names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s) for s in spec]
     names = [n for n in names if n]
     if names == ["all"]:
         return sorted(TRANSFORMS)
+    if names == ["none"]:
+        return []
     if not names:
-        raise RobustnessError("no transforms given (use 'all' or a comma list)")
+        raise RobustnessError("no transforms given (use 'all', 'none' or a comma list)")
     for n in names:
         try:
             get_transform(n)

@@ -383,8 +383,12 @@ def prepare(
     model_loader: Callable[[str], HookedTransformer] | None = None,
     store_root: Path | None = None,
     progress: bool = True,
+    collect_fn: Callable[..., ActivationStore] | None = None,
 ) -> SweepContext:
-    """Check the folder, load data, collect missing stores; everything a sweep needs before fitting."""
+    """Check the folder, load data, collect missing stores; everything a sweep needs before fitting.
+
+    ``collect_fn`` replaces :func:`activations.collect.collect` (same signature), e.g. the Ray backend's
+    sharded collection."""
     check_sweep_dir(out, spec)
     data = load_sweep_data(spec, base)
     if model is None:
@@ -413,7 +417,7 @@ def prepare(
             chat_template=bool(getattr(model.tokenizer, "chat_template", None)),
         )
         path = default_store_dir(store_root, key)
-        stores[role] = collect(
+        stores[role] = (collect_fn or collect)(
             model,
             ds,
             path,
@@ -444,6 +448,14 @@ def run_sweep(
 ) -> pd.DataFrame:
     """Run (or resume) a sweep; returns the full results table."""
     out = Path(out)
+    if backend == "ray":  # Ray is imported only for this backend
+        from experiments.ray_backend import run_sweep_ray
+
+        return run_sweep_ray(
+            spec, out, base=base, model=model, store_root=store_root, progress=progress, address=address
+        )
+    if backend != "local":
+        raise SweepError(f"unknown backend {backend!r} (available: local, ray)")
     t_start = time.perf_counter()
     ctx = prepare(spec, out, base=base, model=model, store_root=store_root, progress=progress)
     runs = list(expand(spec, ctx.layers, ctx.data.key()))
@@ -454,8 +466,6 @@ def run_sweep(
     groups: dict[tuple[int, str, Pooling], list[Run]] = defaultdict(list)
     for r in todo:
         groups[(r.seed, r.hook_kind, r.pooling)].append(r)
-    if backend != "local":
-        raise SweepError(f"unknown backend {backend!r} (available: local)")
     from tqdm.auto import tqdm
 
     for (_seed, hook_kind, pooling), group in tqdm(

@@ -506,7 +506,7 @@ def test_plot_results_writes_every_figure(tmp_path: Path) -> None:
             *(
                 f"frontier_{m}_{c}_{e}.html"
                 for m in ("auroc", "tpr_at_1pct_fpr")
-                for c in ("flops_per_token", "overhead_pct")
+                for c in ("flops_per_token", "overhead_pct", "standalone_overhead_pct")
                 for e in ("jailbreaks", "test")
             ),
         ]
