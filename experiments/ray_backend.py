@@ -205,15 +205,16 @@ def collect_sharded(
     max_len: int | None = None,
     token_budget: int = 4096,
     max_batch: int = 128,
-    chunk_batches: int = 4,
+    chunk_batches: int | None = None,
     progress: bool = True,
     **_ignored: Any,
 ) -> ActivationStore:
     """:func:`activations.collect.collect` with the forward passes on Ray actors (same store, same bytes).
 
     The driver's ``model`` plans the store (tokenizer, fingerprint); the actors' models must have the same
-    fingerprint (checked). Batches not yet done go to the actors round-robin in chunks of ``chunk_batches``;
-    the driver marks each chunk done in the manifest as it is reported written.
+    fingerprint (checked). Batches not yet done go to the actors round-robin in chunks of ``chunk_batches``
+    (default: about two chunks per actor, at most 8 batches each); the driver marks each chunk done in the
+    manifest as it is reported written.
     """
     ray = _ray()
     if not actors:
@@ -252,6 +253,8 @@ def collect_sharded(
         store = ActivationStore.create(out, key, layout)
     done = set(store.manifest["done_batches"])
     todo = [b for b in range(int(store.manifest["n_batches"])) if b not in done]
+    if chunk_batches is None:
+        chunk_batches = max(1, min(8, len(todo) // (2 * len(actors))))
     chunks = [todo[i : i + chunk_batches] for i in range(0, len(todo), chunk_batches)]
     from tqdm.auto import tqdm
 

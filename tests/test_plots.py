@@ -515,7 +515,9 @@ def test_plot_results_writes_every_figure(tmp_path: Path) -> None:
 
 
 def test_plot_results_skips_what_the_table_cannot_show(tmp_path: Path) -> None:
-    df = _fake_results(probes=(), eval_sets=("test",)).drop(columns=["tpr_at_1pct_fpr", "overhead_pct"])
+    df = _fake_results(probes=(), eval_sets=("test",)).drop(
+        columns=["tpr_at_1pct_fpr", "overhead_pct", "standalone_overhead_pct"], errors="ignore"
+    )
     paths = plots.plot_results(df, tmp_path, png=False)
     assert sorted(p.name for p in paths) == ["frontier_auroc_flops_per_token_test.html"]
     with pytest.raises(ValueError, match="empty"):
