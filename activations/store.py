@@ -284,6 +284,16 @@ class ActivationStore:
     def batch_of(self) -> np.ndarray:
         return self._load("batch_of")
 
+    @property
+    def full_offsets(self) -> np.ndarray:
+        """Offsets over the model's whole input of each sequence (every rendered token)."""
+        return self._load("full_offsets")
+
+    @property
+    def full_tokens(self) -> np.ndarray:
+        """The model's whole input (every rendered token, system prompt included), by ``full_offsets``."""
+        return self._load("full_tokens")
+
     def examples(self) -> list[dict[str, Any]]:
         with (self.path / "examples.jsonl").open(encoding="utf-8") as f:
             return [json.loads(line) for line in f]

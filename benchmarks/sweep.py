@@ -72,8 +72,6 @@ def main() -> None:
         f"(layers × poolings), d={X.shape[2]}, {len(CS)} C values; "
         f"pooling took {time.perf_counter() - t0:.1f}s"
     )
-    res = compare_with_sklearn(X[:, tr], y[tr], X[:, ~tr], y[~tr], CS, sklearn_p=args.sklearn_problems)
-    speedup, max_diff = res["speedup_vs_sklearn"], res["max_auroc_diff"]
 
     # probe scoring vs the forward pass, per token
     rows = torch.from_numpy(
@@ -92,6 +90,11 @@ def main() -> None:
         t0 = time.perf_counter()
         model(toks)
         t_fwd = (time.perf_counter() - t0) / toks.numel()
+    res = compare_with_sklearn(X[:, tr], y[tr], X[:, ~tr], y[~tr], CS, sklearn_p=args.sklearn_problems)
+    (Path(args.cache) / "last_compare.json").write_text(
+        json.dumps({k: v for k, v in res.items() if not isinstance(v, list)})
+    )
+    speedup, max_diff = res["speedup_vs_sklearn"], res["max_auroc_diff"]
     cost = CostModel.from_config(model.cfg, context_len=64)
     flop_ratio = cost.linear_probe_flops() / cost.full_forward_flops_per_token()
     print(

@@ -47,6 +47,10 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         split: Annotated[str | None, typer.Option("--split", help="use only this split of --data")] = None,
+        n_control: Annotated[
+            int | None,
+            typer.Option("--n-control", help="clean harmless prompts that fix the threshold (default: --n)"),
+        ] = None,
         fpr: Annotated[float, typer.Option("--fpr", help="target FPR on clean harmless prompts")] = 0.01,
         png: Annotated[bool, typer.Option("--png/--no-png", help="also write PNG figures")] = True,
     ) -> None:
@@ -69,6 +73,7 @@ def register(app: typer.Typer) -> None:
                 seed=seed,
                 contrast=contrast,
                 split=split,
+                n_control=n_control,
                 fpr=fpr,
                 png=png,
             )

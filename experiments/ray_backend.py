@@ -95,7 +95,7 @@ def _cached_model(factory: ModelFactory) -> HookedTransformer:
 
 
 def default_model_factory(name: str, device: str | None = None) -> ModelFactory:
-    """A picklable ``() -> HookedTransformer`` that loads ``name`` with :func:`activations.models.load_model`."""
+    """A picklable ``() -> HookedTransformer``: :func:`activations.models.load_model` of ``name``."""
     from activations.models import load_model
 
     return functools.partial(load_model, name, device=device)
@@ -232,7 +232,9 @@ def collect_sharded(
     for i, afp in enumerate(ray.get([a.fingerprint.remote() for a in actors])):
         if afp != fp:
             bad = sorted(k for k in fp if afp.get(k) != fp[k])
-            raise RayBackendError(f"collector actor {i} holds another model than the driver (differs in {bad})")
+            raise RayBackendError(
+                f"collector actor {i} holds another model than the driver (differs in {bad})"
+            )
     key = StoreKey(
         **fp,
         dataset_name=dataset.name,

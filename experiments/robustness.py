@@ -23,7 +23,7 @@ import tempfile
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,10 @@ class LoadedProbe:
     meta: dict[str, Any]
     hook_names: tuple[str, ...]
     pooling: Pooling
+
+    @property
+    def sweep(self) -> str:
+        return str(self.meta.get("sweep") or "")
 
     @property
     def model_ref(self) -> str:
@@ -173,6 +177,9 @@ def load_probes(paths: Sequence[str | Path]) -> list[LoadedProbe]:
     if not paths:
         raise RobustnessError("give at least one probe folder")
     probes = [load_probe_for_eval(p) for p in paths]
+    if len({lp.sweep for lp in probes}) > 1:  # probes of several sweeps: say which sweep each comes from
+        for lp in probes:
+            lp.name = f"{lp.sweep}: {lp.name}" if lp.sweep else lp.name
     counts: dict[str, int] = defaultdict(int)
     for lp in probes:
         counts[lp.name] += 1
@@ -288,19 +295,33 @@ class EvalData:
     """The three clean sets of a robustness evaluation."""
 
     harmful: PromptDataset
-    harmless: PromptDataset
+    harmless: PromptDataset  # clean harmless prompts that fix the threshold
     contrast: PromptDataset | None = None
-    notes: list[str] = field(default_factory=list)
+    harmless_transform: PromptDataset | None = None  # the harmless prompts to transform (default: harmless)
+
+    @property
+    def to_transform(self) -> PromptDataset:
+        return self.harmless if self.harmless_transform is None else self.harmless_transform
 
 
 def prepare_data(
-    data: PromptDataset, *, n: int | None = None, seed: int = 0, contrast: PromptDataset | None = None
+    data: PromptDataset,
+    *,
+    n: int | None = None,
+    seed: int = 0,
+    contrast: PromptDataset | None = None,
+    n_control: int | None = None,
 ) -> EvalData:
-    """Split ``data`` into harmful, harmless (not contrast) and contrast prompts; subsample each to ``n``."""
+    """Split ``data`` into harmful, harmless (not contrast) and contrast prompts; subsample each to ``n``.
+
+    ``n_control``: how many clean harmless prompts fix the threshold (default ``n``); the harmless prompts
+    that get transformed are ``n`` of them. A larger control set resolves a 1% FPR (``n_control`` ≥ 100).
+    """
     if len(data) == 0:
         raise RobustnessError(f"data {data.name!r} is empty")
-    if n is not None and n < 1:
-        raise RobustnessError(f"n must be at least 1, got {n}")
+    for what, v in (("n", n), ("n_control", n_control)):
+        if v is not None and v < 1:
+            raise RobustnessError(f"{what} must be at least 1, got {v}")
     harmful = data.where(lambda e: e.label >= 0.5, name="harmful")
     harmless = data.where(lambda e: e.label < 0.5 and e.kind != "contrast", name="harmless")
     look = data.where(lambda e: e.label < 0.5 and e.kind == "contrast", name="contrast")
@@ -321,10 +342,13 @@ def prepare_data(
     seen = {e.id for e in harmless}
     look = look.where(lambda e: e.id not in seen)
 
-    def sub(ds: PromptDataset) -> PromptDataset:
-        return ds if n is None else PromptDataset(ds.subsample(n, seed=seed, stratify=False), name=ds.name)
+    def sub(ds: PromptDataset, k: int | None = n) -> PromptDataset:
+        return ds if k is None else PromptDataset(ds.subsample(k, seed=seed, stratify=False), name=ds.name)
 
-    return EvalData(sub(harmful), sub(harmless), sub(look) if len(look) else None)
+    if n_control is None or n_control == n:
+        return EvalData(sub(harmful), sub(harmless), sub(look) if len(look) else None)
+    control = sub(harmless, n_control)
+    return EvalData(sub(harmful), control, sub(look) if len(look) else None, sub(control))
 
 
 def transformed(ds: PromptDataset, name: str, seed: int) -> PromptDataset:
@@ -414,6 +438,7 @@ def robustness_rows(
         "probe": lp.name,
         "probe_kind": lp.kind,
         "probe_path": str(lp.path),
+        "sweep": lp.sweep,
         "threshold": thr,
         "fpr_target": fpr,
         "threshold_limited_by_n": bool(info.limited_by_n),
@@ -460,6 +485,7 @@ def evaluate_robustness(
     n: int | None = None,
     seed: int = 0,
     contrast: PromptDataset | None = None,
+    n_control: int | None = None,
     fpr: float = 0.01,
     model: HookedTransformer | None = None,
     model_loader: Callable[[str], HookedTransformer] | None = None,
@@ -475,17 +501,18 @@ def evaluate_robustness(
         raise RobustnessError(f"fpr must be in (0, 1), got {fpr}")
     names = parse_transforms(transforms)
     probes = load_probes(probe_dirs)
-    ed = prepare_data(data, n=n, seed=seed, contrast=contrast)
+    ed = prepare_data(data, n=n, seed=seed, contrast=contrast, n_control=n_control)
     segments: dict[str, PromptDataset] = {"clean:harmful": ed.harmful, "clean:harmless": ed.harmless}
     if ed.contrast is not None:
         segments["contrast"] = ed.contrast
     for t in names:
         segments[f"{t}:harmful"] = transformed(ed.harmful, t, seed)
-        segments[f"{t}:harmless"] = transformed(ed.harmless, t, seed)
+        segments[f"{t}:harmless"] = transformed(ed.to_transform, t, seed)
     if progress:
         console.print(
             f"[bold]robustness[/]: {len(probes)} probe(s), {len(names)} transforms, "
-            f"{len(ed.harmful)} harmful / {len(ed.harmless)} harmless / "
+            f"{len(ed.harmful)} harmful / {len(ed.to_transform)} harmless "
+            f"(threshold on {len(ed.harmless)}) / "
             f"{len(ed.contrast) if ed.contrast is not None else 0} contrast prompts"
         )
     by_model: dict[str, list[LoadedProbe]] = defaultdict(list)
@@ -589,6 +616,7 @@ def run_robustness(
     seed: int = 0,
     contrast: str | Path | PromptDataset | None = None,
     split: str | None = None,
+    n_control: int | None = None,
     fpr: float = 0.01,
     model: HookedTransformer | None = None,
     progress: bool = True,
@@ -604,6 +632,7 @@ def run_robustness(
         n=n,
         seed=seed,
         contrast=cds,
+        n_control=n_control,
         fpr=fpr,
         model=model,
         progress=progress,

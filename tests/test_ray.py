@@ -15,9 +15,10 @@ from experiments.run import run_sweep
 from experiments.spec import parse_spec
 from tests.conftest import HARM_WORDS, planted_dataset
 
-pytestmark = pytest.mark.ray
-
 ray = pytest.importorskip("ray")
+
+# starting Ray and its worker processes takes seconds: these are slow tests, run in CI with the ray marker
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def tiny_factory():
@@ -99,7 +100,7 @@ def test_ray_sweep_equals_local_sweep(tmp_path, tiny_model, ray_local) -> None:
     assert max(ActivationStore.open(p).manifest["n_batches"] for p in rs.values()) > 2
     for name in ls:
         a, b = ActivationStore.open(ls[name]), ActivationStore.open(rs[name])
-        assert b.manifest["collect_actors"] == 2 and b.manifest["n_batches"] >= 2
+        assert b.manifest["collect_actors"] == 2
         assert sorted(b.manifest["done_batches"]) == list(range(b.manifest["n_batches"]))
         np.testing.assert_array_equal(a.offsets, b.offsets)
         for h in a.hooks:
@@ -107,7 +108,9 @@ def test_ray_sweep_equals_local_sweep(tmp_path, tiny_model, ray_local) -> None:
                 a.activations(h).astype(np.float32), b.activations(h).astype(np.float32), atol=2e-3
             )
     # the saved probes of the Ray run exist (written by the tasks, on the shared filesystem)
-    assert all((tmp_path / "ray" / "probes" / r).is_dir() for r in remote.loc[remote.probe_path != "", "run_id"])
+    assert all(
+        (tmp_path / "ray" / "probes" / r).is_dir() for r in remote.loc[remote.probe_path != "", "run_id"]
+    )
 
     # run_sweep(backend="ray") dispatches to Ray; with complete stores it needs no collector actors
     again = run_sweep(
@@ -121,14 +124,24 @@ def test_ray_sweep_equals_local_sweep(tmp_path, tiny_model, ray_local) -> None:
     )
     pd.testing.assert_frame_equal(_comparable(local), _comparable(again), check_exact=False, rtol=1e-6)
     # a rerun of a finished sweep fits nothing and keeps the table
-    assert len(run_sweep(spec, tmp_path / "ray2", base=tmp_path, model=tiny_model, backend="ray")) == len(again)
+    rerun = run_sweep(
+        spec, tmp_path / "ray2", base=tmp_path, model=tiny_model, store_root=tmp_path / "ray" / "stores",
+        backend="ray", progress=False,
+    )  # fmt: skip
+    assert len(rerun) == len(again)
 
 
 def test_sharded_collection_resumes_a_killed_local_one(tmp_path, tiny_model, ray_local) -> None:
     from experiments.ray_backend import collect_sharded, start_collectors
 
     ds = planted_dataset(n=48, seed=3)
-    kw = {"hooks": ["resid_post"], "layers": "all", "positions": "auto", "token_budget": 128, "progress": False}
+    kw = {
+        "hooks": ["resid_post"],
+        "layers": "all",
+        "positions": "auto",
+        "token_budget": 128,
+        "progress": False,
+    }
     full = collect(tiny_model, ds, tmp_path / "full", **kw)
     with pytest.raises(_Interrupted):
         collect(tiny_model, ds, tmp_path / "part", _stop_after_batches=2, **kw)
@@ -159,6 +172,7 @@ def test_collector_with_another_model_is_refused(tmp_path, tiny_model, ray_local
 
 
 def test_local_backend_does_not_import_ray() -> None:
+    """--backend local (the default) works where Ray is not installed."""
     code = (
         "import sys; sys.modules['ray'] = None\n"  # an import of ray would fail
         "import experiments.run, experiments.cli\n"

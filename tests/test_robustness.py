@@ -151,6 +151,10 @@ def test_bad_input_errors(sweep_dir, tiny_model, tmp_path) -> None:
     harmful = data.where(lambda e: e.label >= 0.5, name="harmful")
     with pytest.raises(RobustnessError, match="no harmless"):
         prepare_data(harmful)
+    # the threshold set can be larger than the set of harmless prompts that get transformed
+    ed = prepare_data(planted_dataset(n=40, seed=2), n=5, n_control=15)
+    assert (len(ed.harmful), len(ed.harmless), len(ed.to_transform)) == (5, 15, 5)
+    assert {e.id for e in ed.to_transform} <= {e.id for e in ed.harmless}
     with pytest.raises(RobustnessError, match="unknown transform 'nope'"):
         parse_transforms("rot13,nope")
     assert parse_transforms("all")[0] == "atbash" and len(parse_transforms("all")) == 13

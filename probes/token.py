@@ -1,0 +1,779 @@
+"""Per-token probes: a probe applied to every scored token, trained *through* an aggregation of its per-token
+outputs, on ragged per-token activations (an :class:`~activations.store.ActivationStore`'s rows + offsets).
+
+Families (``kind`` in :data:`probes.base.PROBE_REGISTRY`):
+
+* :class:`TokenProbe` (``token_linear``): a linear per-token logit ``l_t = w·x_t + b``, aggregated into one
+  sequence logit. ``train_pool`` is the aggregation the loss sees during training, ``read_pool`` the one
+  used at inference (and in the streaming monitor); both are :class:`~activations.pooling.Pooling` specs
+  (``mean``, ``max``, ``last``, ``ema<a>``, ``window<M>``, ``softmax<τ>``). Presets:
+
+  - **CC++** (``loss="softmax_weighted"``, ``train_pool=read_pool="window16"``): sliding-window means of the
+    per-token logits ``z_t = (1/M) Σ_{u=t-M+1..t} l_u`` (windows as in :class:`Pooling`: every full window,
+    or the whole sequence when it is shorter than ``M``), and the **softmax-weighted BCE**
+
+        L_i = Σ_t ω_t · BCE(y_i, σ(z_t)),    ω_t = softmax_t(z_t / τ) over the sequence's windows,
+        BCE(y, σ(z)) = softplus(z) − y·z,
+
+    averaged over sequences with class-balanced weights. The weights are *not* detached: the loss is a
+    smooth version of the BCE of the max window (τ → 0) that tends to the mean BCE over windows (τ → ∞).
+    For a harmful sequence the loss concentrates on the windows the probe already finds most harmful (the
+    harmful part need not cover the whole sequence); for a harmless one on its most harmful-looking
+    windows, which are the ones a max read-out would flag. ``weights_for="harmful"`` uses the softmax
+    weights only for harmful sequences and a uniform mean over windows for harmless ones. Inference reads
+    the max over windows (what a streaming monitor stops on).
+  - **Cost-effective CC** (``train_pool="mean"``, ``read_pool="ema0.5"``): the probe is trained on
+    mean-pooled activations (the mean of per-token logits of a linear probe is the logit of the mean
+    activation, so this *is* logistic regression on mean-pooled features) and read at inference by an EMA
+    of per-token logits (``e_t = a·l_t + (1-a)·e_{t-1}``) with a max read-out.
+  - McKenzie et al.'s poolings of per-token logits: ``max``, ``mean``, ``last``, ``window<M>`` (rolling mean
+    then max) and ``softmax<τ>``, trained and read with the same pooling.
+
+* :class:`AttentionProbe` (``token_attention``): ``H`` learned queries score every token
+  (``a_{h,t} = q_h·x_t``), each head reads ``Σ_t softmax_t(a_{h,t}) · (v_h·x_t)``; the logit is the sum over
+  heads plus a bias.
+* :class:`MultiMaxProbe` (``token_multimax``, Kramár et al.): ``H`` per-head linear scores
+  ``s_{h,t} = w_h·x_t + c_h``, a hard max over tokens per head, and a learned weighted sum
+  ``Σ_h u_h · max_t s_{h,t} + b``.
+
+Training (all families): inputs standardized with the training tokens' mean and standard deviation (folded
+into the saved weights), AdamW with decoupled weight decay, minibatches of whole sequences, class-balanced
+BCE (the CC++ loss for that preset), seeded initialization and shuffling: the same seed gives the same probe.
+
+Every probe also has a :meth:`~TokenProbeBase.streamer`: an exact causal (token-by-token) version of
+:meth:`~TokenProbeBase.decision_function` whose score after ``t`` tokens equals the offline score of those
+``t`` tokens (the streaming monitor in :mod:`probes.stream` uses it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Self
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import einsum
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from activations.pooling import Pooling, ragged_to_padded
+from probes.base import ArrayLike, Probe, as_tensor, check_sample_weight, check_y, register_probe
+
+__all__ = [
+    "AttentionProbe",
+    "MultiMaxProbe",
+    "Ragged",
+    "Streamer",
+    "TokenProbe",
+    "TokenProbeBase",
+    "ragged_from_store",
+    "softmax_weighted_bce",
+    "window_means",
+]
+
+WeightsFor = Literal["both", "harmful"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ragged inputs
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ragged:
+    """Per-token features of ``b`` sequences: sequence ``i`` is ``values[offsets[i]:offsets[i+1]]``."""
+
+    values: Float[Tensor, "n d"]
+    offsets: np.ndarray
+
+    def __post_init__(self) -> None:
+        v, off = self.values, np.asarray(self.offsets)
+        if not isinstance(v, Tensor) or v.ndim != 2:
+            raise ValueError(
+                f"Ragged.values must be a 2-D tensor [n_tokens, d], got {getattr(v, 'shape', v)}"
+            )
+        if off.ndim != 1 or len(off) < 2:
+            raise ValueError("Ragged.offsets must be 1-D with at least 2 entries (one sequence)")
+        if int(off[0]) != 0 or int(off[-1]) != v.shape[0]:
+            raise ValueError(
+                f"Ragged.offsets must run from 0 to n_tokens={v.shape[0]}, got {off[0]}..{off[-1]}"
+            )
+        lengths = np.diff(off)
+        if (lengths <= 0).any():
+            bad = int(np.nonzero(lengths <= 0)[0][0])
+            raise ValueError(f"Ragged: sequence {bad} has no tokens")
+        if not bool(torch.isfinite(v).all()):
+            row = int((~torch.isfinite(v)).any(1).nonzero()[0, 0])
+            raise ValueError(f"Ragged.values contains NaN or inf at token row {row}")
+
+    @classmethod
+    def of(cls, X: Ragged | tuple[Any, Any] | Sequence[ArrayLike]) -> Ragged:
+        """From a :class:`Ragged`, a ``(values, offsets)`` pair or a list of ``[s_i, d]`` sequences."""
+        if isinstance(X, Ragged):
+            return X
+        if (
+            isinstance(X, tuple)
+            and len(X) == 2
+            and np.asarray(X[1]).ndim == 1
+            and np.asarray(X[1]).dtype.kind in "iu"
+        ):
+            return cls(as_tensor(X[0]).to(torch.float32), np.asarray(X[1], dtype=np.int64))
+        if isinstance(X, (list, tuple)):
+            seqs = [as_tensor(s).to(torch.float32) for s in X]
+            if not seqs or any(s.ndim != 2 for s in seqs):
+                raise ValueError("a list of sequences must hold 2-D [tokens, d] arrays")
+            off = np.concatenate([[0], np.cumsum([s.shape[0] for s in seqs])]).astype(np.int64)
+            return cls(torch.cat(seqs), off)
+        raise ValueError(
+            f"per-token probes take Ragged, (values, offsets) or a list of [tokens, d] arrays, got {type(X)}"
+        )
+
+    @property
+    def n_sequences(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(np.asarray(self.offsets))
+
+    def sequence(self, i: int) -> Float[Tensor, "s d"]:
+        return self.values[int(self.offsets[i]) : int(self.offsets[i + 1])]
+
+    def subset(self, seqs: np.ndarray | Sequence[int]) -> Ragged:
+        idx = np.asarray(seqs, dtype=np.int64)
+        parts = [self.sequence(int(i)) for i in idx]
+        off = np.concatenate([[0], np.cumsum([p.shape[0] for p in parts])]).astype(np.int64)
+        return Ragged(torch.cat(parts), off)
+
+    def padded(self) -> tuple[Float[Tensor, "b s d"], Bool[Tensor, "b s"]]:
+        """Right-padded (left-aligned) copy and its mask."""
+        return ragged_to_padded(self.values, self.offsets)
+
+
+def ragged_from_store(
+    store: Any,
+    hooks: str | Sequence[str],
+    *,
+    select: str = "scored",
+    sequences: np.ndarray | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Ragged:
+    """The selected per-token rows of ``hooks`` (concatenated along features when several) as a Ragged."""
+    names = [hooks] if isinstance(hooks, str) else list(hooks)
+    if not names:
+        raise ValueError("ragged_from_store: give at least one hook")
+    rows, off = store.selection(select)
+    if sequences is not None:
+        seqs = np.asarray(sequences, dtype=np.int64)
+        all_rows = np.arange(int(off[-1])) if rows is None else rows
+        rows = np.concatenate([all_rows[off[s] : off[s + 1]] for s in seqs]) if len(seqs) else all_rows[:0]
+        off = np.concatenate([[0], np.cumsum(off[seqs + 1] - off[seqs])]).astype(np.int64)
+    parts = []
+    for h in names:
+        arr = store.activations(h)
+        block = np.asarray(arr if rows is None else arr[rows], dtype=np.float32)
+        parts.append(torch.from_numpy(block).to(dtype))
+    values = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return Ragged(values, np.asarray(off, dtype=np.int64))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the CC++ loss
+# ----------------------------------------------------------------------------------------------------------
+
+
+def window_means(
+    logits: Float[Tensor, "b s"], mask: Bool[Tensor, "b s"], window: int
+) -> tuple[Float[Tensor, "b s"], Bool[Tensor, "b s"]]:
+    """Sliding-window means of left-aligned per-token values and which windows count.
+
+    ``means[:, t]`` is the mean of the (up to ``window``) values ending at ``t``; a window counts when it is
+    full, or, for a sequence shorter than ``window``, when it spans the whole sequence (as in
+    :class:`~activations.pooling.Pooling`'s ``window`` kind, whose max over counted windows it reproduces).
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    s = logits.shape[1]
+    lengths = mask.sum(1)
+    x = torch.where(mask, logits, torch.zeros((), dtype=logits.dtype))
+    c = torch.cat([torch.zeros_like(x[:, :1]), torch.cumsum(x, 1)], 1)
+    t = torch.arange(s, device=logits.device)
+    start = (t - window + 1).clamp(min=0)
+    means = (c[:, t + 1] - c[:, start]) / (t - start + 1).to(logits.dtype)
+    need = torch.minimum(lengths, torch.full_like(lengths, window))
+    valid = (t[None, :] < lengths[:, None]) & (t[None, :] + 1 >= need[:, None])
+    return means, valid
+
+
+def softmax_weighted_bce(
+    z: Float[Tensor, "b s"],
+    valid: Bool[Tensor, "b s"],
+    y: Float[Tensor, " b"],
+    tau: float = 1.0,
+    sample_weight: Float[Tensor, " b"] | None = None,
+    weights_for: WeightsFor = "both",
+) -> Float[Tensor, ""]:
+    """CC++'s softmax-weighted BCE over positions (see the module docstring for the formula).
+
+    ``z``: per-position logits (window means), ``valid``: which positions count, ``y``: sequence labels in
+    [0, 1]. Returns the (sample-weighted) mean over sequences of ``Σ_t softmax_t(z_t/τ)·BCE(y, σ(z_t))``.
+    """
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    if not bool(valid.any(1).all()):
+        raise ValueError("every sequence needs at least one valid position")
+    neg_inf = torch.tensor(-math.inf, dtype=z.dtype, device=z.device)
+    w = torch.softmax(torch.where(valid, z / tau, neg_inf), dim=1)
+    if weights_for == "harmful":
+        uniform = valid.to(z.dtype) / valid.sum(1, keepdim=True).to(z.dtype)
+        w = torch.where((y >= 0.5)[:, None], w, uniform)
+    elif weights_for != "both":
+        raise ValueError(f"weights_for must be 'both' or 'harmful', got {weights_for!r}")
+    bce = F.softplus(z) - y[:, None] * z
+    per_seq = (w * torch.where(valid, bce, torch.zeros((), dtype=z.dtype))).sum(1)
+    if sample_weight is None:
+        return per_seq.mean()
+    return (per_seq * sample_weight).sum() / sample_weight.sum()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# streaming
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Streamer:
+    """Causal token-by-token scoring of a batch: :meth:`update` with each new token's activation returns
+    the running score (the offline score of the tokens so far). ``last_token_logit`` holds the newest
+    token's own logit (for display)."""
+
+    def reset(self, batch: int) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def update(self, x: Float[Tensor, "b d"]) -> Float[Tensor, " b"]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    last_token_logit: Tensor | None = None
+
+
+class _OnlineSoftmax:
+    """Running ``Σ_t softmax_t(a_t)·v_t`` (element-wise over ``[b, k]``), numerically stable."""
+
+    def __init__(self) -> None:
+        self.m: Tensor | None = None
+        self.S: Tensor | None = None
+        self.N: Tensor | None = None
+
+    def update(self, a: Tensor, v: Tensor) -> Tensor:
+        if self.m is None:
+            self.m, self.S, self.N = a.clone(), torch.ones_like(a), v.clone()
+        else:
+            assert self.S is not None and self.N is not None
+            m_new = torch.maximum(self.m, a)
+            r_old, r_new = torch.exp(self.m - m_new), torch.exp(a - m_new)
+            self.S = self.S * r_old + r_new
+            self.N = self.N * r_old + r_new * v
+            self.m = m_new
+        assert self.N is not None and self.S is not None
+        return self.N / self.S
+
+
+class _PoolStreamer(Streamer):
+    """Running pooled value of a scalar per-token logit, for every :class:`Pooling` kind."""
+
+    def __init__(self, coef: Tensor, intercept: Tensor, pooling: Pooling) -> None:
+        self.coef, self.intercept, self.pool = coef.to(torch.float64), intercept.to(torch.float64), pooling
+        self.reset(1)
+
+    def reset(self, batch: int) -> None:
+        self.t = 0
+        self.state: dict[str, Any] = {}
+        self.soft = _OnlineSoftmax()
+        self.last_token_logit = None
+
+    def update(self, x: Float[Tensor, "b d"]) -> Float[Tensor, " b"]:
+        logit = x.to(torch.float64) @ self.coef + self.intercept
+        self.last_token_logit = logit
+        self.t += 1
+        st, kind = self.state, self.pool.kind
+        if kind == "mean":
+            st["sum"] = st.get("sum", 0.0) + logit
+            return st["sum"] / self.t
+        if kind == "max":
+            st["max"] = logit if self.t == 1 else torch.maximum(st["max"], logit)
+            return st["max"]
+        if kind == "last":
+            return logit
+        if kind == "ema":
+            a = self.pool.alpha
+            st["e"] = logit if self.t == 1 else a * logit + (1 - a) * st["e"]
+            st["best"] = st["e"] if self.t == 1 else torch.maximum(st["best"], st["e"])
+            return st["best"]
+        if kind == "window":
+            w = self.pool.window
+            buf: list[Tensor] = st.setdefault("buf", [])
+            buf.append(logit)
+            st["sum"] = st.get("sum", 0.0) + logit
+            if len(buf) > w:
+                st["sum"] = st["sum"] - buf.pop(0)
+            if self.t < w:  # a sequence shorter than the window has one window: its mean
+                return st["sum"] / self.t
+            mean = st["sum"] / w
+            st["best"] = mean if self.t == w else torch.maximum(st["best"], mean)
+            return st["best"]
+        if kind == "softmax":
+            tau = self.pool.temperature
+            return self.soft.update((logit / tau)[:, None], logit[:, None])[:, 0]
+        raise ValueError(f"unknown pooling {kind!r}")  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the probes
+# ----------------------------------------------------------------------------------------------------------
+
+
+class TokenProbeBase(Probe):
+    """Shared training loop, persistence and store scoring of per-token probes.
+
+    Subclasses define the parameters (``_init_params``), the training-time sequence logits
+    (``_train_logits`` on standardized padded inputs), the folding of standardization into raw-space
+    weights (``_fold``), inference on raw padded inputs (``_raw_logits``) and a :class:`Streamer`.
+    """
+
+    input_ndim: ClassVar[int] = 2
+
+    def __init__(
+        self,
+        *,
+        epochs: int = 40,
+        lr: float = 0.01,
+        weight_decay: float = 0.01,
+        batch_size: int = 32,
+        seed: int = 0,
+        class_weight: Literal["balanced"] | None = "balanced",
+        hooks: Sequence[str] | None = None,
+    ) -> None:
+        if epochs < 1 or batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+        if not (lr > 0 and math.isfinite(lr)) or weight_decay < 0:
+            raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
+        if class_weight not in ("balanced", None):
+            raise ValueError(f"class_weight must be 'balanced' or None, got {class_weight!r}")
+        self.epochs, self.lr, self.weight_decay = int(epochs), float(lr), float(weight_decay)
+        self.batch_size, self.seed, self.class_weight = int(batch_size), int(seed), class_weight
+        self.hooks = list(hooks) if hooks is not None else None
+        self.params_: dict[str, Tensor] = {}
+        self.loss_curve_: list[float] = []
+
+    def _base_config(self) -> dict[str, Any]:
+        return {
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "class_weight": self.class_weight,
+            "hooks": self.hooks,
+        }
+
+    # -- subclass hooks -------------------------------------------------------------------------------------
+    def _init_params(self, d: int, gen: torch.Generator) -> dict[str, Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _train_loss(
+        self, p: dict[str, Tensor], Z: Tensor, mask: Tensor, y: Tensor, w: Tensor
+    ) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _fold(
+        self, p: dict[str, Tensor], mean: Tensor, scale: Tensor
+    ) -> dict[str, Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _raw_logits(self, X: Tensor, mask: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def streamer(self) -> Streamer:  # pragma: no cover
+        raise NotImplementedError
+
+    # -- fitting --------------------------------------------------------------------------------------------
+    def fit(  # type: ignore[override]
+        self,
+        X: Ragged | tuple[Any, Any] | Sequence[ArrayLike],
+        y: ArrayLike,
+        sample_weight: ArrayLike | None = None,
+    ) -> Self:
+        """Fit on ragged per-token features ``X`` and one label per sequence."""
+        R = Ragged.of(X)
+        yt = check_y(y, R.n_sequences).to(torch.float32)
+        wt = check_sample_weight(sample_weight, R.n_sequences)
+        self.n_features_in_ = int(R.values.shape[1])
+        self._fit(R, yt, wt)  # type: ignore[arg-type]
+        return self
+
+    def _fit(self, X: Any, y: Float[Tensor, " n"], sample_weight: Float[Tensor, " n"] | None) -> None:
+        R: Ragged = X
+        vals = R.values.to(torch.float32)
+        mean = vals.mean(0)
+        scale = vals.std(0, unbiased=False)
+        scale = torch.where(scale > 1e-8, scale, torch.ones_like(scale))
+        Xp, mask = ragged_to_padded((vals - mean) / scale, R.offsets)
+        n = R.n_sequences
+        hard = y >= 0.5
+        w = torch.ones(n) if sample_weight is None else sample_weight.to(torch.float32).clone()
+        if self.class_weight == "balanced":
+            n_pos = float(hard.sum())
+            w = w * torch.where(hard, n / (2 * n_pos), n / (2 * (n - n_pos)))
+        gen = torch.Generator().manual_seed(self.seed)
+        params = self._init_params(int(vals.shape[1]), gen)
+        for t in params.values():
+            t.requires_grad_(True)
+        opt = torch.optim.AdamW(list(params.values()), lr=self.lr, weight_decay=self.weight_decay)
+        self.loss_curve_ = []
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny matmuls: threads only add contention (restored below)
+        try:
+            self._train(params, opt, Xp, mask, y, w, gen)
+        finally:
+            torch.set_num_threads(threads)
+        self.params_ = {k: v.detach().clone() for k, v in self._fold(params, mean, scale).items()}
+
+    def _train(
+        self,
+        params: dict[str, Tensor],
+        opt: torch.optim.Optimizer,
+        Xp: Tensor,
+        mask: Tensor,
+        y: Tensor,
+        w: Tensor,
+        gen: torch.Generator,
+    ) -> None:
+        n = Xp.shape[0]
+        with torch.enable_grad():
+            for _ in range(self.epochs):
+                order = torch.randperm(n, generator=gen)
+                total = 0.0
+                for lo in range(0, n, self.batch_size):
+                    idx = order[lo : lo + self.batch_size]
+                    m = mask[idx]
+                    s = int(m.sum(1).max())
+                    loss = self._train_loss(params, Xp[idx, :s], m[:, :s], y[idx], w[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    total += float(loss.detach()) * len(idx)
+                self.loss_curve_.append(total / n)
+
+    # -- scoring --------------------------------------------------------------------------------------------
+    def decision_function(self, X: Ragged | tuple[Any, Any] | Sequence[ArrayLike]) -> Float[Tensor, " n"]:  # type: ignore[override]
+        """One logit per sequence (the read-out aggregation of per-token outputs)."""
+        self._check_fitted()
+        R = Ragged.of(X)
+        if R.values.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"X has {R.values.shape[1]} features per token, but the probe was fitted with "
+                f"{self.n_features_in_}"
+            )
+        return self._decision_function(R)
+
+    def _decision_function(self, X: Any, chunk: int = 256) -> Float[Tensor, " n"]:
+        R: Ragged = X
+        outs = []
+        with torch.no_grad():
+            for lo in range(0, R.n_sequences, chunk):
+                sub = R.subset(np.arange(lo, min(lo + chunk, R.n_sequences)))
+                Xp, mask = sub.padded()
+                outs.append(self._raw_logits(Xp.to(torch.float32), mask))
+        return torch.cat(outs)
+
+    def prefix_scores(self, x: Float[Tensor, "s d"]) -> Float[Tensor, " s"]:
+        """The offline score of every prefix ``x[:t]`` of one sequence (``t = 1..s``)."""
+        s = x.shape[0]
+        R = Ragged(
+            torch.cat([x[: t + 1] for t in range(s)]), np.cumsum([0, *range(1, s + 1)]).astype(np.int64)
+        )
+        return self.decision_function(R)
+
+    def stream_scores(self, X: Ragged | tuple[Any, Any] | Sequence[ArrayLike]) -> list[np.ndarray]:
+        """Replay every sequence token by token: the running score after each token (one array each)."""
+        R = Ragged.of(X)
+        Xp, _ = R.padded()
+        st = self.streamer()
+        st.reset(R.n_sequences)
+        cols = []
+        with torch.no_grad():
+            for t in range(Xp.shape[1]):
+                cols.append(st.update(Xp[:, t].to(torch.float32)).to(torch.float64))
+        M = torch.stack(cols, 1).numpy()
+        return [M[i, : int(L)] for i, L in enumerate(R.lengths)]
+
+    def score_store(
+        self, store: Any, hook: str | None = None, *, select: str = "scored"
+    ) -> Float[Tensor, " n"]:
+        """Scores of every sequence of an activation store (reads the probe's own hooks, else ``hook``)."""
+        hooks = self.hooks or ([hook] if hook is not None else None)
+        if not hooks:
+            raise ValueError("score_store: the probe records no hooks; pass the hook name")
+        return self.decision_function(ragged_from_store(store, hooks, select=select))
+
+    def flops_per_token(self) -> float:
+        raise NotImplementedError  # pragma: no cover
+
+    # -- persistence ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        self._check_fitted()
+        return {k: v.detach().cpu().contiguous() for k, v in self.params_.items()}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        self.params_ = {k: v.clone() for k, v in state.items()}
+        self.n_features_in_ = self._n_features_from_state()
+
+    def _n_features_from_state(self) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+
+@register_probe
+class TokenProbe(TokenProbeBase):
+    """A linear per-token probe trained through an aggregation (see the module docstring for the presets)."""
+
+    kind = "token_linear"
+
+    def __init__(
+        self,
+        train_pool: str = "window16",
+        read_pool: str | None = None,
+        loss: Literal["bce", "softmax_weighted"] = "bce",
+        tau: float = 1.0,
+        weights_for: WeightsFor = "both",
+        **kw: Any,
+    ) -> None:
+        super().__init__(**kw)
+        self.train_pooling = Pooling.parse(train_pool)
+        self.read_pooling = Pooling.parse(read_pool if read_pool is not None else train_pool)
+        if loss not in ("bce", "softmax_weighted"):
+            raise ValueError(f"loss must be 'bce' or 'softmax_weighted', got {loss!r}")
+        if loss == "softmax_weighted" and self.train_pooling.kind != "window":
+            raise ValueError("the softmax-weighted loss is defined over windows: use train_pool='window<M>'")
+        if not (tau > 0):
+            raise ValueError(f"tau must be > 0, got {tau}")
+        if weights_for not in ("both", "harmful"):
+            raise ValueError(f"weights_for must be 'both' or 'harmful', got {weights_for!r}")
+        self.loss, self.tau, self.weights_for = loss, float(tau), weights_for
+
+    @classmethod
+    def cc_plus_plus(cls, window: int = 16, tau: float = 1.0, **kw: Any) -> TokenProbe:
+        """CC++: sliding-window mean of logits, softmax-weighted BCE, max over windows at inference."""
+        return cls(
+            train_pool=f"window{window}", read_pool=f"window{window}", loss="softmax_weighted", tau=tau, **kw
+        )
+
+    @classmethod
+    def cost_effective(cls, alpha: float = 0.5, **kw: Any) -> TokenProbe:
+        """Cost-effective CC: trained on mean-pooled activations, read by an EMA of logits with a max."""
+        return cls(train_pool="mean", read_pool=f"ema{alpha:g}", **kw)
+
+    @property
+    def aggregation(self) -> str:
+        """A short name of the probe's aggregation, e.g. ``swim16-tau1``, ``mean->ema0.5``, ``max``."""
+        if self.loss == "softmax_weighted":
+            return f"swim{self.train_pooling.window}-tau{self.tau:g}"
+        if self.train_pooling == self.read_pooling:
+            return self.read_pooling.name
+        return f"{self.train_pooling.name}->{self.read_pooling.name}"
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "train_pool": self.train_pooling.name,
+            "read_pool": self.read_pooling.name,
+            "loss": self.loss,
+            "tau": self.tau,
+            "weights_for": self.weights_for,
+            **self._base_config(),
+        }
+
+    def _init_params(self, d: int, gen: torch.Generator) -> dict[str, Tensor]:
+        return {"w": torch.randn(d, generator=gen) * 0.01, "b": torch.zeros(())}
+
+    def _train_loss(self, p: dict[str, Tensor], Z: Tensor, mask: Tensor, y: Tensor, w: Tensor) -> Tensor:
+        logits = einsum(Z, p["w"], "b s d, d -> b s") + p["b"]
+        if self.loss == "softmax_weighted":
+            z, valid = window_means(logits, mask, self.train_pooling.window)
+            return softmax_weighted_bce(z, valid, y, self.tau, w, self.weights_for)
+        seq = self.train_pooling(logits, mask)
+        return (F.binary_cross_entropy_with_logits(seq, y, reduction="none") * w).sum() / w.sum()
+
+    def _fold(self, p: dict[str, Tensor], mean: Tensor, scale: Tensor) -> dict[str, Tensor]:
+        coef = p["w"] / scale
+        return {"coef": coef, "intercept": (p["b"] - (mean * coef).sum()).reshape(1)}
+
+    def _n_features_from_state(self) -> int:
+        return int(self.params_["coef"].shape[0])
+
+    @property
+    def coef_(self) -> Float[Tensor, " d"]:
+        return self.params_["coef"]
+
+    @property
+    def intercept_(self) -> Float[Tensor, ""]:
+        return self.params_["intercept"][0]
+
+    def token_logits(self, values: Float[Tensor, "n d"]) -> Float[Tensor, " n"]:
+        """The per-token logit of every row."""
+        self._check_fitted()
+        v = as_tensor(values)
+        return v.to(self.coef_.dtype) @ self.coef_ + self.intercept_
+
+    def _raw_logits(self, X: Tensor, mask: Tensor) -> Tensor:
+        logits = X @ self.coef_ + self.intercept_
+        return self.read_pooling(logits, mask)
+
+    def streamer(self) -> Streamer:
+        self._check_fitted()
+        return _PoolStreamer(self.coef_, self.intercept_, self.read_pooling)
+
+    def flops_per_token(self) -> float:
+        self._check_fitted()
+        assert self.n_features_in_ is not None
+        from probes.cost import POOLING_FLOPS_PER_ELEMENT
+
+        return 2.0 * self.n_features_in_ + 1.0 + POOLING_FLOPS_PER_ELEMENT[self.read_pooling.kind]
+
+
+class _HeadsProbe(TokenProbeBase):
+    def __init__(self, heads: int = 4, **kw: Any) -> None:
+        super().__init__(**kw)
+        if heads < 1:
+            raise ValueError(f"heads must be >= 1, got {heads}")
+        self.heads = int(heads)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"heads": self.heads, **self._base_config()}
+
+    def _train_loss(self, p: dict[str, Tensor], Z: Tensor, mask: Tensor, y: Tensor, w: Tensor) -> Tensor:
+        seq = self._logits(p, Z, mask)
+        return (F.binary_cross_entropy_with_logits(seq, y, reduction="none") * w).sum() / w.sum()
+
+    def _logits(self, p: dict[str, Tensor], X: Tensor, mask: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _raw_logits(self, X: Tensor, mask: Tensor) -> Tensor:
+        return self._logits(self.params_, X, mask)
+
+    @property
+    def aggregation(self) -> str:
+        return f"{self.kind.removeprefix('token_')}{self.heads}h"
+
+
+@register_probe
+class AttentionProbe(_HeadsProbe):
+    """Learned attention pooling: per head a query scores tokens, softmax over tokens weights a value
+    read-out ``v_h·x_t``; the logit is the sum over heads plus a bias (McKenzie et al.)."""
+
+    kind = "token_attention"
+
+    def _init_params(self, d: int, gen: torch.Generator) -> dict[str, Tensor]:
+        return {
+            "q": torch.randn(self.heads, d, generator=gen) * 0.01,
+            "v": torch.randn(self.heads, d, generator=gen) * 0.01,
+            "bv": torch.zeros(self.heads),
+            "b": torch.zeros(()),
+        }
+
+    def _logits(self, p: dict[str, Tensor], X: Tensor, mask: Tensor) -> Tensor:
+        a = einsum(X, p["q"], "b s d, h d -> b s h")
+        v = einsum(X, p["v"], "b s d, h d -> b s h") + p["bv"]
+        a = torch.where(mask[:, :, None], a, torch.tensor(-math.inf, dtype=a.dtype))
+        att = torch.softmax(a, dim=1)
+        return (att * torch.where(mask[:, :, None], v, torch.zeros((), dtype=v.dtype))).sum((1, 2)) + p[
+            "b"
+        ].reshape(())
+
+    def _fold(self, p: dict[str, Tensor], mean: Tensor, scale: Tensor) -> dict[str, Tensor]:
+        q, v = p["q"] / scale, p["v"] / scale
+        # a constant shift of a head's attention scores cancels in its softmax: the query needs no bias
+        return {"q": q, "v": v, "bv": p["bv"] - v @ mean, "b": p["b"].reshape(1)}
+
+    def _n_features_from_state(self) -> int:
+        return int(self.params_["q"].shape[1])
+
+    def streamer(self) -> Streamer:
+        self._check_fitted()
+        probe = self
+
+        class _S(Streamer):
+            def reset(self, batch: int) -> None:
+                self.soft = _OnlineSoftmax()
+
+            def update(self, x: Tensor) -> Tensor:
+                p = probe.params_
+                xx = x.to(torch.float64)
+                a = xx @ p["q"].to(torch.float64).T
+                v = xx @ p["v"].to(torch.float64).T + p["bv"].to(torch.float64)
+                self.last_token_logit = v.sum(1) + p["b"][0].to(torch.float64)
+                return self.soft.update(a, v).sum(1) + p["b"][0].to(torch.float64)
+
+        s = _S()
+        s.reset(1)
+        return s
+
+    def flops_per_token(self) -> float:
+        self._check_fitted()
+        assert self.n_features_in_ is not None
+        # two dot products per head, the value bias, and an online-softmax update per head (≈ 8 FLOPs)
+        return 4.0 * self.n_features_in_ * self.heads + 9.0 * self.heads + 1.0
+
+
+@register_probe
+class MultiMaxProbe(_HeadsProbe):
+    """MultiMax (Kramár et al.): per-head linear scores, a hard max over tokens per head, a learned weighted
+    sum of the heads' maxima plus a bias."""
+
+    kind = "token_multimax"
+
+    def _init_params(self, d: int, gen: torch.Generator) -> dict[str, Tensor]:
+        return {
+            "W": torch.randn(self.heads, d, generator=gen) * 0.01,
+            "c": torch.zeros(self.heads),
+            "u": torch.full((self.heads,), 1.0 / self.heads),
+            "b": torch.zeros(()),
+        }
+
+    def _logits(self, p: dict[str, Tensor], X: Tensor, mask: Tensor) -> Tensor:
+        s = einsum(X, p["W"], "b s d, h d -> b s h") + p["c"]
+        m = torch.where(mask[:, :, None], s, torch.tensor(-math.inf, dtype=s.dtype)).amax(1)
+        b = p["b"].reshape(())
+        return m @ p["u"] + b
+
+    def _fold(self, p: dict[str, Tensor], mean: Tensor, scale: Tensor) -> dict[str, Tensor]:
+        W = p["W"] / scale
+        return {"W": W, "c": p["c"] - W @ mean, "u": p["u"], "b": p["b"].reshape(1)}
+
+    def _n_features_from_state(self) -> int:
+        return int(self.params_["W"].shape[1])
+
+    def streamer(self) -> Streamer:
+        self._check_fitted()
+        probe = self
+
+        class _S(Streamer):
+            def reset(self, batch: int) -> None:
+                self.m: Tensor | None = None
+
+            def update(self, x: Tensor) -> Tensor:
+                p = {k: v.to(torch.float64) for k, v in probe.params_.items()}
+                s = x.to(torch.float64) @ p["W"].T + p["c"]
+                self.m = s if self.m is None else torch.maximum(self.m, s)
+                self.last_token_logit = s @ p["u"] + p["b"][0]
+                return self.m @ p["u"] + p["b"][0]
+
+        st = _S()
+        st.reset(1)
+        return st
+
+    def flops_per_token(self) -> float:
+        self._check_fitted()
+        assert self.n_features_in_ is not None
+        # per head: dot product + bias, running max, weighted sum; plus the final bias
+        return 2.0 * self.n_features_in_ * self.heads + 4.0 * self.heads + 1.0
