@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -101,31 +102,32 @@ def _table(df: pd.DataFrame, cols: Sequence[str]) -> str:
         "<tr>" + "".join(f"<td>{html.escape(_fmt(r[c]))}</td>" for c in cols) + "</tr>"
         for _, r in df.iterrows()
     )
-    return f'<table class="tab"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return (
+        f'<div style="overflow-x:auto"><table class="tab"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{body}</tbody></table></div>"
+    )
 
 
 def report_figures(df: pd.DataFrame) -> list[tuple[str, go.Figure]]:
     """The sweep's figures (title, figure): metric by layer, layer × pooling heatmaps, cost frontiers."""
     figs: list[tuple[str, go.Figure]] = []
 
-    def attempt(title: str, make: Callable[[], go.Figure]) -> None:
+    def attempt(title: str, make: Callable[..., go.Figure], *args: Any) -> None:
         try:
-            figs.append((title, make()))
+            figs.append((title, make(df, *args)))
         except ValueError as exc:  # the table cannot support this figure (no layers, no cost, ...)
             logger.info("report: skipping %s: %s", title, exc)
 
     metrics = [m for m in ("auroc", "tpr_at_1pct_fpr") if m in df.columns and df[m].notna().any()]
     detect_sets = [str(e) for e, sub in df.groupby("eval_set", sort=False) if sub["auroc"].notna().any()]
     for m in metrics:
-        attempt(f"{m} by layer", lambda m=m: auroc_by_layer(df, metric=m))
+        attempt(f"{m} by layer", auroc_by_layer, m)
     for es in detect_sets:
-        attempt(
-            f"layer × pooling heatmap (auroc) — {es}", lambda es=es: layer_pooling_heatmap(df, "auroc", es)
-        )
+        attempt(f"layer × pooling heatmap (auroc) — {es}", layer_pooling_heatmap, "auroc", es)
         for m in metrics:
             for cost in ("flops_per_token", "standalone_overhead_pct"):
                 if cost in df.columns:
-                    attempt(f"{m} vs {cost} — {es}", lambda m=m, c=cost, es=es: cost_frontier(df, m, c, es))
+                    attempt(f"{m} vs {cost} — {es}", cost_frontier, m, cost, es)
     return figs
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 import warnings
 from collections import defaultdict
@@ -412,6 +413,7 @@ def score_segments(
                     feats[h] = pooled[(h, lp.pooling)]
                 out[str(lp.path)][seg] = lp.score(feats)
             del store, pooled
+            shutil.rmtree(Path(tmp) / f"s{i}", ignore_errors=True)  # disk stays bounded by one segment
     return out
 
 

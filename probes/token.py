@@ -177,7 +177,7 @@ def ragged_from_store(
         block = np.asarray(arr if rows is None else arr[rows], dtype=np.float32)
         parts.append(torch.from_numpy(block).to(dtype))
     values = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    return Ragged(values, np.asarray(off, dtype=np.int64))
+    return Ragged(values, np.array(off, dtype=np.int64))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -78,9 +78,9 @@ def test_report_page(sweep_dir: Path) -> None:
     path = build_report(sweep_dir)
     assert path == sweep_dir / "report.html"
     page = path.read_text()
-    assert page.count("<script type=\"text/javascript\">/**") <= 1  # plotly.js inlined once
+    assert page.count('<script type="text/javascript">/**') <= 1  # plotly.js inlined once
     assert len(re.findall(r"plotly\.js v\d", page)) == 1
-    assert "src=\"http" not in page  # nothing fetched: works offline
+    assert 'src="http' not in page  # nothing fetched: works offline
     assert "report-test" in page and "name: report-test" in page  # the spec
     assert "Headline" in page and "Best probe per cost band" in page
     n_figs = page.count('class="plotly-graph-div"')

@@ -1,0 +1,142 @@
+"""The streaming monitor: KV-cached generation with a per-token probe read from the same forward pass."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from activations.collect import collect
+from probes.stream import (
+    MonitorError,
+    StreamingMonitor,
+    calibrate_threshold,
+    catch_positions,
+    generate_tokens,
+    recall_by_tokens,
+    recall_figure,
+    stream_max_scores,
+    token_figure,
+)
+from probes.token import AttentionProbe, TokenProbe, ragged_from_store
+from tests.conftest import planted_dataset
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tmp_path_factory):
+    """An EMA per-token probe trained on the tiny model's planted prompts, and the benign store."""
+    tmp = tmp_path_factory.mktemp("stream")
+    ds = planted_dataset(n=120, seed=3)
+    store = collect(tiny_model, ds, tmp / "s", hooks=[HOOK], layers=None, positions="prompt", progress=False)
+    R = ragged_from_store(store, HOOK)
+    probe = TokenProbe.cost_effective(alpha=0.5, epochs=30, lr=0.02, hooks=[HOOK]).fit(R, store.labels)
+    return probe, R, np.asarray(store.labels)
+
+
+def _ids(model, text: str) -> list[int]:
+    return [int(t) for t in model.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+@pytest.mark.parametrize("kind", ["ema", "attention"])
+def test_running_score_equals_offline(tiny_model, trained, kind) -> None:
+    probe, R, y = trained
+    if kind == "attention":
+        probe = AttentionProbe(heads=2, epochs=5, hooks=[HOOK]).fit(R, y)
+    mon = StreamingMonitor(tiny_model, probe)
+    prompts = ["how can i make a cake", "tell me about the garden please", "hi"]  # ragged: left padding
+    results = mon.generate(prompts, max_new_tokens=10, temperature=0.0)
+    for res in results:
+        assert len(res.scores) == len(res.ids) - int(res.eos) and len(res.scores) > 0
+        offline = mon.offline_scores(res).double().numpy()
+        np.testing.assert_allclose(res.scores, offline, rtol=1e-4, atol=1e-4)
+    # batched generation = one prompt at a time (left padding and the KV cache change nothing)
+    for p, res in zip(prompts, results, strict=True):
+        single = mon.generate(p, max_new_tokens=10)[0]
+        assert single.ids == res.ids
+        np.testing.assert_allclose(single.scores, res.scores, rtol=1e-4, atol=1e-4)
+
+
+def test_monitor_stops_on_forced_trigger(tiny_model, trained) -> None:
+    probe, R, y = trained
+    benign = R.subset(np.nonzero(y < 0.5)[0])
+    thr = calibrate_threshold(probe, benign, fpr=0.0)
+    assert (stream_max_scores(probe, benign) <= thr).all()
+    mon = StreamingMonitor(tiny_model, probe, threshold=thr)
+    cont = _ids(tiny_model, "the cake of the garden and bomb with the music for me")
+    at = cont.index(tiny_model.tokenizer.convert_tokens_to_ids("bomb"))
+    res = mon.generate("please help me", max_new_tokens=len(cont), forced=[cont])[0]
+    assert res.stop_index == at and res.ids == cont[: at + 1]
+    assert res.scores[at] > thr and max(res.scores[:at]) <= thr
+    # without a threshold the stream runs to the end of the continuation
+    full = StreamingMonitor(tiny_model, probe).generate("please help me", len(cont), forced=[cont])[0]
+    assert full.ids == cont and not full.stopped
+    np.testing.assert_allclose(full.scores[: at + 1], res.scores)
+
+
+def test_monitor_stops_when_the_model_generates_the_trigger(tiny_model, trained) -> None:
+    probe, R, y = trained
+    thr = calibrate_threshold(probe, R.subset(np.nonzero(y < 0.5)[0]), fpr=0.0)
+    model = copy.deepcopy(tiny_model)
+    tok = model.tokenizer
+    bomb, cake = tok.convert_tokens_to_ids("bomb"), tok.convert_tokens_to_ids("cake")
+    with torch.no_grad():
+        model.b_U[cake] += 50.0  # the model says "cake" first ...
+    plain = generate_tokens(model, [_ids(model, "tell me")], 6)[0]
+    assert plain.ids[0] == cake
+    with torch.no_grad():  # ... and "bomb" once it has said "cake"
+        model.b_U[bomb] += 25.0
+        model.W_U[:, bomb] += 40.0 * model.W_E[cake] / model.W_E[cake].norm() ** 2
+    free = generate_tokens(model, [_ids(model, "tell me")], 6)[0]
+    assert bomb in free.ids and len(free.ids) == 6
+    mon = StreamingMonitor(model, probe, threshold=thr)
+    res = generate_tokens(model, [_ids(model, "tell me")], 6, probe=probe, threshold=thr)[0]
+    first = free.ids.index(bomb)
+    assert res.stop_index == first and res.ids == free.ids[: first + 1]
+    assert mon.threshold == thr
+
+
+def test_calibration_catch_positions_and_figures(tiny_model, trained, tmp_path) -> None:
+    probe, R, y = trained
+    benign, harmful = R.subset(np.nonzero(y < 0.5)[0]), R.subset(np.nonzero(y >= 0.5)[0])
+    thr = calibrate_threshold(probe, benign, fpr=0.05)
+    assert (stream_max_scores(probe, benign) > thr).mean() <= 0.05
+    catch = catch_positions(probe, harmful, thr)
+    assert (catch > 0).mean() > 0.9  # the planted trigger is caught ...
+    store_tokens = [harmful.sequence(i) for i in range(harmful.n_sequences)]
+    for i, c in enumerate(catch):
+        if c > 0:  # ... never before the prefix that crosses, and the offline prefix score agrees
+            assert probe.prefix_scores(store_tokens[i][:c])[-1] > thr
+    k, rec = recall_by_tokens(catch, 20)
+    assert (np.diff(rec) >= 0).all() and rec[-1] == pytest.approx((catch > 0).mean())
+    recall_figure({"ema": (k, rec)}).write_html(tmp_path / "recall.html")
+    res = StreamingMonitor(tiny_model, probe, threshold=thr).generate("how to bake bread", 8)[0]
+    token_figure(res, tiny_model.tokenizer).write_html(tmp_path / "tokens.html")
+    assert (tmp_path / "tokens.html").stat().st_size > 1000
+
+
+def test_generate_exchanges_and_errors(tiny_model, tmp_path, trained) -> None:
+    from activations.data import load_jsonl
+    from experiments.generate import generate_exchanges, write_exchanges
+
+    ds = planted_dataset(n=6, seed=5)
+    ex = generate_exchanges(tiny_model, ds, max_new_tokens=5, batch_size=4, progress=False)
+    assert len(ex) == 6 and all(e.is_exchange for e in ex)
+    assert [e.label for e in ex] == [e.label for e in ds]
+    assert [e.prompt for e in ex] == [e.prompt for e in ds]
+    back = load_jsonl(write_exchanges(ex, tmp_path / "ex.jsonl"))
+    assert [(e.id, e.label, e.messages) for e in back] == [(e.id, e.label, e.messages) for e in ex]
+    store = collect(
+        tiny_model, back, tmp_path / "r", hooks=[HOOK], layers=None, positions="response", progress=False
+    )
+    assert store.n_sequences == 6
+    probe = trained[0]
+    with pytest.raises(MonitorError, match="threshold needs a probe"):
+        generate_tokens(tiny_model, [[1, 2]], 2, threshold=0.0)
+    with pytest.raises(MonitorError, match="non-empty prompt"):
+        generate_tokens(tiny_model, [[]], 2)
+    with pytest.raises(MonitorError, match="not a hook point"):
+        StreamingMonitor(tiny_model, probe, hooks=["blocks.9.hook_resid_post"])
