@@ -84,11 +84,12 @@ def monitor(
         _fail(str(e))
         return
     tok = mon.model.tokenizer
+    assert tok is not None
     thr = res.threshold
     console.print(f"[bold]threshold[/] {thr if thr is not None else 'none (no stopping)'}")
     line = Text()
     for i, (t, s) in enumerate(zip(res.ids, res.scores, strict=False)):
-        piece = tok.decode([t])
+        piece = str(tok.decode([t]))
         style = (
             "bold red"
             if thr is not None and s > thr
@@ -99,7 +100,7 @@ def monitor(
         if res.stop_index == i:
             line.append("  ⛔ STOPPED", style="bold red")
     console.print(line)
-    if res.stopped:
+    if res.stop_index is not None and thr is not None:
         console.print(
             f"[bold red]stopped[/] at generated token {res.stop_index} "
             f"({tok.decode([res.ids[res.stop_index]])!r}), score {res.scores[res.stop_index]:.3f} > {thr:.3f}"

@@ -25,6 +25,7 @@ saved in the probe's metadata for ``probe-atlas monitor``.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -100,7 +101,9 @@ def _run_one(
     fit_s = time.perf_counter() - t0
     scores = {role: probe.decision_function(token_data(ctx, role, hooks)).numpy() for role in ctx.roles}
     stream_max = np.array([s.max() for s in probe.stream_scores(token_data(ctx, "control", hooks))])
-    thr = float(threshold_at_fpr(stream_max, 0.01))
+    with warnings.catch_warnings():  # a small control set: the conservative threshold is its max (documented)
+        warnings.simplefilter("ignore")
+        thr = float(threshold_at_fpr(stream_max, 0.01))
     agg = str(getattr(probe, "aggregation", ""))
     rows = make_rows(
         ctx,
@@ -183,13 +186,19 @@ register_kind(
     params=("alpha", *TRAIN_PARAMS),
     description="Cost-effective CC: trained on mean-pooled activations, read by EMA of logits + max",
 )(_runner(_linear(lambda p: {"train_pool": "mean", "read_pool": f"ema{float(p.get('alpha', 0.5)):g}"})))
+
+
+def _fixed_pool(pool: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    return lambda p: {"train_pool": pool}
+
+
 for _name, _pool in (("token_max", "max"), ("token_mean", "mean"), ("token_last", "last")):
     register_kind(
         _name,
         uses_C=False,
         params=TRAIN_PARAMS,
         description=f"{_pool} of per-token logits (trained through it)",
-    )(_runner(_linear(lambda p, _pool=_pool: {"train_pool": _pool})))
+    )(_runner(_linear(_fixed_pool(_pool))))
 register_kind(
     "token_rolling",
     uses_C=False,

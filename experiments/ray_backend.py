@@ -161,6 +161,35 @@ def write_batches(
     return [int(b) for b in batches]
 
 
+def weights_sample_hash(model: torch.nn.Module) -> str:
+    """An exact hash of every parameter's name, shape and a strided sample of its values (bit for bit).
+
+    Unlike the store's ``weights_hash`` (which sums parameters, so its last digit depends on the device and
+    thread count), this is equal for the same weights on any device: the check that actors hold the
+    driver's model."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in sorted(model.state_dict().items()):
+            flat = p.detach().flatten()
+            idx = torch.linspace(0, max(flat.numel() - 1, 0), min(64, flat.numel())).long().to(flat.device)
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+            h.update(flat[idx].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def actor_fingerprint(model: HookedTransformer) -> dict[str, str]:
+    """What must match between the driver's and an actor's model: id, config, tokenizer, sampled weights."""
+    fp = model_fingerprint(model)
+    return {
+        "model_id": fp["model_id"],
+        "config_hash": fp["config_hash"],
+        "tokenizer_hash": fp["tokenizer_hash"],
+        "weights_sample": weights_sample_hash(model),
+    }
+
+
 class Collector:
     """A collection worker holding one model (on its GPU when it has one). Used as a Ray actor."""
 
@@ -169,7 +198,7 @@ class Collector:
         self.model.eval()
 
     def fingerprint(self) -> dict[str, str]:
-        return model_fingerprint(self.model)
+        return actor_fingerprint(self.model)
 
     def device(self) -> str:
         return str(self.model.cfg.device)
@@ -229,9 +258,10 @@ def collect_sharded(
         raise CollectError(f"max_len={max_len} exceeds the model's context n_ctx={model.cfg.n_ctx}")
     tpl = bool(getattr(model.tokenizer, "chat_template", None))
     fp = model_fingerprint(model)
+    want = actor_fingerprint(model)
     for i, afp in enumerate(ray.get([a.fingerprint.remote() for a in actors])):
-        if afp != fp:
-            bad = sorted(k for k in fp if afp.get(k) != fp[k])
+        if afp != want:
+            bad = sorted(k for k in want if afp.get(k) != want[k])
             raise RayBackendError(
                 f"collector actor {i} holds another model than the driver (differs in {bad})"
             )

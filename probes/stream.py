@@ -20,7 +20,7 @@ against tokens generated. :func:`token_figure` colours each generated token by i
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,9 @@ from probes.token import Ragged, Streamer, TokenProbeBase
 try:  # TransformerLens 3.x
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache as _KVCache
 except ImportError:  # pragma: no cover - TransformerLens 2.x
-    from transformer_lens.past_key_value_caching import HookedTransformerKeyValueCache as _KVCache
+    from transformer_lens.past_key_value_caching import (  # type: ignore[no-redef]
+        HookedTransformerKeyValueCache as _KVCache,
+    )
 
 __all__ = [
     "GenerationResult",
@@ -167,7 +169,9 @@ def generate_tokens(
                 active[i] = False
         captured.clear()
 
-    fwd_hooks = [(h, grab) for h in hook_names] if probe is not None else []
+    fwd_hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = (
+        [(h, grab) for h in hook_names] if probe is not None else []
+    )
     cache = _KVCache.init_cache(model.cfg, device, b)
     ctx = model.hooks(fwd_hooks=fwd_hooks) if fwd_hooks else contextlib.nullcontext()
     with torch.inference_mode(), ctx:

@@ -164,7 +164,7 @@ def test_collector_with_another_model_is_refused(tmp_path, tiny_model, ray_local
     other = make_tiny_model(n_layers=3, d_model=32, n_heads=4, d_mlp=64, seed=0)  # no planted direction
     actors = start_collectors(lambda: other, n=1)
     try:
-        with pytest.raises(RayBackendError, match="weights_hash"):
+        with pytest.raises(RayBackendError, match="weights_sample"):
             collect_sharded(tiny_model, planted_dataset(n=8), tmp_path / "s", actors=actors, progress=False)
     finally:
         ray.kill(actors[0])

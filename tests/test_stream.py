@@ -140,3 +140,36 @@ def test_generate_exchanges_and_errors(tiny_model, tmp_path, trained) -> None:
         generate_tokens(tiny_model, [[]], 2)
     with pytest.raises(MonitorError, match="not a hook point"):
         StreamingMonitor(tiny_model, probe, hooks=["blocks.9.hook_resid_post"])
+
+
+@pytest.mark.slow
+def test_default_model_generate_cli_and_left_padding(tmp_path) -> None:
+    """SmolLM2 (rotary positions): batched left-padded generation equals one prompt at a time, and
+    ``probe-atlas generate`` writes exchanges that load back."""
+    from typer.testing import CliRunner
+
+    from activations.data import load_jsonl
+    from activations.models import load_model
+    from experiments.cli import app
+
+    model = load_model("smollm2")
+    tok = model.tokenizer
+    prompts = [
+        tok(
+            tok.apply_chat_template(
+                [{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False
+            ),
+            add_special_tokens=False,
+        )["input_ids"]
+        for c in ("What is the capital of France?", "Hi")
+    ]
+    both = generate_tokens(model, prompts, 6)
+    for p, r in zip(prompts, both, strict=True):
+        assert generate_tokens(model, [p], 6)[0].ids == r.ids
+    out = tmp_path / "ex.jsonl"
+    res = CliRunner().invoke(
+        app, ["generate", "--data", "builtin", "--out", str(out), "--n", "2", "--max-new-tokens", "4"]
+    )
+    assert res.exit_code == 0, res.output
+    ex = load_jsonl(out)
+    assert len(ex) == 2 and all(e.is_exchange and e.response for e in ex)
