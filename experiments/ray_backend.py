@@ -173,7 +173,10 @@ def weights_sample_hash(model: torch.nn.Module) -> str:
     with torch.no_grad():
         for name, p in sorted(model.state_dict().items()):
             flat = p.detach().flatten()
-            idx = torch.linspace(0, max(flat.numel() - 1, 0), min(64, flat.numel())).long().to(flat.device)
+            k = min(64, flat.numel())
+            idx = (torch.arange(k, dtype=torch.long) * max(flat.numel() - 1, 0) // max(k - 1, 1)).to(
+                flat.device
+            )
             h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
             h.update(flat[idx].cpu().numpy().tobytes())
     return h.hexdigest()[:16]
