@@ -16,7 +16,7 @@ from experiments.registry import register_kind
 from experiments.run import RunGroup, evaluate_scores, make_rows, score_roles, select_best
 from experiments.spec import SpecError
 from probes.base import Probe
-from probes.linear import Penalty, DiffMeansProbe, LDAProbe, MultiLayerProbe, fit_logistic_batched
+from probes.linear import DiffMeansProbe, LDAProbe, MultiLayerProbe, Penalty, fit_logistic_batched
 
 
 def _scorer(g: RunGroup, probe: Probe, layer: int) -> Callable[[str], np.ndarray]:
@@ -37,9 +37,14 @@ def _logistic(g: RunGroup) -> list[dict[str, Any]]:
     layers = [r.layer for r in g.runs]
     t0 = time.perf_counter()
     path = fit_logistic_batched(
-        g.feats.layers("train", layers), torch.as_tensor(ctx.labels("train")), ctx.spec.Cs,
-        penalty=cast(Penalty, _PENALTY[ps.kind]), l1_ratio=ps.l1_ratio, class_weight=ps.class_weight, warn=False,
-    )  # fmt: skip
+        g.feats.layers("train", layers),
+        torch.as_tensor(ctx.labels("train")),
+        ctx.spec.Cs,
+        penalty=cast(Penalty, _PENALTY[ps.kind]),
+        l1_ratio=ps.l1_ratio,
+        class_weight=ps.class_weight,
+        warn=False,
+    )
     fit_s = (time.perf_counter() - t0) / len(g.runs)
     val_scores = path.decision_function(g.feats.layers("val", layers)).numpy()  # [p, c, n]
     rows = []
