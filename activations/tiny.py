@@ -7,7 +7,6 @@ trigger words so that a probe has a signal with a known answer.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Iterable, Sequence
 
@@ -223,21 +222,6 @@ def plant_direction(
                 raise ValueError(f"trigger word {w!r} is not in the tiny model's vocabulary")
             model.W_E[tid] += scale * direction
     return direction
-
-
-def weights_hash(model: torch.nn.Module) -> str:
-    """A cheap content hash of a model's weights (first/last elements and sums of every parameter)."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in sorted(model.state_dict().items()):
-            if not torch.is_floating_point(p):
-                continue
-            flat = p.detach().flatten().float()
-            h.update(name.encode())
-            h.update(str(tuple(p.shape)).encode())
-            h.update(f"{flat.sum().item():.6e}|{flat.abs().sum().item():.6e}".encode())
-            h.update(flat[:8].numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def words_of(texts: Iterable[str]) -> list[str]:
