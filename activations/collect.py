@@ -262,27 +262,11 @@ def collect(
         if use_chat_template is None
         else use_chat_template
     )
-    fp = model_fingerprint(model)
-    key = StoreKey(
-        **fp,
-        dataset_name=dataset.name,
-        dataset_fingerprint=dataset.fingerprint(),
-        hooks=tuple(hook_names),
-        positions=positions,
-        keep=keep,
-        max_len=max_len,
-        chat_template=tpl,
+    store, created = open_or_create_store(
+        model, dataset, out, hook_names, positions, keep, max_len, tpl, token_budget, max_batch
     )
-    out = Path(out)
-    if (out / "manifest.json").exists():
-        store = ActivationStore.open(out, expect=key, require_complete=False)
-        if store.complete:
-            return store
-        created = False
-    else:
-        layout = _layout(model, dataset, hook_names, positions, keep, max_len, tpl, token_budget, max_batch)
-        store = ActivationStore.create(out, key, layout)
-        created = True
+    if store.complete:
+        return store
     try:
         _run(model, store, hook_names, progress=progress, durable=durable, stop_after=_stop_after_batches)
     except BaseException as e:
@@ -290,6 +274,41 @@ def collect(
             store.delete()
         raise
     return store
+
+
+def open_or_create_store(
+    model: HookedTransformer,
+    dataset: PromptDataset,
+    out: str | Path,
+    hook_names: list[str],
+    positions: str,
+    keep: str,
+    max_len: int,
+    chat_template: bool,
+    token_budget: int,
+    max_batch: int,
+) -> tuple[ActivationStore, bool]:
+    """Reopen the store at ``out`` (its key must match the request) or plan and preallocate a new one.
+
+    Returns the store and whether it was created by this call.
+    """
+    key = StoreKey(
+        **model_fingerprint(model),
+        dataset_name=dataset.name,
+        dataset_fingerprint=dataset.fingerprint(),
+        hooks=tuple(hook_names),
+        positions=positions,
+        keep=keep,
+        max_len=max_len,
+        chat_template=chat_template,
+    )
+    out = Path(out)
+    if (out / "manifest.json").exists():
+        return ActivationStore.open(out, expect=key, require_complete=False), False
+    layout = _layout(
+        model, dataset, hook_names, positions, keep, max_len, chat_template, token_budget, max_batch
+    )
+    return ActivationStore.create(out, key, layout), True
 
 
 class _Interrupted(Exception):

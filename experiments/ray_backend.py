@@ -39,15 +39,15 @@ from activations.collect import (
     CollectError,
     _forward_capture,
     _FullIds,
-    _layout,
     hook_layer,
     hook_sort_key,
     model_fingerprint,
+    open_or_create_store,
     resolve_hooks,
 )
 from activations.data import PromptDataset
 from activations.pooling import Pooling
-from activations.store import ActivationStore, StoreError, StoreKey
+from activations.store import ActivationStore, StoreError
 from experiments.run import SweepError
 from experiments.spec import Run, SweepSpec, expand
 
@@ -260,7 +260,6 @@ def collect_sharded(
     if max_len > model.cfg.n_ctx:
         raise CollectError(f"max_len={max_len} exceeds the model's context n_ctx={model.cfg.n_ctx}")
     tpl = bool(getattr(model.tokenizer, "chat_template", None))
-    fp = model_fingerprint(model)
     want = actor_fingerprint(model)
     for i, afp in enumerate(ray.get([a.fingerprint.remote() for a in actors])):
         if afp != want:
@@ -268,24 +267,11 @@ def collect_sharded(
             raise RayBackendError(
                 f"collector actor {i} holds another model than the driver (differs in {bad})"
             )
-    key = StoreKey(
-        **fp,
-        dataset_name=dataset.name,
-        dataset_fingerprint=dataset.fingerprint(),
-        hooks=tuple(hook_names),
-        positions=positions,
-        keep=keep,
-        max_len=max_len,
-        chat_template=tpl,
+    store, _ = open_or_create_store(
+        model, dataset, out, hook_names, positions, keep, max_len, tpl, token_budget, max_batch
     )
-    out = Path(out)
-    if (out / "manifest.json").exists():
-        store = ActivationStore.open(out, expect=key, require_complete=False)
-        if store.complete:
-            return store
-    else:
-        layout = _layout(model, dataset, hook_names, positions, keep, max_len, tpl, token_budget, max_batch)
-        store = ActivationStore.create(out, key, layout)
+    if store.complete:
+        return store
     done = set(store.manifest["done_batches"])
     todo = [b for b in range(int(store.manifest["n_batches"])) if b not in done]
     if chunk_batches is None:
@@ -313,7 +299,7 @@ def collect_sharded(
         for ref in pending:
             ray.cancel(ref)
     store.mark_complete(collect_seconds=time.perf_counter() - t0, collect_actors=len(actors))
-    return ActivationStore.open(out, expect=key)
+    return ActivationStore.open(store.path)  # its key was checked by open_or_create_store
 
 
 # ---------------------------------------------------------------------- fits as tasks
