@@ -62,7 +62,7 @@ def _logistic(g: RunGroup) -> list[dict[str, Any]]:
             val=vals[best],
             metrics=metrics,
             fit_seconds=fit_s,
-            val_scores=scores["val"],
+            scores=scores,
         )
     return rows
 
@@ -93,7 +93,7 @@ def _simple(make: Any) -> Any:
                 val=select_best(ctx, [scores["val"]])[1][0],
                 metrics=evaluate_scores(ctx, scores, run.seed),
                 fit_seconds=fit_s,
-                val_scores=scores["val"],
+                scores=scores,
             )
         return rows
 
@@ -150,7 +150,7 @@ def _multilayer(g: RunGroup) -> list[dict[str, Any]]:
             val=vals[best],
             metrics=evaluate_scores(ctx, scores, run.seed),
             fit_seconds=fit_s,
-            val_scores=scores["val"],
+            scores=scores,
         )
     return rows
 

@@ -228,7 +228,7 @@ def _runner(k_fixed: int | None, dense: bool) -> Any:
                 fit_seconds=fit_s,
                 cost=cost,
                 extra=extra,
-                val_scores=scores["val"],
+                scores=scores,
             )
             for row in new:
                 row["probe"] = label

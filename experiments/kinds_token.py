@@ -116,7 +116,7 @@ def _run_one(
         fit_seconds=fit_s,
         cost=_cost(ctx, layers, probe),
         extra={"aggregation": agg, "stream_threshold_1pct": thr, "group_pooling": run.pooling.name},
-        val_scores=scores["val"],
+        scores=scores,
     )
     for row in rows:
         row["pooling"] = agg

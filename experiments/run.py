@@ -40,6 +40,8 @@ console = Console(stderr=True)
 
 RESULTS = "results.parquet"
 SWEEP_JSON = "sweep.json"
+#: every finished run's scores, one ``<run_id>.npz`` per run (what ensembles and cascades combine)
+SCORES_DIR = "scores"
 
 
 class SweepError(RuntimeError):
@@ -311,12 +313,19 @@ def make_rows(
     cost: tuple[ProbeCost, ProbeCost] | None = None,
     extra: dict[str, Any] | None = None,
     val_scores: np.ndarray | None = None,
+    scores: dict[str, np.ndarray] | None = None,
+    save: Any = None,
 ) -> list[dict[str, Any]]:
     """One results row per eval set for a finished run; saves ``probe`` under ``OUT/probes/<run_id>``.
 
     ``cost`` is (marginal, standalone); by default a pooled linear read-out of ``layers``. ``val_scores``
     (the chosen probe's validation scores) adds ``val_log_auroc``, the tie-breaker of model selection.
+    ``scores`` (every dataset role's scores) are kept in ``OUT/scores/<run_id>.npz`` with the run's costs,
+    so ensembles and cascades can combine finished runs. ``save(path, metadata)`` replaces ``probe.save``
+    for scorers that are not :class:`~probes.base.Probe` (fine-tuned layers, standalone classifiers).
     """
+    if val_scores is None and scores is not None:
+        val_scores = scores["val"]
     val_log = float("nan")
     if val_scores is not None:
         val_log = log_auroc((ctx.labels("val") >= 0.5).astype(int), np.asarray(val_scores))
@@ -329,10 +338,25 @@ def make_rows(
     else:
         marginal, standalone = cost
     path = ctx.out / "probes" / run.run_id
-    if probe is not None:
-        probe.save(
-            path,
-            probe_metadata(ctx, run, layers, {"C": C, f"val_{ctx.spec.select_metric}": val, **(extra or {})}),
+    meta = probe_metadata(ctx, run, layers, {"C": C, f"val_{ctx.spec.select_metric}": val, **(extra or {})})
+    if save is not None:
+        save(path, meta)
+    elif probe is not None:
+        probe.save(path, meta)
+    if scores is not None:
+        save_run_scores(
+            ctx.out,
+            run.run_id,
+            scores,
+            {
+                "probe": str((extra or {}).get("label", run.probe.kind)),
+                "layers": list(layers),
+                "pooling": run.pooling.name,
+                "flops_per_token": marginal.flops_per_token,
+                "standalone_flops_per_token": standalone.flops_per_token,
+                "forward_flops": standalone.forward_flops,
+                "val": val,
+            },
         )
     rows = []
     for eval_set, m in metrics.items():
@@ -357,7 +381,7 @@ def make_rows(
                 "overhead_pct": marginal.overhead_pct,
                 "standalone_flops_per_token": standalone.flops_per_token,
                 "standalone_overhead_pct": standalone.overhead_pct,
-                "probe_path": str(path) if probe is not None else "",
+                "probe_path": str(path) if probe is not None or save is not None else "",
                 "fit_seconds": fit_seconds,
                 "n_train": len(ctx.data.train),
                 "n_features": probe.n_features_in_ if probe is not None else -1,
@@ -366,6 +390,30 @@ def make_rows(
             }
         )
     return rows
+
+
+def save_run_scores(out: Path, run_id: str, scores: dict[str, np.ndarray], info: dict[str, Any]) -> Path:
+    """Write one run's scores (a float64 array per dataset role) and ``info`` (JSON) to
+    ``OUT/scores/<run_id>.npz``, atomically; no pickled objects."""
+    d = out / SCORES_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    arrays = {f"role:{k}": np.asarray(v, dtype=np.float64) for k, v in scores.items()}
+    arrays["info"] = np.array(json.dumps(info, sort_keys=True, default=float))
+    tmp = d / f".{run_id}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, **arrays)  # type: ignore[arg-type]
+    os.replace(tmp, d / f"{run_id}.npz")
+    return d / f"{run_id}.npz"
+
+
+def load_run_scores(out: Path, run_id: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """A finished run's ``(scores by role, info)`` from ``OUT/scores``, or None if it has none."""
+    f = out / SCORES_DIR / f"{run_id}.npz"
+    if not f.exists():
+        return None
+    with np.load(f, allow_pickle=False) as z:
+        scores = {k.split(":", 1)[1]: z[k] for k in z.files if k.startswith("role:")}
+        info = json.loads(str(z["info"]))
+    return scores, info
 
 
 def score_roles(ctx: SweepContext, fn: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
@@ -412,7 +460,7 @@ def prepare(
             dataset_fingerprint=ds.fingerprint(),
             hooks=tuple(all_hooks),
             positions=spec.positions,
-            keep=spec.positions,
+            keep=spec.keep or spec.positions,
             max_len=min(spec.max_len, model.cfg.n_ctx),
             chat_template=bool(getattr(model.tokenizer, "chat_template", None)),
         )
@@ -424,6 +472,7 @@ def prepare(
             hooks=all_hooks,
             layers=None,
             positions=spec.positions,
+            keep=spec.keep or spec.positions,
             max_len=min(spec.max_len, model.cfg.n_ctx),
             token_budget=spec.token_budget,
             progress=progress,
@@ -488,6 +537,9 @@ def run_group(ctx: SweepContext, hook_kind: str, pooling: Pooling, group: list[R
     for r in group:
         by_spec[r.probe.model_dump_json()].append(r)
     for runs in by_spec.values():
+        runs = [r for r in runs if r.run_id not in ctx.done]  # a component of an ensemble may have run it
+        if not runs:
+            continue
         info = registry[runs[0].probe.kind]
         rows += info.runner(RunGroup(ctx, runs, hook_kind, pooling, feats))
     for row in rows:

@@ -199,6 +199,9 @@ class SweepSpec(_Frozen):
     max_len: int = Field(default=256, gt=0)
     token_budget: int = Field(default=4096, gt=0)
     positions: Literal["auto", "prompt", "response", "prompt+response", "all"] = "auto"
+    #: the tokens the stores keep (default: the scored ``positions``); ``all`` keeps every rendered token,
+    #: which fine-tuned final layers need (they re-run attention over the whole sequence)
+    keep: Literal["auto", "prompt", "response", "prompt+response", "all"] | None = None
     datasets: DatasetsSpec
     hooks: list[str] = Field(default_factory=lambda: ["resid_post"])
     layers: str | list[int] = "all"
@@ -239,9 +242,10 @@ class SweepSpec(_Frozen):
         return [Pooling.parse(p) for p in self.poolings]
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[
-            :16
-        ]
+        d = self.model_dump(mode="json")
+        if d.get("keep") is None:  # specs written before `keep` existed keep their fingerprint
+            d.pop("keep", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[SweepSpec, Path]:
