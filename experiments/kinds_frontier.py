@@ -73,7 +73,7 @@ TRAIN_PARAMS = (
     "token_budget",
     "head_C",
 )
-MINILM_PARAMS = ("train_layers", "batch_size", "max_len", "encoder_lr", "freeze_encoder")
+MINILM_PARAMS = ("train_layers", "batch_size", "max_len", "warmup_frac", "normalize", "Cs", "C")
 
 
 def _first(g: RunGroup) -> bool:
@@ -343,7 +343,7 @@ def _text_run(g: RunGroup, run: Run, clf: Any, variant: str) -> list[dict[str, A
     "tfidf",
     per_layer=False,
     uses_C=False,
-    params=("Cs", "word_ngrams", "char_ngrams", "max_features", "min_df"),
+    params=("ngram_range", "char_ngrams", "min_df", "max_features", "Cs", "class_weight"),
     description="TF-IDF n-grams + logistic regression on the text",
 )
 def _tfidf(g: RunGroup) -> list[dict[str, Any]]:
@@ -358,7 +358,7 @@ def _tfidf(g: RunGroup) -> list[dict[str, Any]]:
     "prompted",
     per_layer=False,
     uses_C=False,
-    params=("template", "batch_size"),
+    params=("template", "system_prompt", "batch_size", "max_len"),
     description="the model asked whether the text is harmful (yes/no logit)",
 )
 def _prompted(g: RunGroup) -> list[dict[str, Any]]:

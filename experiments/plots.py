@@ -72,7 +72,7 @@ _SYMBOLS: list[str] = [
     "triangle-down",
     "pentagon",
 ]
-_BASE_KEYS: tuple[str, ...] = ("probe", "pooling", "hook", "model")
+_BASE_KEYS: tuple[str, ...] = ("probe", "variant", "pooling", "hook", "model", "escalation_rate")
 _NO_LAYER = -1
 
 
@@ -454,9 +454,12 @@ def cost_frontier(
     fig = go.Figure()
     for i, p in enumerate(probes):
         sub = best[best["probe"].astype(str) == p]
+        name = sub["probe"].astype(str)
+        if "variant" in sub:
+            name = name + sub["variant"].fillna("").astype(str).map(lambda v: f" ({v})" if v else "")
         custom = np.stack(
             [
-                sub["probe"].astype(str),
+                name,
                 sub["pooling"].astype(str),
                 sub["_layer_text"],
                 sub["C"].map(_fmt_c),

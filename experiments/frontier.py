@@ -1,0 +1,176 @@
+"""The cost frontier of a sweep and the seed papers' claims checked against it.
+
+:func:`frontier_summary` lists every scorer of one eval set (per-layer probes at their best C, fine-tuned
+layers, standalone classifiers, ensembles, cascade points) with its metrics, per-token FLOPs and whether it
+is on the AUROC-vs-FLOPs Pareto front. :func:`claims_table` states, with figures, whether each claim holds:
+
+1. a fine-tuned final layer beats a standalone classifier a quarter the size of the policy model;
+2. a linear probe matches a small standalone classifier at almost no cost;
+3. a probe → classifier cascade keeps the classifier's detection at a fraction of its cost.
+
+Per-layer probes are compared at the layer chosen on *validation* (never the test set).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from experiments.plots import pareto_front
+from experiments.report import headline_table
+
+__all__ = ["CLAIMS", "claims_table", "frontier_summary"]
+
+CLAIMS = (
+    "a fine-tuned final layer beats a standalone classifier ~1/4 the policy model's size",
+    "a linear probe matches a small standalone classifier at almost no cost",
+    "a probe → classifier cascade matches the classifier at a fraction of its cost",
+)
+
+_COLS = [
+    "probe",
+    "variant",
+    "pooling",
+    "layer",
+    "auroc",
+    "auroc_lo",
+    "auroc_hi",
+    "tpr_at_1pct_fpr",
+    "flops_per_token",
+    "overhead_pct",
+    "standalone_overhead_pct",
+    "clf_params",
+    "escalation_rate",
+    "run_id",
+]
+
+
+def _one_set(df: pd.DataFrame, eval_set: str) -> pd.DataFrame:
+    sub = df[df["eval_set"].astype(str) == eval_set]
+    if sub.empty:
+        raise ValueError(
+            f"no rows for eval_set={eval_set!r}; the table has {sorted(df['eval_set'].unique())}"
+        )
+    return sub
+
+
+def frontier_summary(df: pd.DataFrame, eval_set: str) -> pd.DataFrame:
+    """Every point of the AUROC-vs-FLOPs plot of ``eval_set``, cheapest first, with a ``pareto`` flag."""
+    sub = _one_set(df, eval_set).copy()
+    if "variant" not in sub:
+        sub["variant"] = ""
+    sub["variant"] = sub["variant"].fillna("").astype(str)
+    val = next((c for c in sub.columns if c.startswith("val_") and c != "val_log_auroc"), None)
+    keys = ["probe", "variant", "pooling", "layer"] + (
+        ["escalation_rate"] if "escalation_rate" in sub else []
+    )
+    if val is not None:  # the C chosen on validation, one row per point
+        sub = sub.sort_values(val, ascending=False)
+    pts = sub.drop_duplicates([k for k in keys if k in sub], keep="first")
+    pts = pts.sort_values(["flops_per_token", "auroc"], ascending=[True, False]).reset_index(drop=True)
+    front = pareto_front(pts.assign(_x=pts["flops_per_token"]), x="_x", y="auroc")
+    pts["pareto"] = pts.index.isin(front.index)
+    return pts[[c for c in [*_COLS, "pareto"] if c in pts.columns]]
+
+
+def _pick(rows: pd.DataFrame, val: str) -> pd.Series | None:
+    if rows.empty:
+        return None
+    return rows.sort_values([val, "flops_per_token"], ascending=[False, True]).iloc[0]
+
+
+def _fmt(r: pd.Series) -> str:
+    name = f"{r['probe']}" + (
+        f" {r['variant']}" if isinstance(r.get("variant"), str) and r["variant"] else ""
+    )
+    if (
+        r["probe"] not in ("finetune", "standalone", "tfidf", "prompted", "ensemble", "cascade")
+        and r["layer"] >= 0
+    ):
+        name += f" L{int(r['layer'])} {r['pooling']}"
+    return (
+        f"{name}: AUROC {r['auroc']:.3f}, TPR@1% {r['tpr_at_1pct_fpr']:.3f}, "
+        f"{r['flops_per_token'] / 1e6:.3g} MFLOPs/token ({r['overhead_pct']:.3g}% of the forward pass)"
+    )
+
+
+def claims_table(df: pd.DataFrame, eval_set: str, tol: float = 0.01) -> pd.DataFrame:
+    """One row per seed claim: the comparison, its figures and whether it holds (None: not measurable).
+
+    ``tol`` is the AUROC / TPR slack within which two scorers "match"."""
+    sub = _one_set(df, eval_set)
+    if "variant" not in sub:
+        sub = sub.assign(variant="")
+    val = next(c for c in sub.columns if c.startswith("val_") and c != "val_log_auroc")
+    out: list[dict[str, Any]] = []
+
+    ft = sub[sub["probe"] == "finetune"]
+    sa = sub[sub["probe"] == "standalone"]
+    policy_sa = sa[~sa["variant"].fillna("").str.contains("minilm")]
+    ft_best, sa_best = _pick(ft, val), _pick(policy_sa, val)
+    if ft_best is not None and sa_best is not None:
+        holds = bool(ft_best["auroc"] >= sa_best["auroc"])
+        out.append(
+            {
+                "claim": CLAIMS[0],
+                "figures": f"{_fmt(ft_best)} vs {_fmt(sa_best)}",
+                "holds": holds,
+            }
+        )
+    else:
+        out.append({"claim": CLAIMS[0], "figures": "missing", "holds": None})
+
+    lin_kinds = {"logistic_l2", "logistic_l1", "logistic_elasticnet", "diffmeans", "lda"}
+    lin = headline_table(sub[sub["probe"].isin(lin_kinds)]) if sub["probe"].isin(lin_kinds).any() else None
+    if lin is not None and len(sa):
+        lb = lin.sort_values(val, ascending=False).iloc[0]
+        small = sa.sort_values("flops_per_token").iloc[0]
+        holds = bool(lb["auroc"] >= small["auroc"] - tol and lb["overhead_pct"] < 0.1)
+        out.append(
+            {
+                "claim": CLAIMS[1],
+                "figures": f"{_fmt(lb)} vs {_fmt(small)}",
+                "holds": holds,
+            }
+        )
+    else:
+        out.append({"claim": CLAIMS[1], "figures": "missing", "holds": None})
+
+    cas = sub[sub["probe"] == "cascade"]
+    if len(cas) and "stage2_run_id" in cas:
+        for s2_id, grp in cas.groupby("stage2_run_id"):
+            s2 = sub[sub["run_id"] == s2_id]
+            if s2.empty:
+                continue
+            s2r = s2.iloc[0]
+            ok = grp[
+                (grp["tpr_at_1pct_fpr"] >= s2r["tpr_at_1pct_fpr"] - tol)
+                & (grp["auroc"] >= s2r["auroc"] - tol)
+            ]
+            if ok.empty:
+                out.append(
+                    {
+                        "claim": CLAIMS[2],
+                        "figures": f"no escalation rate below 1 matches {_fmt(s2r)}",
+                        "holds": False,
+                    }
+                )
+                continue
+            best = ok.sort_values("flops_per_token").iloc[0]
+            ratio = float(s2r["flops_per_token"]) / float(best["flops_per_token"])
+            out.append(
+                {
+                    "claim": CLAIMS[2],
+                    "figures": (
+                        f"cheapest matching cascade: escalation rate {best['escalation_rate']:g} "
+                        f"(control {best.get('escalation_rate_control', np.nan):.3f}) -- {_fmt(best)}; "
+                        f"stage 2 alone: {_fmt(s2r)}; {ratio:.1f}x cheaper"
+                    ),
+                    "holds": bool(best["escalation_rate"] < 1.0),
+                }
+            )
+    else:
+        out.append({"claim": CLAIMS[2], "figures": "missing", "holds": None})
+    return pd.DataFrame(out)
