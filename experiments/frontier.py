@@ -107,9 +107,18 @@ def claims_table(df: pd.DataFrame, eval_set: str, tol: float = 0.01) -> pd.DataF
     out: list[dict[str, Any]] = []
 
     ft = sub[sub["probe"] == "finetune"]
+    k1 = ft[ft["variant"].fillna("").astype(str).str.startswith("k=1 ")]
     sa = sub[sub["probe"] == "standalone"]
-    policy_sa = sa[~sa["variant"].fillna("").str.contains("minilm")]
-    ft_best, sa_best = _pick(ft, val), _pick(policy_sa, val)
+    n_layers = sa["variant"].fillna("").astype(str).str.extract(r"\[:(\d+)\]")[0].astype(float)
+    policy_sa = sa[n_layers.notna()]
+    if len(policy_sa) and "n_layers_model" in sub:
+        quarter = float(sub["n_layers_model"].dropna().iloc[0]) / 4
+    else:
+        quarter = float(n_layers.max()) if n_layers.notna().any() else 0.0
+    if len(policy_sa):  # the policy-model classifier closest to a quarter of the model's layers
+        closest = (n_layers[policy_sa.index] - quarter).abs()
+        policy_sa = policy_sa[closest == closest.min()]
+    ft_best, sa_best = _pick(k1 if len(k1) else ft, val), _pick(policy_sa, val)
     if ft_best is not None and sa_best is not None:
         holds = bool(ft_best["auroc"] >= sa_best["auroc"])
         out.append(
@@ -160,11 +169,12 @@ def claims_table(df: pd.DataFrame, eval_set: str, tol: float = 0.01) -> pd.DataF
                 continue
             best = ok.sort_values("flops_per_token").iloc[0]
             ratio = float(s2r["flops_per_token"]) / float(best["flops_per_token"])
+            alone = " (stage 1 alone already matches)" if best["escalation_rate"] == 0 else ""
             out.append(
                 {
                     "claim": CLAIMS[2],
                     "figures": (
-                        f"cheapest matching cascade: escalation rate {best['escalation_rate']:g} "
+                        f"cheapest matching cascade: escalation rate {best['escalation_rate']:g}{alone} "
                         f"(control {best.get('escalation_rate_control', np.nan):.3f}) -- {_fmt(best)}; "
                         f"stage 2 alone: {_fmt(s2r)}; {ratio:.1f}x cheaper"
                     ),

@@ -296,6 +296,7 @@ def _standalone(g: RunGroup) -> list[dict[str, Any]]:
                 pooling=clf.pooling,
                 extra={
                     "variant": f"{ctx.spec.model}[:{m}]",
+                    "n_layers_model": ctx.cost.n_layers,
                     "n_trainable": clf.n_trainable(),
                     "clf_params": clf.n_params(),
                     "best_epoch": getattr(clf, "best_epoch_", -1),
@@ -312,19 +313,21 @@ def _standalone(g: RunGroup) -> list[dict[str, Any]]:
     return rows
 
 
-def _text_run(g: RunGroup, run: Run, clf: Any, variant: str) -> list[dict[str, Any]]:
+def _text_run(
+    g: RunGroup, run: Run, clf: Any, variant: str, score_train: bool = True
+) -> list[dict[str, Any]]:
+    """Fit a text classifier on the train texts (validation for its own model selection), score every role
+    (the train role is left NaN for zero-shot scorers, ``score_train=False``)."""
     ctx = g.ctx
     t0 = time.perf_counter()
-    clf.fit(
-        _texts(ctx, "train"),
-        ctx.labels("train"),
-        val_texts=_texts(ctx, "val"),
-        val_y=ctx.labels("val"),
-        progress=True,
-    )
+    val = {"val_texts": _texts(ctx, "val"), "val_y": ctx.labels("val")} if score_train else {}
+    clf.fit(_texts(ctx, "train"), ctx.labels("train"), progress=True, **val)
     fit_s = time.perf_counter() - t0
     scores = {
-        role: np.asarray(clf.decision_function(_texts(ctx, role)), dtype=np.float64) for role in ctx.roles
+        role: np.asarray(clf.decision_function(_texts(ctx, role)), dtype=np.float64)
+        if score_train or role != "train"
+        else np.full(len(ctx.data.train), np.nan)
+        for role in ctx.roles
     }
     return _finish(
         g,
@@ -371,7 +374,11 @@ def _prompted(g: RunGroup) -> list[dict[str, Any]]:
         row
         for run in g.runs
         for row in _text_run(
-            g, run, PromptedClassifier(_model(ctx), **run.probe.params), f"prompted {ctx.spec.model}"
+            g,
+            run,
+            PromptedClassifier(_model(ctx), **run.probe.params),
+            f"prompted {ctx.spec.model}",
+            score_train=False,
         )
     ]
 
@@ -425,6 +432,8 @@ def component_scores(
 
 
 def _label(info: dict[str, Any]) -> str:
+    if info.get("variant"):
+        return f"{info['probe']} {info['variant']}"
     lay = info.get("layers") or []
     where = f" L{lay[0]}" if len(lay) == 1 and lay[0] >= 0 else ""
     return f"{info['probe']}{where} {info.get('pooling', '')}".strip()

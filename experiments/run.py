@@ -350,6 +350,7 @@ def make_rows(
             scores,
             {
                 "probe": str((extra or {}).get("label", run.probe.kind)),
+                "variant": str((extra or {}).get("variant", "")),
                 "layers": list(layers),
                 "pooling": run.pooling.name,
                 "flops_per_token": marginal.flops_per_token,
