@@ -184,7 +184,10 @@ def _finish(
     pooling: str,
     extra: dict[str, Any],
     save: Any = None,
+    keep_scores: bool = True,
 ) -> list[dict[str, Any]]:
+    """Result rows of one finished scorer (its scores kept under ``OUT/scores`` unless ``keep_scores`` is
+    off), with the ``pooling`` column naming how it reads the sequence."""
     ctx = g.ctx
     rows = make_rows(
         ctx,
@@ -197,7 +200,7 @@ def _finish(
         fit_seconds=fit_s,
         cost=cost,
         extra=extra,
-        scores=scores,
+        scores=scores if keep_scores else None,
         save=save,
     )
     for row in rows:
@@ -542,16 +545,14 @@ def _cascade(g: RunGroup) -> list[dict[str, Any]]:
             cost = ensemble_cost(
                 ctx.cost, [(marginal, standalone, max(i1["forward_flops"], i2["forward_flops"]))]
             )
-            new = make_rows(
-                ctx,
+            new = _finish(
+                g,
                 run,
-                [],
-                None,
-                C=None,
-                val=select_best(ctx, [scores["val"]])[1][0],
-                metrics=evaluate_scores(ctx, scores, run.seed),
-                fit_seconds=fit_s,
-                cost=cost,
+                scores,
+                cost,
+                fit_s,
+                layers=[],
+                pooling=combine,
                 extra={
                     "variant": f"{label} r={rate:g}",
                     "escalation_rate": rate,
@@ -562,9 +563,9 @@ def _cascade(g: RunGroup) -> list[dict[str, Any]]:
                     "stage1_flops_per_token": i1["flops_per_token"],
                     "stage2_flops_per_token": i2["flops_per_token"],
                 },
+                keep_scores=False,
             )
             for row in new:
-                row["pooling"] = combine
                 role = f"test:{row['eval_set']}"
                 row["escalation_rate_eval"] = float(esc[role].mean()) if role in esc else float("nan")
             rows += new

@@ -31,10 +31,7 @@ import importlib.util
 import io
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -49,6 +46,7 @@ from torch import Tensor, nn
 from activations.data import Example
 from probes.base import ArrayLike
 from probes.cost import CostModel
+from probes.io import atomic_dir
 from probes.metrics import auroc
 
 if TYPE_CHECKING:
@@ -299,23 +297,12 @@ class TextClassifier(abc.ABC):
             "extra": _jsonable(extra, "extra"),
             "tensors": sorted(tensors),
         }
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             if tensors:
                 save_file(tensors, str(tmp / TENSORS_FILE), metadata={"kind": self.kind})
             with open(tmp / JSON_FILE, "w", encoding="utf-8") as fh:
                 json.dump(doc, fh, indent=1, ensure_ascii=False)
                 fh.write("\n")
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def load(cls, path: str | Path, **kwargs: Any) -> TextClassifier:

@@ -32,9 +32,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +48,7 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 
 from probes.cost import CostModel, ProbeCost
+from probes.io import atomic_dir
 from probes.metrics import auroc
 
 __all__ = [
@@ -557,8 +555,7 @@ class SequenceClassifier:
             raise FinetuneError("fit the classifier before saving it")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             state = {k: v.contiguous() for k, v in self._trained_state().items()}
             save_file(state, str(tmp / TENSORS_FILE))
             info = {
@@ -569,12 +566,6 @@ class SequenceClassifier:
                 "metadata": metadata or {},
             }
             (tmp / JSON_FILE).write_text(json.dumps(info, indent=1, default=str))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def _from_config(cls, config: dict[str, Any]) -> SequenceClassifier:

@@ -13,7 +13,8 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,14 @@ from safetensors.torch import load_file, save_file
 
 from probes.base import Probe, get_probe_class
 
-__all__ = ["FORMAT_VERSION", "ProbeMismatchError", "load_probe", "read_probe_info", "save_probe"]
+__all__ = [
+    "FORMAT_VERSION",
+    "ProbeMismatchError",
+    "atomic_dir",
+    "load_probe",
+    "read_probe_info",
+    "save_probe",
+]
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "probe.safetensors"
@@ -55,6 +63,27 @@ def _jsonable(value: Any, where: str) -> Any:
     raise TypeError(f"{where}: cannot store a {type(value).__name__} in probe.json")
 
 
+@contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary sibling folder to write into; on success it replaces ``path`` (an existing folder there is
+    removed only after the new one is in place), on any error it is deleted and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_probe(probe: Probe, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None) -> Path:
     """Write a fitted probe to directory ``path`` atomically; returns the path."""
     if not probe.is_fitted:
@@ -75,24 +104,13 @@ def save_probe(probe: Probe, path: str | os.PathLike[str], metadata: Mapping[str
         },
         "metadata": _jsonable(dict(metadata or {}), "metadata"),
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"kind": probe.kind})
         with open(tmp / JSON_FILE, "w", encoding="utf-8") as fh:
             json.dump(doc, fh, indent=2, sort_keys=False)
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
