@@ -222,6 +222,24 @@ def default_store_dir(root: str | Path, key: StoreKey) -> Path:
 
 
 # ---------------------------------------------------------------------- collection
+def batch_inputs(
+    full_ids: Any, seqs: Sequence[int], offsets: np.ndarray, positions: np.ndarray, pad_id: int
+) -> tuple[Tensor, Tensor, np.ndarray, np.ndarray, np.ndarray]:
+    """Right-padded token ids and attention mask of one batch of sequences, and which (batch row, position)
+    of the forward pass goes to which store row (``bi``, ``pi`` -> ``dest``)."""
+    ids_list = [full_ids(s) for s in seqs]
+    width = max(len(x) for x in ids_list)
+    tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    for j, ids in enumerate(ids_list):
+        tokens[j, : len(ids)] = torch.from_numpy(ids)
+        attn[j, : len(ids)] = 1
+    bi = np.concatenate([np.full(offsets[s + 1] - offsets[s], j) for j, s in enumerate(seqs)])
+    pi = np.concatenate([positions[offsets[s] : offsets[s + 1]] for s in seqs])
+    dest = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in seqs])
+    return tokens, attn, bi, pi, dest
+
+
 def collect(
     model: HookedTransformer,
     dataset: PromptDataset,
@@ -427,17 +445,7 @@ def _run(
             bar.close()
             raise _Interrupted(f"stopped after {stop_after} batches")
         seqs = seqs_by_batch[b]
-        ids_list = [full_ids(s) for s in seqs]
-        L = max(len(x) for x in ids_list)
-        tokens = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(seqs), L), dtype=torch.long)
-        for j, ids in enumerate(ids_list):
-            tokens[j, : len(ids)] = torch.from_numpy(ids)
-            attn[j, : len(ids)] = 1
-        # which (batch row, position) go to which store rows
-        bi = np.concatenate([np.full(offsets[s + 1] - offsets[s], j) for j, s in enumerate(seqs)])
-        pi = np.concatenate([positions[offsets[s] : offsets[s + 1]] for s in seqs])
-        dest = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in seqs])
+        tokens, attn, bi, pi, dest = batch_inputs(full_ids, seqs, offsets, positions, pad_id)
         captured = _forward_capture(
             model,
             tokens.to(device),

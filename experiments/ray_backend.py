@@ -39,6 +39,7 @@ from activations.collect import (
     CollectError,
     _forward_capture,
     _FullIds,
+    batch_inputs,
     hook_layer,
     hook_sort_key,
     model_fingerprint,
@@ -128,16 +129,7 @@ def write_batches(
             seqs = [int(s) for s in np.nonzero(batch_of == b)[0]]
             if not seqs:
                 raise StoreError(f"{store.path}: batch {b} is not in the collection plan")
-            ids_list = [full_ids(s) for s in seqs]
-            width = max(len(x) for x in ids_list)
-            tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-            attn = torch.zeros((len(seqs), width), dtype=torch.long)
-            for j, ids in enumerate(ids_list):
-                tokens[j, : len(ids)] = torch.from_numpy(ids)
-                attn[j, : len(ids)] = 1
-            bi = np.concatenate([np.full(offsets[s + 1] - offsets[s], j) for j, s in enumerate(seqs)])
-            pi = np.concatenate([positions[offsets[s] : offsets[s + 1]] for s in seqs])
-            dest = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in seqs])
+            tokens, attn, bi, pi, dest = batch_inputs(full_ids, seqs, offsets, positions, pad_id)
             captured = _forward_capture(
                 model,
                 tokens.to(device),

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from activations.data import Example
 from probes.base import ArrayLike
 from probes.cost import CostModel
-from probes.io import atomic_dir
+from probes.io import atomic_dir, jsonable
 from probes.metrics import auroc
 
 if TYPE_CHECKING:
@@ -148,21 +148,7 @@ def _check_val(
 
 
 def _jsonable(value: Any, where: str) -> Any:
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, np.generic):
-        return _jsonable(value.item(), where)
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist(), where)
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    raise TypeError(f"{where}: cannot store a {type(value).__name__} in {JSON_FILE}")
+    return jsonable(value, where, JSON_FILE)
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:

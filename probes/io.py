@@ -28,6 +28,7 @@ __all__ = [
     "FORMAT_VERSION",
     "ProbeMismatchError",
     "atomic_dir",
+    "jsonable",
     "load_probe",
     "read_probe_info",
     "save_probe",
@@ -42,25 +43,26 @@ class ProbeMismatchError(ValueError):
     """A saved probe's metadata does not match what the caller expected (model, hook, layer, ...)."""
 
 
-def _jsonable(value: Any, where: str) -> Any:
-    """Convert numpy / torch scalars, tuples and paths to JSON types; reject anything else."""
+def jsonable(value: Any, where: str, file: str = JSON_FILE) -> Any:
+    """Convert numpy / torch scalars and arrays, tuples and paths to JSON types; reject anything else (the
+    error names ``where`` in ``file``)."""
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, np.generic):
-        return _jsonable(value.item(), where)
+        return jsonable(value.item(), where, file)
     if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return _jsonable(value.item(), where)
+        return jsonable(value.item(), where, file)
     if isinstance(value, np.ndarray | torch.Tensor):
-        return _jsonable(value.tolist(), where)
+        return jsonable(value.tolist(), where, file)
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
+        return {str(k): jsonable(v, f"{where}.{k}", file) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    raise TypeError(f"{where}: cannot store a {type(value).__name__} in probe.json")
+        return [jsonable(v, f"{where}[{i}]", file) for i, v in enumerate(value)]
+    raise TypeError(f"{where}: cannot store a {type(value).__name__} in {file}")
 
 
 @contextmanager
@@ -95,14 +97,14 @@ def save_probe(probe: Probe, path: str | os.PathLike[str], metadata: Mapping[str
         "format_version": FORMAT_VERSION,
         "kind": probe.kind,
         "class": type(probe).__qualname__,
-        "config": _jsonable(probe.get_config(), "config"),
+        "config": jsonable(probe.get_config(), "config"),
         "n_features_in": probe.n_features_in_,
         "flops_per_token": probe.flops_per_token(),
         "tensors": {
             k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
             for k, v in tensors.items()
         },
-        "metadata": _jsonable(dict(metadata or {}), "metadata"),
+        "metadata": jsonable(dict(metadata or {}), "metadata"),
     }
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"kind": probe.kind})
@@ -137,7 +139,7 @@ def check_expectations(doc: Mapping[str, Any], expect: Mapping[str, Any], file: 
     """Raise :class:`ProbeMismatchError` naming the file and the first mismatching metadata key."""
     meta = doc.get("metadata", {}) or {}
     for key, want in expect.items():
-        want_j = _jsonable(want, f"expect.{key}")
+        want_j = jsonable(want, f"expect.{key}")
         if key not in meta:
             raise ProbeMismatchError(
                 f"probe at {file} has no {key!r} in its metadata; expected {key}={want_j!r}"
