@@ -521,7 +521,7 @@ def run_sweep(
     for (_seed, hook_kind, pooling), group in tqdm(
         list(groups.items()), desc="fit groups", disable=not progress
     ):
-        append_results(out, run_group(ctx, hook_kind, pooling, group))
+        run_group(ctx, hook_kind, pooling, group, sink=lambda rows: append_results(out, rows))
     df = read_results(out)
     console.print(
         f"[green]done[/] in {time.perf_counter() - t_start:.1f}s: {len(df)} rows in {out / RESULTS}"
@@ -529,8 +529,17 @@ def run_sweep(
     return df
 
 
-def run_group(ctx: SweepContext, hook_kind: str, pooling: Pooling, group: list[Run]) -> list[dict[str, Any]]:
-    """Fit and evaluate every run of one (seed, hook, pooling) group, kind by kind."""
+def run_group(
+    ctx: SweepContext,
+    hook_kind: str,
+    pooling: Pooling,
+    group: list[Run],
+    sink: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Fit and evaluate every run of one (seed, hook, pooling) group, kind by kind.
+
+    ``sink`` receives each probe spec's rows as soon as they are done (the local sweep appends them to
+    ``results.parquet`` there, so a killed sweep keeps every finished kind); all rows are also returned."""
     registry = kinds()
     feats = FeatureCache(ctx, hook_kind, pooling)
     rows: list[dict[str, Any]] = []
@@ -542,9 +551,13 @@ def run_group(ctx: SweepContext, hook_kind: str, pooling: Pooling, group: list[R
         if not runs:
             continue
         info = registry[runs[0].probe.kind]
-        rows += info.runner(RunGroup(ctx, runs, hook_kind, pooling, feats))
-    for row in rows:
-        for k, v in list(row.items()):
-            if isinstance(v, float) and math.isinf(v):
-                row[k] = float("nan")
+        new = info.runner(RunGroup(ctx, runs, hook_kind, pooling, feats))
+        for row in new:
+            for k, v in list(row.items()):
+                if isinstance(v, float) and math.isinf(v):
+                    row[k] = float("nan")
+        if sink is not None and new:
+            sink(new)
+        ctx.done |= {r.run_id for r in runs}
+        rows += new
     return rows

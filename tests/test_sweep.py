@@ -126,6 +126,26 @@ def test_killed_sweep_resumes_to_the_same_table(tmp_path, tiny_model, monkeypatc
     np.testing.assert_allclose(a["auroc"].to_numpy(float), b["auroc"].to_numpy(float), equal_nan=True)
 
 
+def test_a_kill_inside_a_group_keeps_the_kinds_already_finished(tmp_path, tiny_model, monkeypatch) -> None:
+    from experiments.registry import PROBE_KINDS, KindInfo, kinds
+
+    spec = _spec(tmp_path, poolings=["mean"], probes=[{"kind": "logistic_l2"}, {"kind": "diffmeans"}])
+    info = kinds()["diffmeans"]
+
+    def boom(g):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(PROBE_KINDS, "diffmeans", KindInfo("diffmeans", boom, info.per_layer, False))
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, tmp_path / "part", base=tmp_path, model=tiny_model, progress=False)
+    partial = pd.read_parquet(tmp_path / "part" / "results.parquet")
+    assert set(partial["probe"]) == {"logistic_l2"}  # same group, finished before the kill: kept
+    monkeypatch.setitem(PROBE_KINDS, "diffmeans", info)
+    done = run_sweep(spec, tmp_path / "part", base=tmp_path, model=tiny_model, progress=False)
+    assert set(done["probe"]) == {"logistic_l2", "diffmeans"}
+    assert len(done[done.probe == "logistic_l2"]) == len(partial)  # not refitted
+
+
 def test_spec_errors(tmp_path, tiny_model) -> None:
     with pytest.raises(SpecError, match="unknown key 'pooling'"):
         _spec(tmp_path, pooling=["mean"])
