@@ -466,11 +466,24 @@ class SequenceClassifier:
         self._init_head(self._scores(train, features=True), yy)
         self.fitted_ = True
         vy = None if val is None else (np.asarray(val_y, dtype=np.float64) >= 0.5).astype(int)
-        best_state, best_val = None, -math.inf
-        if val is not None and vy is not None:
-            best_val = auroc(vy, self._scores(val).double().numpy())
-            best_state = self._trained_state()
-        self.history_ = [{"epoch": 0, "train_loss": float("nan"), "val_auroc": best_val}]
+
+        def evaluate_val(rec: dict[str, float]) -> tuple[float, float]:
+            """Validation AUROC and class-balanced BCE; the AUROC often saturates at 1, so states are
+            ranked by (AUROC, -loss): early stopping on the loss among equally separating states."""
+            assert val is not None and vy is not None
+            s = self._scores(val).double()
+            t = torch.as_tensor(vy, dtype=torch.float64)
+            w = torch.where(t > 0.5, len(vy) / (2 * max(vy.sum(), 1)), len(vy) / (2 * max((1 - vy).sum(), 1)))
+            rec["val_auroc"] = auroc(vy, s.numpy())
+            rec["val_loss"] = float(nn.functional.binary_cross_entropy_with_logits(s, t, weight=w))
+            return rec["val_auroc"], -rec["val_loss"]
+
+        rec0 = {"epoch": 0, "train_loss": float("nan"), "val_auroc": float("nan"), "val_loss": float("nan")}
+        best_state, best_key = None, (-math.inf, -math.inf)
+        if val is not None:
+            best_key, best_state = evaluate_val(rec0), self._trained_state()
+        self.history_ = [rec0]
+        self.best_epoch_ = 0 if val is not None else self.epochs
         groups = [{"params": list(self.module_.head.parameters()), "lr": self.head_lr, "weight_decay": 0.0}]
         if self._body_params:
             groups.append({"params": self._body_params, "lr": self.lr, "weight_decay": self.weight_decay})
@@ -501,21 +514,15 @@ class SequenceClassifier:
                 n_seen += len(idx)
                 bar.update(1)
             rec = {"epoch": epoch, "train_loss": total / max(n_seen, 1), "val_auroc": float("nan")}
-            if val is not None and vy is not None:
-                rec["val_auroc"] = auroc(vy, self._scores(val).double().numpy())
-                if rec["val_auroc"] > best_val:
-                    best_val, best_state = rec["val_auroc"], self._trained_state()
+            rec["val_loss"] = float("nan")
+            if val is not None:
+                key = evaluate_val(rec)
+                if key > best_key:
+                    best_key, best_state, self.best_epoch_ = key, self._trained_state(), epoch
             self.history_.append(rec)
         bar.close()
         if best_state is not None:
             self._load_trained_state(best_state)
-        self.best_epoch_ = int(
-            max(self.history_, key=lambda r: -math.inf if math.isnan(r["val_auroc"]) else r["val_auroc"])[
-                "epoch"
-            ]
-            if val is not None
-            else self.epochs
-        )
         self.fit_seconds_ = time.perf_counter() - t0
         self.module_.eval()
         return self
