@@ -166,16 +166,22 @@ def tokenizer_hash(tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def weights_hash(model: torch.nn.Module) -> str:
-    """A cheap content hash of the weights (sums and leading values of every floating parameter)."""
+def weights_hash(model: torch.nn.Module, sample: int = 4096) -> str:
+    """A cheap, exact content hash of the weights: every floating parameter's name, shape, dtype, the integer
+    sum of its values' bit patterns (any changed weight changes it) and the raw bytes of up to ``sample``
+    evenly strided elements. Integer sums are exact, so unlike float sums the hash does not depend on the
+    thread count or the summation order."""
     h = hashlib.sha256()
     with torch.no_grad():
         for name, p in sorted(model.state_dict().items()):
             if not torch.is_floating_point(p):
                 continue
-            flat = p.detach().flatten().float()
-            h.update(f"{name}{tuple(p.shape)}{flat.sum().item():.6e}|{flat.abs().sum().item():.6e}".encode())
-            h.update(flat[:8].cpu().numpy().tobytes())
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // sample)
+            picked = flat[::step][:sample].float().cpu().contiguous()
+            bits = int(flat.float().view(torch.int32).to(torch.int64).sum())
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}{bits}".encode())
+            h.update(picked.numpy().tobytes())
     return h.hexdigest()[:16]
 
 

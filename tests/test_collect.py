@@ -162,6 +162,23 @@ def test_fingerprint_mismatch_is_an_error(tmp_path, tiny_model) -> None:
         collect(tiny_model, ds, tmp_path / "s", layers=[0, 1], positions="all", progress=False)
 
 
+def test_weights_hash_is_exact_and_thread_independent() -> None:
+    from activations.collect import weights_hash
+
+    m = make_tiny_model(n_layers=2, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = weights_hash(m)
+        torch.set_num_threads(2)
+        assert weights_hash(m) == one
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():  # one weight that the strided sample skips still changes the hash
+        m.blocks[0].mlp.W_in[3, 5] += 1e-3
+    assert weights_hash(m) != one
+
+
 def test_bad_hooks_and_layers(tiny_model) -> None:
     with pytest.raises(CollectError, match="unknown hook 'resid_psot'"):
         resolve_hooks(tiny_model, ["resid_psot"])
