@@ -18,6 +18,25 @@ app = typer.Typer(
 console = Console()
 
 
+@app.callback()
+def _options(
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            help="PyTorch CPU threads (default: one per core; 1 avoids oversubscribing a busy machine)",
+        ),
+    ] = None,
+) -> None:
+    """probe-atlas: cheap safety probes on a model's own activations."""
+    if threads is not None:
+        if threads < 1:
+            _fail(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _fail(msg: str) -> None:
     console.print(f"[bold red]error:[/] {msg}")
     raise typer.Exit(2)

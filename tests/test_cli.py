@@ -152,3 +152,15 @@ def test_collect_default_model_from_shared_file(tmp_path) -> None:
     x = st.pooled("blocks.29.hook_resid_post", "last")
     assert x.shape == (12, 576) and bool(torch.isfinite(x).all())
     assert set(np.unique(st.roles)) == {1}  # prompt tokens only: the system prompt is not stored
+
+
+def test_threads_option_sets_torch_threads() -> None:
+    before = torch.get_num_threads()
+    try:
+        res = CliRunner().invoke(app, ["--threads", "1", "kinds"])
+        assert res.exit_code == 0, res.output
+        assert torch.get_num_threads() == 1
+        bad = CliRunner().invoke(app, ["--threads", "0", "kinds"])
+        assert bad.exit_code == 2 and "--threads must be >= 1" in bad.output
+    finally:
+        torch.set_num_threads(before)
