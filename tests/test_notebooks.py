@@ -13,7 +13,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 def test_there_are_notebooks() -> None:
     names = [p.stem for p in NOTEBOOKS]
-    assert {"01_activations", "02_layer_sweep", "03_cost_frontier"} <= set(names), names
+    assert {"01_activations", "02_layer_sweep", "03_cost_frontier", "04_frontier"} <= set(names), names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
