@@ -78,6 +78,8 @@ def thresholds_for_rate(
     if escalation_rate == 0.0:
         return hi, hi
     n_top = math.ceil((block_rate + escalation_rate) * n - 1e-9)
+    if n_top <= n_block:  # a rate too small to escalate a single reference example
+        return hi, hi
     lo = -math.inf if n_top >= n else float(s[n_top - 1])
     return min(lo, hi), hi
 

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from activations.tiny import make_tiny_model
@@ -77,6 +77,7 @@ def test_intermediate_rates_order_examples_by_decision_and_interpolate() -> None
     st.floats(0, 1),
     st.floats(0, 0.5),
 )
+@example([0.0, 1.0, 0.5, 0.75, 0.25], 1e-200, 0.0)  # a rate below one example escalates nothing
 def test_thresholds_escalate_the_requested_share(ref: list[float], rate: float, block: float) -> None:
     r = np.array(ref)
     if rate + block > 1:
