@@ -54,9 +54,11 @@ from probes.cost import ProbeCost
 from probes.ensemble import StackingEnsemble, ZScoreEnsemble, ensemble_cost
 from probes.finetune import (
     FinetunedLayers,
+    FinetuneError,
     SequenceClassifier,
     Sequences,
     TruncatedModelClassifier,
+    finetune_input_hook,
     sequences_from_store,
     token_sequences_from_store,
 )
@@ -76,10 +78,6 @@ TRAIN_PARAMS = (
 MINILM_PARAMS = ("train_layers", "batch_size", "max_len", "warmup_frac", "normalize", "Cs", "C")
 
 
-def _first(g: RunGroup) -> bool:
-    return g.pooling == g.ctx.spec.pooling_objs()[0]
-
-
 def _cache(ctx: SweepContext) -> dict[Any, Any]:
     return ctx.__dict__.setdefault("_frontier_cache", {})
 
@@ -97,22 +95,6 @@ def _model(ctx: SweepContext) -> Any:
     return ctx.model
 
 
-def _pair(c: float, cm: Any) -> tuple[ProbeCost, ProbeCost]:
-    """(marginal, standalone) cost of a scorer with its own forward pass: the same in both views."""
-    pc = ProbeCost(
-        flops_per_token=c,
-        overhead_pct=cm.overhead_pct(c),
-        view="marginal",
-        layers=(),
-        probe_flops=c,
-        pooling_flops=0.0,
-        forward_flops=0.0,
-        pooling="own",
-        order="probe_then_pool",
-    )
-    return pc, pc
-
-
 # ---------------------------------------------------------------------------------------------- inputs
 def _full_store(ctx: SweepContext, role: str, hooks: list[str]) -> ActivationStore:
     """A store of ``role`` that keeps every token and has ``hooks``: the sweep's own, or one collected."""
@@ -121,7 +103,7 @@ def _full_store(ctx: SweepContext, role: str, hooks: list[str]) -> ActivationSto
         return st
     needed = sorted(
         {
-            f"blocks.{ctx.cost.n_layers - int(p.params.get('k', 1)) - 1}.hook_resid_post"
+            finetune_input_hook(int(p.params.get("k", 1)), ctx.cost.n_layers)
             for p in ctx.spec.probes
             if p.kind == "finetune"
         }
@@ -159,17 +141,24 @@ def _resid(ctx: SweepContext, role: str, hook: str) -> Sequences:
 
 
 def _tokens(ctx: SweepContext, role: str) -> Sequences:
-    return token_sequences_from_store(ctx.stores[role])
+    cache = _cache(ctx)
+    if ("tokens", role) not in cache:
+        cache["tokens", role] = token_sequences_from_store(ctx.stores[role])
+    return cache["tokens", role]
 
 
 def _texts(ctx: SweepContext, role: str) -> list[str]:
+    """The texts of one role, in store order (read and checked once per sweep)."""
     from probes.baselines import example_text
 
-    ds = ctx.data.all()[role]
-    ids = [e["id"] for e in ctx.stores[role].examples()]
-    if ids != [ex.id for ex in ds]:
-        raise SpecError(f"{role}: the store's examples are not the dataset's (order or ids differ)")
-    return [example_text(ex) for ex in ds]
+    cache = _cache(ctx)
+    if ("texts", role) not in cache:
+        ds = ctx.data.all()[role]
+        ids = [e["id"] for e in ctx.stores[role].examples()]
+        if ids != [ex.id for ex in ds]:
+            raise SpecError(f"{role}: the store's examples are not the dataset's (order or ids differ)")
+        cache["texts", role] = [example_text(ex) for ex in ds]
+    return cache["texts", role]
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -233,19 +222,18 @@ def _fit_sequence(
     description="fine-tuned last k layers",
 )
 def _finetune(g: RunGroup) -> list[dict[str, Any]]:
-    if not _first(g):
+    if not g.first_pooling:
         return []
     ctx, rows = g.ctx, []
     for run in g.runs:
         p = dict(run.probe.params)
         k = int(p.get("k", 1))
         clf = FinetunedLayers(k=k, **_train_kw(p, run.seed))
+        try:
+            hook = finetune_input_hook(k, ctx.cost.n_layers)
+        except FinetuneError as e:
+            raise SpecError(f"probes.finetune: {e}") from None
         layer = ctx.cost.n_layers - k - 1
-        if layer < 0:
-            raise SpecError(
-                f"probes.finetune: k={k} leaves no cached layer (the model has {ctx.cost.n_layers})"
-            )
-        hook = f"blocks.{layer}.hook_resid_post"
         scores, fit_s = _fit_sequence(g, run, clf, lambda role, h=hook: _resid(ctx, role, h))
         rows += _finish(
             g,
@@ -276,7 +264,7 @@ def _finetune(g: RunGroup) -> list[dict[str, Any]]:
     description="a separate classifier (first layers of the model, or MiniLM)",
 )
 def _standalone(g: RunGroup) -> list[dict[str, Any]]:
-    if not _first(g):
+    if not g.first_pooling:
         return []
     ctx, rows = g.ctx, []
     for run in g.runs:
@@ -336,7 +324,7 @@ def _text_run(
         g,
         run,
         scores,
-        _pair(float(clf.flops_per_token(ctx.cost)), ctx.cost),
+        ctx.cost.cost_views(c := float(clf.flops_per_token(ctx.cost)), c, 0.0, (), "own"),
         fit_s,
         layers=[],
         pooling="text",
@@ -353,7 +341,7 @@ def _text_run(
     description="TF-IDF n-grams + logistic regression on the text",
 )
 def _tfidf(g: RunGroup) -> list[dict[str, Any]]:
-    if not _first(g):
+    if not g.first_pooling:
         return []
     from probes.baselines import TfidfClassifier
 
@@ -368,7 +356,7 @@ def _tfidf(g: RunGroup) -> list[dict[str, Any]]:
     description="the model asked whether the text is harmful (yes/no logit)",
 )
 def _prompted(g: RunGroup) -> list[dict[str, Any]]:
-    if not _first(g):
+    if not g.first_pooling:
         return []
     from probes.baselines import PromptedClassifier
 
@@ -414,7 +402,7 @@ def component_scores(
     else:
         layers = [-1]
     first = ctx.spec.pooling_objs()[0]
-    if not info.per_layer and pooling != first:
+    if not info.per_layer:
         pooling = first  # such kinds run in the first pooling group only
     runs = [Run(ps, g.hook_kind, la, pooling, g.runs[0].seed, g.runs[0].spec_key) for la in layers]
     todo = [r for r in runs if load_run_scores(ctx.out, r.run_id) is None]
@@ -450,7 +438,7 @@ def _label(info: dict[str, Any]) -> str:
     description="z-scored logit average (or stacking) of components",
 )
 def _ensemble(g: RunGroup) -> list[dict[str, Any]]:
-    if not _first(g):
+    if not g.first_pooling:
         return []
     ctx, rows = g.ctx, []
     for run in g.runs:
@@ -514,7 +502,7 @@ def _ensemble(g: RunGroup) -> list[dict[str, Any]]:
     description="two-stage cascade: a cheap stage 1 escalates to an expensive stage 2",
 )
 def _cascade(g: RunGroup) -> list[dict[str, Any]]:
-    if not _first(g):
+    if not g.first_pooling:
         return []
     ctx, rows = g.ctx, []
     for run in g.runs:
@@ -542,9 +530,8 @@ def _cascade(g: RunGroup) -> list[dict[str, Any]]:
             fit_s = time.perf_counter() - t0
             marginal = i1["flops_per_token"] + rate * i2["flops_per_token"]
             standalone = i1["standalone_flops_per_token"] + rate * (i2["standalone_flops_per_token"] - shared)
-            cost = ensemble_cost(
-                ctx.cost, [(marginal, standalone, max(i1["forward_flops"], i2["forward_flops"]))]
-            )
+            fwd = max(i1["forward_flops"], i2["forward_flops"])
+            cost = ctx.cost.cost_views(marginal, standalone, fwd, (), "cascade")
             new = _finish(
                 g,
                 run,

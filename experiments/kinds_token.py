@@ -72,10 +72,6 @@ def _train_kw(params: dict[str, Any], seed: int) -> dict[str, Any]:
     }
 
 
-def _is_first_pooling(g: RunGroup) -> bool:
-    return g.pooling == g.ctx.spec.pooling_objs()[0]
-
-
 def _cost(ctx: SweepContext, layers: list[int], probe: TokenProbeBase) -> tuple[Any, Any]:
     d = ctx.cost.d_model
     if isinstance(probe, TokenProbe):
@@ -125,7 +121,7 @@ def _run_one(
 
 def _runner(make: Callable[[dict[str, Any], int, list[str]], TokenProbeBase], multi: bool = False) -> Any:
     def runner(g: RunGroup) -> list[dict[str, Any]]:
-        if not _is_first_pooling(g):
+        if not g.first_pooling:
             return []  # per-token kinds carry their own aggregation: fitted once, in the first pooling group
         rows: list[dict[str, Any]] = []
         for run in g.runs:

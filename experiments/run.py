@@ -206,6 +206,12 @@ class RunGroup:
     def probe_spec(self) -> Any:
         return self.runs[0].probe
 
+    @property
+    def first_pooling(self) -> bool:
+        """Whether this is the spec's first pooling group: kinds that pool by themselves (per-token probes,
+        fine-tuned layers, standalone classifiers, ...) run there only, once per sweep."""
+        return self.pooling == self.ctx.spec.pooling_objs()[0]
+
 
 def evaluate_scores(
     ctx: SweepContext, scores: dict[str, np.ndarray], seed: int
@@ -312,23 +318,20 @@ def make_rows(
     fit_seconds: float,
     cost: tuple[ProbeCost, ProbeCost] | None = None,
     extra: dict[str, Any] | None = None,
-    val_scores: np.ndarray | None = None,
     scores: dict[str, np.ndarray] | None = None,
     save: Any = None,
 ) -> list[dict[str, Any]]:
     """One results row per eval set for a finished run; saves ``probe`` under ``OUT/probes/<run_id>``.
 
-    ``cost`` is (marginal, standalone); by default a pooled linear read-out of ``layers``. ``val_scores``
-    (the chosen probe's validation scores) adds ``val_log_auroc``, the tie-breaker of model selection.
-    ``scores`` (every dataset role's scores) are kept in ``OUT/scores/<run_id>.npz`` with the run's costs,
-    so ensembles and cascades can combine finished runs. ``save(path, metadata)`` replaces ``probe.save``
+    ``cost`` is (marginal, standalone); by default a pooled linear read-out of ``layers``. ``scores`` (every
+    dataset role's scores of the chosen probe) add ``val_log_auroc``, the tie-breaker of model selection,
+    and are kept in ``OUT/scores/<run_id>.npz`` with the run's costs, so ensembles and cascades can combine
+    finished runs. ``save(path, metadata)`` replaces ``probe.save``
     for scorers that are not :class:`~probes.base.Probe` (fine-tuned layers, standalone classifiers).
     """
-    if val_scores is None and scores is not None:
-        val_scores = scores["val"]
     val_log = float("nan")
-    if val_scores is not None:
-        val_log = log_auroc((ctx.labels("val") >= 0.5).astype(int), np.asarray(val_scores))
+    if scores is not None:
+        val_log = log_auroc((ctx.labels("val") >= 0.5).astype(int), np.asarray(scores["val"]))
     d = ctx.cost.d_model
     if cost is None:
         marginal = ctx.cost.probe_cost(list(layers), d, run.pooling, view="marginal", order="pool_then_probe")
@@ -349,7 +352,7 @@ def make_rows(
             run.run_id,
             scores,
             {
-                "probe": str((extra or {}).get("label", run.probe.kind)),
+                "probe": run.probe.kind,
                 "variant": str((extra or {}).get("variant", "")),
                 "layers": list(layers),
                 "pooling": run.pooling.name,

@@ -11,7 +11,7 @@ constructor) and :meth:`Probe.state_dict` (named tensors, written with safetenso
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Self, TypeVar
 
 import numpy as np
@@ -92,7 +92,10 @@ def as_tensor(x: ArrayLike | Any, *, name: str = "X") -> Tensor:
         t = x
     elif isinstance(x, np.ndarray):
         arr = x if x.flags.writeable else np.array(x)  # torch.from_numpy warns on read-only memmaps
-        t = torch.from_numpy(np.ascontiguousarray(arr))
+        try:
+            t = torch.from_numpy(np.ascontiguousarray(arr))
+        except TypeError as exc:  # strings, objects
+            raise ValueError(f"{name} must hold numbers, got dtype {arr.dtype}") from exc
     else:
         try:
             t = torch.as_tensor(np.asarray(x))
@@ -131,15 +134,18 @@ def check_X(X: ArrayLike, *, ndim: int = 2, n_features: int | None = None, name:
     return t
 
 
-def check_y(y: ArrayLike, n: int, *, name: str = "y") -> Float[Tensor, " n"]:
-    """Validate labels: length ``n``, values in [0, 1] (hard or soft), both classes present."""
+def check_y(
+    y: ArrayLike | Sequence[float], n: int, *, name: str = "y", rows: str = "X", unit: str = "rows"
+) -> Float[Tensor, " n"]:
+    """Validate labels: length ``n`` (of ``rows``, counted in ``unit``, for the error), values in [0, 1]
+    (hard or soft), both classes present."""
     t = as_tensor(y, name=name)
     if t.ndim == 2 and t.shape[1] == 1:
         t = t[:, 0]
     if t.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {tuple(t.shape)}")
     if t.shape[0] != n:
-        raise ValueError(f"X and {name} have different lengths: {n} rows vs {t.shape[0]} labels")
+        raise ValueError(f"{rows} and {name} have different lengths: {n} {unit} vs {t.shape[0]} labels")
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or inf")
     if bool((t < 0).any()) or bool((t > 1).any()):

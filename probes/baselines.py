@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from activations.data import Example
-from probes.base import ArrayLike
+from probes.base import ArrayLike, check_y
 from probes.cost import CostModel
 from probes.io import atomic_dir, jsonable
 from probes.metrics import auroc
@@ -115,25 +115,7 @@ def _check_labels(
     y: ArrayLike | Sequence[float], n: int, name: str = "y", texts: str = "texts"
 ) -> np.ndarray:
     """Labels as float64 ``[n]`` in [0, 1] (soft labels allowed) with both classes present."""
-    arr = y.detach().cpu().numpy() if isinstance(y, Tensor) else np.asarray(y)
-    if arr.ndim == 2 and arr.shape[1] == 1:
-        arr = arr[:, 0]
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
-    if arr.shape[0] != n:
-        raise ValueError(f"{texts} and {name} have different lengths: {n} texts vs {arr.shape[0]} labels")
-    try:
-        arr = arr.astype(np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must hold numbers in [0, 1], got dtype {arr.dtype}") from exc
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or inf")
-    if (arr < 0).any() or (arr > 1).any():
-        raise ValueError(f"{name} must hold labels in [0, 1] (0 = harmless, 1 = harmful)")
-    hard = arr >= 0.5
-    if hard.all() or not hard.any():
-        raise ValueError(f"only one class present in {name} (all labels are {int(hard[0])}); need both")
-    return arr
+    return check_y(y, n, name=name, rows=texts, unit="texts").double().numpy()
 
 
 def _check_val(

@@ -419,6 +419,33 @@ class CostModel:
             cm.forward_flops_per_token(None, include_unembed=False) + cm.final_norm + 2.0 * cm.d_model + 1.0
         )
 
+    def cost_views(
+        self,
+        marginal: float,
+        standalone: float,
+        forward: float = 0.0,
+        layers: Sequence[int] = (),
+        name: str = "",
+    ) -> tuple[ProbeCost, ProbeCost]:
+        """(marginal, standalone) :class:`ProbeCost` of a scorer from its per-token totals in each view;
+        ``forward`` is the part of the standalone total that is the policy model's own forward pass (0 for a
+        scorer with a forward pass of its own, whose two views are equal)."""
+
+        def one(view: View, flops: float, fwd: float) -> ProbeCost:
+            return ProbeCost(
+                flops_per_token=flops,
+                overhead_pct=self.overhead_pct(flops),
+                view=view,
+                layers=tuple(layers),
+                probe_flops=flops - fwd,
+                pooling_flops=0.0,
+                forward_flops=fwd,
+                pooling=name,
+                order="probe_then_pool",
+            )
+
+        return one("marginal", float(marginal), 0.0), one("standalone", float(standalone), float(forward))
+
     def probe_cost(
         self,
         layers: int | Sequence[int],

@@ -135,18 +135,4 @@ def ensemble_cost(
     marginal = float(sum(m[0] for m in members))
     shared = max(float(m[2]) for m in members)
     own = float(sum(m[1] - m[2] for m in members))
-
-    def one(view: str, flops: float, fwd: float) -> ProbeCost:
-        return ProbeCost(
-            flops_per_token=flops,
-            overhead_pct=cm.overhead_pct(flops),
-            view=view,  # type: ignore[arg-type]
-            layers=(),
-            probe_flops=flops - fwd,
-            pooling_flops=0.0,
-            forward_flops=fwd,
-            pooling="ensemble",
-            order="probe_then_pool",
-        )
-
-    return one("marginal", marginal, 0.0), one("standalone", own + shared, shared)
+    return cm.cost_views(marginal, own + shared, shared, (), "ensemble")

@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 
+from probes.base import check_y
 from probes.cost import CostModel, ProbeCost
 from probes.io import atomic_dir
 from probes.metrics import auroc
@@ -60,6 +61,7 @@ __all__ = [
     "Sequences",
     "TruncatedModelClassifier",
     "add_lora",
+    "finetune_input_hook",
     "load_sequence_classifier",
     "sequences_from_store",
     "token_sequences_from_store",
@@ -267,7 +269,7 @@ class _Stack(nn.Module):
 
     def __init__(
         self,
-        blocks: list[nn.Module],
+        blocks: Sequence[nn.Module],
         ln_final: nn.Module | None,
         d_model: int,
         pooling: HeadPooling,
@@ -450,14 +452,13 @@ class SequenceClassifier:
         progress: bool = False,
     ) -> SequenceClassifier:
         """Copy the layers from ``model``, fit the head as a linear probe, then fine-tune (see module doc)."""
-        yy = np.asarray(y, dtype=np.float64).reshape(-1)
         if len(train) == 0:
             raise FinetuneError("empty training set")
-        if len(yy) != len(train):
-            raise FinetuneError(f"{len(train)} sequences but {len(yy)} labels")
+        try:
+            yy = check_y(y, len(train), rows="sequences", unit="sequences").double().numpy()
+        except ValueError as e:
+            raise FinetuneError(str(e)) from None
         hard = yy >= 0.5
-        if hard.all() or not hard.any():
-            raise FinetuneError("the training labels have one class only; need harmful and harmless examples")
         if val is not None and (val_y is None or len(np.asarray(val_y)) != len(val)):
             raise FinetuneError("val_y must give one label per validation sequence")
         self._setup(model)
@@ -484,10 +485,12 @@ class SequenceClassifier:
             best_key, best_state = evaluate_val(rec0), self._trained_state()
         self.history_ = [rec0]
         self.best_epoch_ = 0 if val is not None else self.epochs
-        groups = [{"params": list(self.module_.head.parameters()), "lr": self.head_lr, "weight_decay": 0.0}]
+        head_params = list(self.module_.head.parameters())
+        groups: list[dict[str, Any]] = [{"params": head_params, "lr": self.head_lr, "weight_decay": 0.0}]
         if self._body_params:
             groups.append({"params": self._body_params, "lr": self.lr, "weight_decay": self.weight_decay})
         opt = torch.optim.AdamW(groups)
+        trainable = head_params + self._body_params
         n_pos, n_neg = float(hard.sum()), float((~hard).sum())
         w_pos, w_neg = len(yy) / (2 * n_pos), len(yy) / (2 * n_neg)
         batches = plan_batches(train.lengths, self.token_budget)
@@ -508,7 +511,7 @@ class SequenceClassifier:
                 loss = nn.functional.binary_cross_entropy_with_logits(logits, target, weight=w)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], self.max_grad_norm)
+                nn.utils.clip_grad_norm_(trainable, self.max_grad_norm)
                 opt.step()
                 total += float(loss.detach()) * len(idx)
                 n_seen += len(idx)
@@ -574,9 +577,17 @@ class SequenceClassifier:
             }
             (tmp / JSON_FILE).write_text(json.dumps(info, indent=1, default=str))
 
-    @classmethod
-    def _from_config(cls, config: dict[str, Any]) -> SequenceClassifier:
-        return cls(**config)
+
+def finetune_input_hook(k: int, n_layers: int) -> str:
+    """The cached residual stream the last ``k`` of ``n_layers`` blocks start from:
+    ``blocks.{n_layers-k-1}.hook_resid_post``."""
+    if k < 1:
+        raise FinetuneError(f"k must be >= 1, got {k}")
+    if k >= n_layers:
+        raise FinetuneError(
+            f"k={k} must be below the model's {n_layers} layers (the input is a cached layer)"
+        )
+    return f"blocks.{n_layers - k - 1}.hook_resid_post"
 
 
 class FinetunedLayers(SequenceClassifier):
@@ -596,27 +607,17 @@ class FinetunedLayers(SequenceClassifier):
 
     def _build(self, model: HookedTransformer) -> _Stack:
         L = model.cfg.n_layers
-        if self.k >= L:
-            raise FinetuneError(
-                f"k={self.k} must be below the model's {L} layers (the input is a cached layer)"
-            )
+        finetune_input_hook(self.k, L)  # checks k against the model
         self.n_layers_ = L
         blocks = [copy.deepcopy(model.blocks[i]) for i in range(L - self.k, L)]
         ln = copy.deepcopy(model.ln_final) if hasattr(model, "ln_final") else None
         return _Stack(blocks, ln, model.cfg.d_model, self.pooling).float()
 
-    def input_layer(self, n_layers: int | None = None) -> int:
+    def input_hook(self, n_layers: int | None = None) -> str | None:
         L = n_layers or self.n_layers_
         if L is None:
-            raise FinetuneError("the input layer is known once the model is given")
-        if self.k >= L:
-            raise FinetuneError(f"k={self.k} must be below the model's {L} layers")
-        return L - self.k - 1
-
-    def input_hook(self, n_layers: int | None = None) -> str | None:
-        if n_layers is None and self.n_layers_ is None:
             return "resid"  # activations, layer not yet known
-        return f"blocks.{self.input_layer(n_layers)}.hook_resid_post"
+        return finetune_input_hook(self.k, L)
 
     def cost(self, cm: CostModel) -> tuple[ProbeCost, ProbeCost]:
         layer = cm.n_layers - self.k - 1
@@ -624,7 +625,7 @@ class FinetunedLayers(SequenceClassifier):
             "last" if self.pooling == "last" else "mean", 1
         )
         fwd = cm.forward_flops_per_token(layer, include_unembed=False)
-        return _costs(cm, head, fwd, (layer,), f"finetune_k{self.k}")
+        return cm.cost_views(head, head + fwd, fwd, (layer,), f"finetune_k{self.k}")
 
 
 class TruncatedModelClassifier(SequenceClassifier):
@@ -661,27 +662,7 @@ class TruncatedModelClassifier(SequenceClassifier):
     def cost(self, cm: CostModel) -> tuple[ProbeCost, ProbeCost]:
         body = cm.forward_flops_per_token(self.m - 1, include_unembed=False)
         head = cm.final_norm + cm.linear_probe_flops() + cm.pooling_flops("mean", 1)
-        c = _costs(cm, body + head, 0.0, (self.m - 1,), f"truncated_{self.m}")
-        return c[0], c[0]  # its own forward pass either way
-
-
-def _costs(
-    cm: CostModel, head: float, fwd: float, layers: tuple[int, ...], name: str
-) -> tuple[ProbeCost, ProbeCost]:
-    def one(view: str, f: float) -> ProbeCost:
-        return ProbeCost(
-            flops_per_token=head + f,
-            overhead_pct=cm.overhead_pct(head + f),
-            view=view,  # type: ignore[arg-type]
-            layers=layers,
-            probe_flops=head,
-            pooling_flops=0.0,
-            forward_flops=f,
-            pooling=name,
-            order="probe_then_pool",
-        )
-
-    return one("marginal", 0.0), one("standalone", fwd)
+        return cm.cost_views(body + head, body + head, 0.0, (self.m - 1,), f"truncated_{self.m}")
 
 
 _KINDS: dict[str, type[SequenceClassifier]] = {

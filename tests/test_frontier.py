@@ -77,6 +77,9 @@ def test_frontier_kinds_in_a_sweep(tmp_path, tiny_model) -> None:
     assert summ["pareto"].any()
     claims = claims_table(df, "heldout")
     assert len(claims) >= 3 and set(claims["holds"]).issubset({True, False, None})
+    # claim 1 compares fine-tuned k=1 with the policy classifier closest to a quarter of the model
+    assert "finetune k=1" in claims.iloc[0]["figures"] and "tiny[:1]" in claims.iloc[0]["figures"]
+    assert isinstance(claims.iloc[0]["holds"], bool | np.bool_)
 
 
 def test_frontier_spec_errors(tmp_path, tiny_model) -> None:
