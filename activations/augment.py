@@ -4,7 +4,9 @@ Each transformation is a named, seeded, pure function ``(Example, seed=0, **para
 rewrites the request (the last user turn; earlier turns and a final assistant response are kept). The label
 and ``group`` are kept (so splits stay clean), ``kind`` becomes ``jailbreak`` for harmful (label ≥ 0.5)
 examples and is unchanged otherwise, the id gets ``:<name>`` appended, and ``meta`` records the chain of
-transforms (``transform``, joined by ``+``) and ``transform_seed``. Randomness comes from a generator keyed
+transforms (``transform``, joined by ``+``), ``transform_seed`` and the original ``request`` (the first
+transform's input, kept through compositions: decontamination compares requests, not wrappers). Randomness
+comes from a generator keyed
 on (name, seed, example id), so the result depends on nothing else.
 
 Harmless examples should be transformed too: otherwise a probe can learn "wrapper = harmful".
@@ -59,6 +61,7 @@ def _finish(
     meta = ex.meta_dict()
     chain = f"{meta['transform']}+{name}" if meta.get("transform") else name
     meta.update(transform=chain, transform_seed=seed)
+    meta.setdefault("request", ex.prompt)  # the original request (decontamination compares requests)
     return replace(
         ex,
         id=f"{ex.id}:{name}",

@@ -204,6 +204,58 @@ def normalize_text(text: str) -> str:
     return _SPACE.sub(" ", t).strip()
 
 
+# ---------------------------------------------------------------------- cross-source groups
+#: ids of the shared data sets that name a group shared across sources (the JBB behaviour index, the
+#: GPTFuzz question): ``(pattern, group prefix)``; the first capture group is the index.
+_GROUP_IDS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^jailbreakbench:(?:harmful|benign):(\d+)(?:\b|$)"), "jbb"),
+    (re.compile(r"^jbb_artifacts:[^:]+:[^:]+:[^:]+:(\d+)(?:\b|$)"), "jbb"),
+    (re.compile(r"^gptfuzz:template\d+\+question(\d+)(?:\b|$)"), "gptfuzz_q"),
+    (re.compile(r"^gptfuzz:question:(\d+)(?:\b|$)"), "gptfuzz_q"),
+)
+#: prefixes of canonical cross-source groups (kept as they are)
+CANONICAL_GROUP_PREFIXES: tuple[str, ...] = ("jbb:", "gptfuzz_q:")
+
+
+def canonical_group(ex: Example) -> str | None:
+    """The group an example shares with examples of *other* sources, or None.
+
+    * The JailbreakBench behaviour index: ``jailbreakbench`` harmful goals, their benign twins and every
+      ``jbb_artifacts`` jailbreak of that goal share ``jbb:<index>`` (split them together).
+    * The GPTFuzz question: a plain question and every template wrapping it share ``gptfuzz_q:<index>``.
+    * Any other explicit ``group`` is namespaced by its source (``<source>|<group>``): a constitution topic
+      and its look-alike share one group; groups of unrelated sources never collide.
+    Transformed copies (ids with a ``:<transform>`` suffix, or a group that is such an id) keep the group.
+    """
+    for ref in (ex.id, ex.group):
+        if ref is None:
+            continue
+        if ref.startswith(CANONICAL_GROUP_PREFIXES):
+            return ref
+        for pat, prefix in _GROUP_IDS:
+            m = pat.match(ref)
+            if m:
+                return f"{prefix}:{int(m.group(1))}"
+    return None if ex.group is None else f"{ex.source}|{ex.group}"
+
+
+def with_canonical_groups(ds: PromptDataset) -> PromptDataset:
+    """``ds`` with the cross-source group (:func:`canonical_group`) set on examples that have one and no
+    group of their own (so group-respecting splits keep a JBB behaviour or a GPTFuzz question together)."""
+    out = []
+    for e in ds:
+        g = canonical_group(e) if e.group is None else None
+        out.append(replace(e, group=g) if g is not None else e)
+    return PromptDataset(out, name=ds.name)
+
+
+def request_text(ex: Example) -> str:
+    """The request an example makes: the original request of a transformed (wrapped) example, as recorded in
+    its ``meta["request"]``, else its (last) user prompt."""
+    req = ex.meta_dict().get("request")
+    return str(req) if isinstance(req, str) and req else ex.prompt
+
+
 # ---------------------------------------------------------------------- dataset
 class PromptDataset(Sequence[Example]):
     """An immutable, ordered collection of examples with a content fingerprint."""
@@ -330,6 +382,26 @@ class PromptDataset(Sequence[Example]):
             keep = rng.sample(idx, n)
         keep_set = set(keep)
         return PromptDataset([e for i, e in enumerate(self._examples) if i in keep_set], name=self.name)
+
+    def subsample_groups(self, n: int, seed: int = 0) -> PromptDataset:
+        """A seeded subsample of whole groups (``group_key``) with at most ``n`` examples, order preserved.
+
+        Groups are visited in a seeded random order and taken while they fit; a group larger than the room
+        left is skipped (so the result never cuts a group)."""
+        if n >= len(self):
+            return self
+        groups: dict[str, list[int]] = {}
+        for i, e in enumerate(self._examples):
+            groups.setdefault(e.group_key, []).append(i)
+        keys = sorted(groups)
+        random.Random(seed).shuffle(keys)
+        keep: set[int] = set()
+        for k in keys:
+            if len(keep) + len(groups[k]) <= n:
+                keep.update(groups[k])
+            if len(keep) == n:
+                break
+        return PromptDataset([e for i, e in enumerate(self._examples) if i in keep], name=self.name)
 
     def concat(self, other: PromptDataset, name: str | None = None) -> PromptDataset:
         return PromptDataset(self._examples + other._examples, name=name or f"{self.name}+{other.name}")

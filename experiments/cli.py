@@ -158,7 +158,9 @@ def _plot(out: Path) -> None:
 
 
 def _print_headline(df: Any) -> None:
-    """Best layer per (probe, pooling) on each eval set: AUROC, TPR@1%FPR, overhead %."""
+    """The validation-chosen row per (probe, pooling) on each eval set: AUROC, TPR@1%FPR, the FPR the
+    threshold realizes on held-out benign data, overhead %; a confounded set (a surface baseline separates
+    it) is marked."""
     if df is None or len(df) == 0:
         return
     from experiments.report import headline_table
@@ -166,15 +168,22 @@ def _print_headline(df: Any) -> None:
     tab = headline_table(df)
     for eval_set, sub in tab.groupby("eval_set", sort=False):
         over_refusal = bool(sub["auroc"].isna().all()) and "benign_flag_rate_at_1pct_fpr" in sub
-        title = "over-refusal (benign-only set)" if over_refusal else "best layer per probe × pooling"
+        title = "over-refusal (benign-only set)" if over_refusal else "chosen on validation"
+        if "confounded" in sub and bool(sub["confounded"].any()):
+            surface = float(sub["surface_auroc"].max())
+            title += f" — CONFOUNDED: a surface baseline reaches AUROC {surface:.3f}"
         t = Table(title=f"{title} — {eval_set}")
         cols = ["probe", "pooling", "layer", "C"]
         cols += (
             ["benign_flag_rate_at_1pct_fpr"] if over_refusal else ["auroc", "tpr_at_1pct_fpr", "overhead_pct"]
         )
+        if not over_refusal and "realized_fpr_at_1pct" in sub:
+            cols.insert(-1, "realized_fpr_at_1pct")
         for col in cols:
             t.add_column(
-                col.replace("benign_flag_rate_at_1pct_fpr", "flagged @1%FPR thr"),
+                col.replace("benign_flag_rate_at_1pct_fpr", "flagged @1%FPR thr").replace(
+                    "realized_fpr_at_1pct", "FPR on held-out benign"
+                ),
                 justify="left" if col in ("probe", "pooling") else "right",
             )
         for _, r in sub.iterrows():
@@ -185,8 +194,10 @@ def _print_headline(df: Any) -> None:
                 cells += [
                     f"{r['auroc']:.3f} [{r['auroc_lo']:.3f}, {r['auroc_hi']:.3f}]",
                     f"{r['tpr_at_1pct_fpr']:.3f}",
-                    f"{r['overhead_pct']:.2g}",
                 ]
+                if "realized_fpr_at_1pct" in cols:
+                    cells.append(f"{r['realized_fpr_at_1pct']:.4f}")
+                cells.append(f"{r['overhead_pct']:.2g}")
             t.add_row(*cells)
         console.print(t)
 

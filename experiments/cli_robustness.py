@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         best_of: Annotated[
             list[Path] | None,
-            typer.Option("--best-of", help="a sweep folder: add its best probe per pooling (by val AUROC)"),
+            typer.Option("--best-of", help="a sweep folder: add its probe chosen on validation per pooling"),
         ] = None,
         transforms: Annotated[
             str, typer.Option("--transforms", help="all | none | a,b,c (a+b composes)")
@@ -115,7 +115,7 @@ def register(app: typer.Typer) -> None:
         except (RobustnessError, SpecError, SweepError, ValueError) as e:
             _fail(str(e))
             return
-        t = Table(title="best probe per pooling (by val AUROC): AUROC / TPR@1% / flag rate of harmless")
+        t = Table(title="probe chosen on validation per pooling: AUROC / TPR@1% / flag rate of harmless")
         for c in ("train", "pooling", "eval set", "AUROC", "TPR@1%", "flagged@1%"):
             t.add_column(c)
         for _, r in table.iterrows():

@@ -22,6 +22,7 @@ from plotly.offline import get_plotlyjs
 
 from experiments.plots import auroc_by_layer, cost_frontier, layer_pooling_heatmap, load_results
 from experiments.report import headline_table
+from experiments.selection import pick, primary_metric
 
 logger = logging.getLogger(__name__)
 
@@ -56,34 +57,41 @@ def best_per_cost_band(
     select: str | None = None,
     edges: Sequence[float] = BAND_EDGES,
 ) -> pd.DataFrame:
-    """Per eval set (with a defined AUROC) and cost band: the run with the best *validation* metric.
+    """Per eval set (with a defined AUROC) and cost band: the run chosen on *validation*.
 
-    ``select`` is the validation column (default: the first ``val_*`` column); test metrics are reported,
-    never used to choose. Ties go to the cheaper run. Bands are in % overhead (``cost``).
+    ``select`` is the primary validation metric (default: the table's ``select_metric``; ties by the rule of
+    :mod:`experiments.selection`, then the cheaper run); test metrics are reported, never used to choose.
+    Bands are in % overhead (``cost``).
     """
     if len(df) == 0:
         raise ValueError("results table is empty")
     if cost not in df.columns:
         raise ValueError(f"results table has no cost column {cost!r}")
-    if select is None:
-        vals = [c for c in df.columns if c.startswith("val_") and c != "val_log_auroc"] or [
-            c for c in df.columns if c.startswith("val_")
-        ]
-        if not vals:
-            raise ValueError("results table has no validation column (val_*)")
-        select = vals[0]
+    primary = select.removeprefix("val_") if select else primary_metric(df)
     d = df[df["auroc"].notna()].copy()
     d["band"] = [cost_band(float(c), edges) for c in d[cost]]
     order = {cost_band(e * 0.999, edges): i for i, e in enumerate(edges)}
     order[f"≥ {edges[-1]:g}%"] = len(edges)
     order["unknown"] = len(edges) + 1
-    d["_band_order"] = d["band"].map(order)
-    d = d.sort_values([select, cost], ascending=[False, True])
-    best = d.groupby(["eval_set", "band"], sort=False).head(1)
-    best = best.sort_values(["eval_set", "_band_order"]).drop(columns="_band_order")
-    cols = ["eval_set", "band", "probe", "pooling", "layer", "C", select, "auroc", "tpr_at_1pct_fpr", cost]
-    cols += [c for c in ("standalone_overhead_pct", "flops_per_token", "run_id") if c in best.columns]
-    return best[cols].reset_index(drop=True)
+    best = pick(d, ["eval_set", "band"], primary)
+    best["_band_order"] = best["band"].map(order)
+    best = best.sort_values(["eval_set", "_band_order"]).drop(columns=["_band_order", "n_rows"])
+    cols = [
+        "eval_set",
+        "band",
+        "probe",
+        "pooling",
+        "layer",
+        "C",
+        f"val_{primary}",
+        "auroc",
+        "tpr_at_1pct_fpr",
+        cost,
+    ]
+    cols += [
+        c for c in ("confounded", "standalone_overhead_pct", "flops_per_token", "run_id") if c in best.columns
+    ]
+    return best[[c for c in cols if c in best.columns]].reset_index(drop=True)
 
 
 def _fmt(v: object) -> str:

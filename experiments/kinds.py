@@ -13,7 +13,15 @@ import torch
 
 from activations.collect import parse_layers
 from experiments.registry import register_kind
-from experiments.run import RunGroup, evaluate_scores, make_rows, score_roles, select_best
+from experiments.run import (
+    EMBED_HOOK,
+    RunGroup,
+    evaluate_scores,
+    make_rows,
+    score_roles,
+    select_best,
+    val_selection,
+)
 from experiments.spec import SpecError
 from probes.base import Probe
 from probes.linear import DiffMeansProbe, LDAProbe, MultiLayerProbe, Penalty, fit_logistic_batched
@@ -49,7 +57,8 @@ def _logistic(g: RunGroup) -> list[dict[str, Any]]:
     val_scores = path.decision_function(g.feats.layers("val", layers)).numpy()  # [p, c, n]
     rows = []
     for j, run in enumerate(g.runs):
-        best, vals = select_best(ctx, list(val_scores[j]))
+        sel = val_selection(ctx, list(val_scores[j]))
+        best = sel.index
         probe = path.probe(j, best)
         scores = score_roles(ctx, _scorer(g, probe, run.layer))
         metrics = evaluate_scores(ctx, scores, run.seed)
@@ -59,10 +68,11 @@ def _logistic(g: RunGroup) -> list[dict[str, Any]]:
             [run.layer],
             probe,
             C=ctx.spec.Cs[best],
-            val=vals[best],
+            val=sel.value,
             metrics=metrics,
             fit_seconds=fit_s,
             scores=scores,
+            selection=sel,
         )
     return rows
 
@@ -132,7 +142,8 @@ def _multilayer(g: RunGroup) -> list[dict[str, Any]]:
         )  # fmt: skip
         fit_s = time.perf_counter() - t0
         val_scores = path.decision_function(flat("val")[None]).numpy()[0]
-        best, vals = select_best(ctx, list(val_scores))
+        sel = val_selection(ctx, list(val_scores))
+        best = sel.index
         base = path.probe(0, best)
         probe = MultiLayerProbe(base=base, layers=layers)
         probe.load_state_dict({f"base.{k}": v for k, v in base.state_dict().items()})
@@ -147,11 +158,59 @@ def _multilayer(g: RunGroup) -> list[dict[str, Any]]:
             layers,
             probe,
             C=ctx.spec.Cs[best],
-            val=vals[best],
+            val=sel.value,
             metrics=evaluate_scores(ctx, scores, run.seed),
             fit_seconds=fit_s,
             scores=scores,
+            selection=sel,
         )
+    return rows
+
+
+@register_kind(
+    "embedding",
+    per_layer=False,
+    description="surface baseline: logistic probe on the pooled token embeddings (layer-0 residual stream)",
+)
+def _embedding(g: RunGroup) -> list[dict[str, Any]]:
+    """A logistic probe (C on validation) on the pooled token embeddings: what token identity alone gives.
+    An eval set on which it (or TF-IDF) reaches AUROC >= 0.95 measures form, not harm (``confounded``)."""
+    ctx = g.ctx
+
+    def feats(role: str) -> torch.Tensor:
+        return g.feats.hooked(role, EMBED_HOOK)
+
+    rows = []
+    for run in g.runs:
+        ps = run.probe
+        t0 = time.perf_counter()
+        path = fit_logistic_batched(
+            feats("train")[None], torch.as_tensor(ctx.labels("train")), ctx.spec.Cs, penalty=ps.penalty,
+            l1_ratio=ps.l1_ratio, class_weight=ps.class_weight, warn=False,
+        )  # fmt: skip
+        fit_s = time.perf_counter() - t0
+        sel = val_selection(ctx, list(path.decision_function(feats("val")[None]).numpy()[0]))
+        probe = path.probe(0, sel.index)
+        scores = score_roles(ctx, lambda role, p=probe: p.decision_function(feats(role)).numpy())
+        d = ctx.cost.d_model
+        c = ctx.cost.linear_probe_flops(d) / ctx.spec.context_len + ctx.cost.pooling_flops(run.pooling, d)
+        new = make_rows(
+            ctx,
+            run,
+            [],
+            probe,
+            C=ctx.spec.Cs[sel.index],
+            val=sel.value,
+            metrics=evaluate_scores(ctx, scores, run.seed),
+            fit_seconds=fit_s,
+            cost=ctx.cost.cost_views(c, c, 0.0, (), run.pooling.name),
+            extra={"hook_names": EMBED_HOOK},
+            scores=scores,
+            selection=sel,
+        )
+        for row in new:
+            row["hook"], row["layers"], row["n_layers_read"] = "embed", "embed", 1
+        rows += new
     return rows
 
 

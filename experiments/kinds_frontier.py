@@ -47,6 +47,7 @@ from experiments.run import (
     load_run_scores,
     make_rows,
     select_best,
+    val_selection,
 )
 from experiments.spec import ProbeSpec, Run, SpecError
 from probes.cascade import ZRef, cascade_scores, thresholds_for_rate
@@ -189,8 +190,9 @@ def _finish(
         fit_seconds=fit_s,
         cost=cost,
         extra=extra,
-        scores=scores if keep_scores else None,
+        scores=scores,
         save=save,
+        keep_scores=keep_scores,
     )
     for row in rows:
         row["pooling"] = pooling
@@ -209,6 +211,7 @@ def _fit_sequence(
         val=inputs("val"),
         val_y=ctx.labels("val"),
         progress=True,
+        select_metric=ctx.spec.select_metric,
     )
     fit_s = time.perf_counter() - t0
     return {role: clf.decision_function(inputs(role)) for role in ctx.roles}, fit_s
@@ -312,7 +315,9 @@ def _text_run(
     ctx = g.ctx
     t0 = time.perf_counter()
     val = {"val_texts": _texts(ctx, "val"), "val_y": ctx.labels("val")} if score_train else {}
-    clf.fit(_texts(ctx, "train"), ctx.labels("train"), progress=True, **val)
+    clf.fit(
+        _texts(ctx, "train"), ctx.labels("train"), progress=True, select_metric=ctx.spec.select_metric, **val
+    )
     fit_s = time.perf_counter() - t0
     scores = {
         role: np.asarray(clf.decision_function(_texts(ctx, role)), dtype=np.float64)
@@ -418,8 +423,10 @@ def component_scores(
         if got is None:
             raise SpecError(f"{where}: the {ps.kind} run {r.run_id} saved no scores")
         loaded.append((got[0], {**got[1], "run_id": r.run_id}))
-    vals = [float(i["val"]) if i["val"] == i["val"] else -np.inf for _, i in loaded]
-    return loaded[int(np.argmax(vals))]
+    if len(loaded) == 1:
+        return loaded[0]
+    sel = val_selection(ctx, [sc["val"] for sc, _ in loaded])  # `layer: best`: chosen on validation
+    return loaded[sel.index]
 
 
 def _label(info: dict[str, Any]) -> str:

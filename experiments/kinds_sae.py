@@ -32,7 +32,7 @@ from activations.collect import HOOK_KINDS, collect
 from activations.data import normalize_text
 from activations.store import ActivationStore
 from experiments.registry import register_kind
-from experiments.run import RunGroup, SweepContext, evaluate_scores, make_rows, select_best
+from experiments.run import RunGroup, SweepContext, evaluate_scores, make_rows, val_selection
 from experiments.spec import DatasetSpec, SpecError
 from sae.features import LatentEncoder, pooled_latents_multi
 from sae.load import SAEHookMismatchError, SAELoadError, check_hook, load_sae
@@ -200,7 +200,8 @@ def _runner(k_fixed: int | None, dense: bool) -> Any:
             sel, path = heads[k]
             fit_s = time.perf_counter() - t0
             val_scores = path.decision_function(Z["val"][name][:, sel][None]).numpy()[0]
-            best, vals = select_best(ctx, list(val_scores))
+            chosen = val_selection(ctx, list(val_scores))
+            best = chosen.index
             head = path.probe(0, best)
             sub = enc.subset(sel)
             probe = SAEFeatureProbe.build(sub, head, k=k, pooling=g.pooling, hook=hook, sae_ref=ref)
@@ -223,12 +224,13 @@ def _runner(k_fixed: int | None, dense: bool) -> Any:
                 [run.layer],
                 probe,
                 C=ctx.spec.Cs[best],
-                val=vals[best],
+                val=chosen.value,
                 metrics=evaluate_scores(ctx, scores, run.seed),
                 fit_seconds=fit_s,
                 cost=cost,
                 extra=extra,
                 scores=scores,
+                selection=chosen,
             )
             for row in new:
                 row["probe"] = label

@@ -11,8 +11,10 @@ The results table has one row per run × eval set. The functions here read these
   confidence bounds;
 - a cost column (``flops_per_token``, ``overhead_pct``, ``standalone_*``) for the cost frontier.
 
-Where several rows share a plotted point (several C values, several seeds), the metric is averaged over seeds
-for each C and the best C is shown; the hover text names the C and run that were chosen.
+Where several rows share a plotted point (several C values, several seeds, several probes of a heatmap cell),
+the point shows the row chosen on *validation* (:mod:`experiments.selection`), never the best test metric;
+the hover text names the C and run that were chosen. Points of every probe family are drawn, per-token and
+pooled alike (a row's cost is read from its own cost column).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
+
+from experiments.selection import pick
 
 logger = logging.getLogger(__name__)
 
@@ -121,10 +125,12 @@ def _varying_keys(df: pd.DataFrame, keys: Sequence[str]) -> list[str]:
 
 
 def _best_over_c(df: pd.DataFrame, keys: Sequence[str], metric: str) -> pd.DataFrame:
-    """One row per ``keys``: the metric averaged over seeds for each C, at the best C.
+    """One row per ``keys``: the row chosen on *validation* (:func:`experiments.selection.pick`: the
+    primary validation metric, its tie-breakers, then cost), never on the plotted test metric.
 
     Columns: ``keys``, ``metric``, ``lo``, ``hi`` (NaN where the table has no bounds), ``C``, ``run_id``,
-    ``n_seeds``, plus every other column of the chosen run's first row.
+    ``n_seeds`` (how many rows -- C values, seeds -- competed for the point), plus every other column of the
+    chosen row. Rows whose ``metric`` is undefined are left out.
     """
     df = df[pd.to_numeric(df[metric], errors="coerce").notna()].copy()
     if df.empty:
@@ -135,15 +141,8 @@ def _best_over_c(df: pd.DataFrame, keys: Sequence[str], metric: str) -> pd.DataF
     lo, hi = f"{metric}_lo", f"{metric}_hi"
     df["lo"] = pd.to_numeric(df[lo], errors="coerce") if lo in df.columns else np.nan
     df["hi"] = pd.to_numeric(df[hi], errors="coerce") if hi in df.columns else np.nan
-    by_c = [*keys, "C"]
-    grouped = df.groupby(by_c, dropna=False, sort=False)
-    agg = grouped[[metric, "lo", "hi"]].mean()
-    agg["n_seeds"] = grouped.size()
-    first = grouped.head(1).set_index(by_c)
-    others = [c for c in first.columns if c not in agg.columns]
-    agg = agg.join(first[others]).reset_index()
-    best = agg.loc[agg.groupby(list(keys), dropna=False, sort=False)[metric].idxmax()]
-    return best.reset_index(drop=True)
+    best = pick(df, list(keys))
+    return best.rename(columns={"n_rows": "n_seeds"})
 
 
 def _error_y(best: pd.DataFrame, metric: str) -> dict | None:
@@ -195,8 +194,9 @@ def auroc_by_layer(
 
     One subplot column per eval set when ``eval_set`` is None. Error bars come from ``<metric>_lo`` /
     ``<metric>_hi`` where present. Rows without a layer (multi-layer probes, ``layer`` NaN or -1) are drawn
-    as dotted horizontal reference lines across the layer range. Several C values or seeds: best C, mean
-    over seeds. Several hooks or models: one line each. ``error_bars=None`` draws them only when a facet has
+    as dotted horizontal reference lines across the layer range. Several C values or seeds: the row chosen
+    on validation. Several hooks or models: one line each. ``error_bars=None`` draws them only when a facet
+    has
     at most 8 lines (otherwise the bounds are in the hover text only).
     """
     what = "auroc_by_layer"
@@ -307,7 +307,8 @@ def auroc_by_layer(
 def layer_pooling_heatmap(
     df: pd.DataFrame, metric: str = "auroc", eval_set: str | None = None, probe: str | None = None
 ) -> go.Figure:
-    """Layer × pooling heatmap of the best metric (over C, and over probe kinds when ``probe`` is None).
+    """Layer × pooling heatmap of the metric of the run chosen on validation in each cell (over C, seeds, and
+    probe kinds when ``probe`` is None).
 
     ``eval_set`` may be omitted only when the table has one eval set. Cells are annotated with their value;
     the hover names the probe, C and run behind each cell. Rows without a layer are left out.
@@ -324,8 +325,7 @@ def layer_pooling_heatmap(
     df = df[df["_layer"] >= 0]
     if df.empty:
         raise ValueError(f"{what}: no rows with a layer for eval_set={eval_set!r}")
-    per_cell = _best_over_c(df, ["probe", "pooling", "_layer"], metric)
-    cells = per_cell.loc[per_cell.groupby(["pooling", "_layer"])[metric].idxmax()]
+    cells = _best_over_c(df, ["pooling", "_layer"], metric)  # the probe of each cell: chosen on validation
     poolings = sorted(cells["pooling"].astype(str).unique())
     layers = sorted(cells["_layer"].unique())
     grid = cells.assign(pooling=cells["pooling"].astype(str)).set_index(["_layer", "pooling"])
@@ -360,7 +360,7 @@ def layer_pooling_heatmap(
     )
     which = probe if probe is not None else "best probe per cell"
     fig.update_layout(
-        title=f"{_label(metric)}, best over C — {eval_set} ({which})",
+        title=f"{_label(metric)}, chosen on validation — {eval_set} ({which})",
         template="plotly_white",
         width=max(520, 110 * len(poolings) + 300),
         height=max(420, 24 * len(layers) + 180),

@@ -332,7 +332,7 @@ def run_sweep_ray(
     stores and the cost model. ``model_in_tasks`` gives every fit task the model too (built once per worker
     by ``model_factory``), for kinds that read it; by default tasks get ``model=None``.
     """
-    from experiments.run import RESULTS, append_results, prepare, read_results
+    from experiments.run import RESULTS, append_results, finalize_results, prepare
 
     ray = _ray()
     out = Path(out)
@@ -396,7 +396,7 @@ def run_sweep_ray(
         bar.close()
         for ref in pending:
             ray.cancel(ref)
-    df = read_results(out)
+    df = finalize_results(out)
     console.print(
         f"[green]done[/] (ray) in {time.perf_counter() - t_start:.1f}s: {len(df)} rows in {out / RESULTS}"
     )

@@ -1,30 +1,27 @@
-"""Tables drawn from a sweep's results: the headline table (best layer per probe × pooling)."""
+"""Tables drawn from a sweep's results: the headline table (the validation-chosen row per probe × pooling)."""
 
 from __future__ import annotations
 
 import pandas as pd
 
+from experiments.selection import pick
+
+#: one headline row per these columns (those present)
+HEADLINE_KEYS = ["eval_set", "model", "probe", "variant", "pooling", "hook"]
+
 
 def headline_table(df: pd.DataFrame, select: str | None = None) -> pd.DataFrame:
-    """Per eval set, probe kind and pooling: the layer chosen by the *validation* metric (never the test).
+    """Per eval set, probe kind and pooling (and variant, hook, model where present): the row chosen on
+    *validation* (:mod:`experiments.selection`: the layer, seed and C), never on the test metrics.
 
-    ``select`` is the validation column (default: the first ``val_*`` column of the table); ties are broken
-    by ``val_log_auroc`` (low-FPR performance on validation), then by the lower cost.
+    ``select`` names the primary validation metric (``tpr_at_1pct_fpr``, ``log_auroc``, ``auroc``, or the
+    ``val_*`` column); default: the table's ``select_metric``. Rows are ordered by eval set (as in the table)
+    and, for reading, by test AUROC.
     """
     if len(df) == 0:
         raise ValueError("results table is empty")
-    if select is None:
-        vals = [c for c in df.columns if c.startswith("val_")]
-        if not vals:
-            raise ValueError("results table has no validation column (val_*)")
-        select = vals[0]
-    keys = ["eval_set", "probe", "pooling"]
-    tie = ["val_log_auroc"] if "val_log_auroc" in df.columns and select != "val_log_auroc" else []
-    ordered = df.sort_values(
-        [*keys, select, *tie, "flops_per_token"],
-        ascending=[True, True, True, False, *[False] * len(tie), True],
-    )
-    best = ordered.groupby(keys, sort=False).head(1)
+    primary = select.removeprefix("val_") if select else None
+    best = pick(df, HEADLINE_KEYS, primary).drop(columns="n_rows")
     order = {k: i for i, k in enumerate(dict.fromkeys(df["eval_set"]))}
     best = best.assign(_o=best["eval_set"].map(order)).sort_values(["_o", "auroc"], ascending=[True, False])
     return best.drop(columns="_o").reset_index(drop=True)

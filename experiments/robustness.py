@@ -43,6 +43,7 @@ from activations.augment import TRANSFORMS, get_transform
 from activations.collect import collect, model_fingerprint
 from activations.data import DataError, Example, PromptDataset, load_dataset
 from activations.pooling import Pooling
+from experiments.selection import SURFACE_KINDS, pick
 from probes.base import Probe
 from probes.io import load_probe, read_probe_info
 from probes.metrics import auroc, conservative_threshold
@@ -191,25 +192,28 @@ def load_probes(paths: Sequence[str | Path]) -> list[LoadedProbe]:
 
 
 def best_probes(
-    sweep_dir: str | Path, per: str = "pooling", metric: str = "val_auroc", probe_kind: str | None = None
+    sweep_dir: str | Path, per: str = "pooling", metric: str | None = None, probe_kind: str | None = None
 ) -> list[Path]:
-    """The best saved probe of a sweep per value of ``per`` (by ``metric``, ties broken by val_log_auroc)."""
+    """The saved probe of a sweep chosen on validation per value of ``per`` (:mod:`experiments.selection`;
+    ``metric`` overrides the table's primary validation metric)."""
     res = Path(sweep_dir) / "results.parquet"
     if not res.is_file():
         raise RobustnessError(f"{sweep_dir}: no results.parquet (not a sweep folder)")
     df = pd.read_parquet(res).drop_duplicates("run_id")
     df = df[df["probe_path"].astype(str) != ""]
+    df = df[~df["probe"].isin(SURFACE_KINDS)]
     if probe_kind is not None:
         df = df[df["probe"] == probe_kind]
-    for col in (per, metric):
-        if col not in df.columns:
-            raise RobustnessError(f"{res}: no column {col!r}")
+    if per not in df.columns:
+        raise RobustnessError(f"{res}: no column {per!r}")
     if df.empty:
         raise RobustnessError(f"{res}: no saved probes to choose from")
-    keys = [metric] + (["val_log_auroc"] if "val_log_auroc" in df.columns else [])
+    try:
+        chosen = pick(df, [per], metric.removeprefix("val_") if metric else None)
+    except ValueError as e:
+        raise RobustnessError(f"{res}: {e}") from None
     out = []
-    for _, g in df.groupby(per, sort=True):
-        best = g.sort_values(keys, ascending=False, na_position="last", kind="stable").iloc[0]
+    for _, best in chosen.sort_values(per).iterrows():
         path = Path(str(best["probe_path"]))
         if not path.exists() and (Path(sweep_dir) / "probes" / path.name).exists():
             path = Path(sweep_dir) / "probes" / path.name  # the sweep folder was moved or run elsewhere
@@ -652,7 +656,7 @@ def summary_table(df: pd.DataFrame, metric: str = "tpr") -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------------------------- cross-dataset
 def cross_dataset_table(sweep_dirs: Sequence[str | Path], per: str = "pooling") -> pd.DataFrame:
-    """The best probe per ``per`` (by validation AUROC) of each sweep, on every one of its eval sets."""
+    """The probe chosen on validation per ``per`` of each sweep, on every one of its eval sets."""
     rows = []
     for d in sweep_dirs:
         res = Path(d) / "results.parquet"
@@ -670,6 +674,7 @@ def cross_dataset_table(sweep_dirs: Sequence[str | Path], per: str = "pooling") 
         "pooling",
         "layer",
         "C",
+        "val_tpr_at_1pct_fpr",
         "val_auroc",
         "eval_set",
         "auroc",

@@ -14,7 +14,7 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +27,28 @@ from rich.console import Console
 from transformer_lens import HookedTransformer
 
 from activations.collect import HOOK_KINDS, collect, default_store_dir, model_fingerprint, parse_layers
-from activations.data import PromptDataset, normalize_text
+from activations.data import PromptDataset
+from activations.decontam import Reference, decontaminate
 from activations.pooling import Pooling
 from activations.store import ActivationStore, StoreKey
 from experiments.registry import kinds
+from experiments.selection import CONFOUND_AUROC, annotate, selection_summary
 from experiments.spec import Run, SpecError, SweepSpec, expand
 from probes.base import Probe
 from probes.cost import CostModel, ProbeCost
-from probes.metrics import auroc, evaluate, log_auroc, threshold_at_fpr, tpr_at_fpr
+from probes.metrics import conservative_threshold, evaluate, fpr_key
+from probes.selection import SELECTION_METRICS, Selection, select_scores, val_metrics
 
 console = Console(stderr=True)
 
 RESULTS = "results.parquet"
 SWEEP_JSON = "sweep.json"
+SPLITS_JSON = "splits.json"
+SELECTION_JSON = "selection.json"
+#: the columns :func:`finalize_results` derives from the whole table
+ANNOTATIONS = ("selected", "selected_by", "surface_auroc", "confounded")
+#: the residual stream before the first block: the token (and position) embeddings
+EMBED_HOOK = "blocks.0.hook_resid_pre"
 #: every finished run's scores, one ``<run_id>.npz`` per run (what ensembles and cascades combine)
 SCORES_DIR = "scores"
 
@@ -51,63 +60,124 @@ class SweepError(RuntimeError):
 # ---------------------------------------------------------------------- datasets
 @dataclass
 class SweepData:
-    """The sweep's datasets, loaded, filtered and checked."""
+    """The sweep's datasets, loaded, mixed, decontaminated and checked; ``splits`` is ``OUT/splits.json``."""
 
     train: PromptDataset
     val: PromptDataset
     tests: dict[str, PromptDataset]
     control: PromptDataset
+    heldout: PromptDataset | None = None
+    splits: dict[str, Any] = field(default_factory=dict)
 
     def all(self) -> dict[str, PromptDataset]:
         d = {"train": self.train, "val": self.val, "control": self.control}
         d.update({f"test:{k}": v for k, v in self.tests.items()})
+        if self.heldout is not None:
+            d["heldout"] = self.heldout
         return d
 
     def key(self) -> str:
         return "|".join(f"{k}={v.fingerprint()}" for k, v in sorted(self.all().items()))
 
 
+def _counts(ds: PromptDataset) -> dict[str, Any]:
+    """Counts of a role by source and label (``splits.json``)."""
+    by: dict[str, dict[str, int]] = defaultdict(lambda: {"harmful": 0, "harmless": 0})
+    for e in ds:
+        by[e.source or "?"]["harmful" if e.label >= 0.5 else "harmless"] += 1
+    n1 = int((ds.labels >= 0.5).sum()) if len(ds) else 0
+    return {"n": len(ds), "harmful": n1, "harmless": len(ds) - n1, "by_source": dict(sorted(by.items()))}
+
+
 def load_sweep_data(spec: SweepSpec, base: Path | None) -> SweepData:
+    """Load every role; decontaminate evaluation sets against train ∪ val (text, group, near-duplicate),
+    the benign control also against every test set and the held-out benign set against all of those; and
+    record what was kept and removed, per role, in ``SweepData.splits``."""
     ds = spec.datasets
-    train = ds.train.load(base, default_name="train")
+    cfg = spec.decontam.config()
+    splits: dict[str, Any] = {"decontamination": asdict(cfg), "roles": {}}
+    train, train_mix = ds.train.load(base, default_name="train")
+    splits["roles"]["train"] = {**_counts(train), "mixture": train_mix["components"]}
     if ds.val is not None:
-        val = ds.val.load(base, default_name="val")
+        val, val_mix = ds.val.load(base, default_name="val")
+        val, rep = decontaminate(val, Reference([train], cfg))
+        splits["roles"]["val"] = {
+            **_counts(val),
+            "mixture": val_mix["components"],
+            "decontamination": rep.to_json(),
+        }
     else:  # carve a group-respecting validation split out of train
-        split = PromptDataset([e.__class__(**{**e.__dict__, "split": None}) for e in train], name="train")
+        split = PromptDataset([replace(e, split=None) for e in train], name="train")
         split = split.with_splits({"train": 0.8, "val": 0.2}, seed=0)
         train, val = split.filter(split="train", name="train"), split.filter(split="val", name="val")
+        splits["roles"]["train"].update(_counts(train))
+        splits["roles"]["val"] = {**_counts(val), "carved_from": "train (80/20, whole groups)"}
     try:
         train.require_two_classes("train")
         val.require_two_classes("val")
     except ValueError as e:
         raise SpecError(str(e)) from e
+    fit_ref = Reference([train, val], cfg)
+    tests: dict[str, PromptDataset] = {}
+    for name, t in ds.test.items():
+        raw = t.load_with_negatives(base, default_name=name)
+        clean, rep = decontaminate(raw, fit_ref, anchors=t.anchors(base))
+        if len(clean) == 0:
+            raise SpecError(f"dataset {name!r}: every example repeats the training or validation data")
+        if (clean.labels >= 0.5).any() and not (raw.labels >= 0.5).all() and (clean.labels >= 0.5).all():
+            raise SpecError(f"dataset {name!r}: decontamination removed every harmless example")
+        tests[name] = clean
+        splits["roles"][f"test:{name}"] = {**_counts(clean), "decontamination": rep.to_json()}
+        _say(name, rep)
     if ds.benign_control is not None:
         control = ds.benign_control.load(base, default_name="benign_control")
-        if (control.labels >= 0.5).any():
-            n_bad = int((control.labels >= 0.5).sum())
-            raise SpecError(
-                f"datasets.benign_control: {n_bad} examples are labelled harmful; a control set is benign"
-            )
+        _require_benign(control, "benign_control")
+        control, rep = decontaminate(control, Reference([train, val, *tests.values()], cfg))
+        splits["roles"]["control"] = {**_counts(control), "decontamination": rep.to_json()}
+        _say("benign_control", rep)
     else:
         control = val.filter(label=0.0, name="benign_control")
-    tests = {name: t.load(base, default_name=name) for name, t in ds.test.items()}
-    # decontaminate: no evaluation example may repeat a training prompt (benchmarks reuse each other)
-    seen = {normalize_text(e.all_text()) for e in train}
-    for name, tds in [("val", val), ("benign_control", control), *tests.items()]:
-        clean = tds.where(lambda e: normalize_text(e.all_text()) not in seen)
-        if len(clean) < len(tds):
-            console.print(
-                f"[yellow]{name}: dropped {len(tds) - len(clean)} examples that repeat a training prompt"
-            )
-            if len(clean) == 0:
-                raise SpecError(f"dataset {name!r}: every example repeats a training prompt")
-            if name == "val":
-                val = clean
-            elif name == "benign_control":
-                control = clean
-            else:
-                tests[name] = clean
-    return SweepData(train=train, val=val, tests=tests, control=control)
+        splits["roles"]["control"] = {
+            **_counts(control),
+            "note": "no benign_control given: the validation negatives",
+        }
+    heldout = None
+    if ds.benign_heldout is not None:
+        heldout = ds.benign_heldout.load(base, default_name="benign_heldout")
+        _require_benign(heldout, "benign_heldout")
+        heldout, rep = decontaminate(heldout, Reference([train, val, *tests.values(), control], cfg))
+        if len(heldout) == 0:
+            raise SpecError("dataset 'benign_heldout': every example repeats another role's data")
+        splits["roles"]["heldout"] = {**_counts(heldout), "decontamination": rep.to_json()}
+        _say("benign_heldout", rep)
+    if len(control) == 0:
+        raise SpecError("dataset 'benign_control': every example repeats another role's data")
+    return SweepData(train=train, val=val, tests=tests, control=control, heldout=heldout, splits=splits)
+
+
+def _require_benign(ds: PromptDataset, role: str) -> None:
+    if (ds.labels >= 0.5).any():
+        n_bad = int((ds.labels >= 0.5).sum())
+        raise SpecError(f"datasets.{role}: {n_bad} examples are labelled harmful; a {role} set is benign")
+
+
+def _say(name: str, rep: Any) -> None:
+    gone = {k: v for k, v in rep.removed.items() if v}
+    if gone:
+        console.print(
+            f"[yellow]{name}: decontaminated against {'+'.join(rep.against)}: "
+            f"removed {rep.n_before - rep.n_after} of {rep.n_before} ({gone})"
+        )
+
+
+def write_splits(out: Path, data: SweepData) -> Path:
+    """``OUT/splits.json``: per role, counts by source and label, mixture components, and what
+    decontamination removed and why (written atomically)."""
+    p = out / SPLITS_JSON
+    tmp = out / f".{SPLITS_JSON}.tmp"
+    tmp.write_text(json.dumps(data.splits, indent=1, sort_keys=False, default=str))
+    os.replace(tmp, p)
+    return p
 
 
 # ---------------------------------------------------------------------- results table
@@ -116,6 +186,28 @@ def read_results(out: Path) -> pd.DataFrame:
     if not p.exists():
         return pd.DataFrame()
     return pd.read_parquet(p)
+
+
+def finalize_results(out: Path) -> pd.DataFrame:
+    """Annotate the finished table (``selected``, ``selected_by``, ``surface_auroc``, ``confounded``:
+    :func:`experiments.selection.annotate`), rewrite it atomically and write ``OUT/selection.json`` (how
+    often validation tied). Returns the annotated table."""
+    df = read_results(out)
+    if len(df) == 0:
+        return df
+    df = annotate(df.drop(columns=[c for c in ANNOTATIONS if c in df.columns]))
+    tmp = out / f".tmp-{RESULTS}"
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, out / RESULTS)
+    summary = selection_summary(df)
+    (out / SELECTION_JSON).write_text(json.dumps(summary, indent=1))
+    n_conf = sorted(df.loc[df["confounded"], "eval_set"].unique())
+    if n_conf:
+        console.print(
+            f"[yellow]confounded[/] (a surface baseline reaches AUROC >= {CONFOUND_AUROC}): "
+            + ", ".join(n_conf)
+        )
+    return df
 
 
 def append_results(out: Path, rows: list[dict[str, Any]]) -> None:
@@ -173,7 +265,7 @@ class FeatureCache:
 
     def __init__(self, ctx: SweepContext, hook_kind: str, pooling: Pooling) -> None:
         self.ctx, self.hook_kind, self.pooling = ctx, hook_kind, pooling
-        self._cache: dict[tuple[str, int], torch.Tensor] = {}
+        self._cache: dict[tuple[str, int | str], torch.Tensor] = {}
 
     def hook(self, layer: int) -> str:
         return HOOK_KINDS[self.hook_kind].format(l=layer)
@@ -186,6 +278,13 @@ class FeatureCache:
 
     def layers(self, role: str, layers: Sequence[int]) -> Float[torch.Tensor, "l n d"]:
         return torch.stack([self.layer(role, layer) for layer in layers])
+
+    def hooked(self, role: str, hook: str) -> Float[torch.Tensor, "n d"]:
+        """Pooled features of a full hook name (e.g. the embeddings), computed once."""
+        key = (role, hook)
+        if key not in self._cache:
+            self._cache[key] = self.ctx.stores[role].pooled(hook, self.pooling)
+        return self._cache[key]
 
 
 @dataclass
@@ -218,11 +317,14 @@ def evaluate_scores(
 ) -> dict[str, dict[str, float]]:
     """Metrics of one probe's scores (one array per dataset role) on every test set.
 
-    Thresholds come from the benign control set. A harmful-only test set is scored against the control set
-    as negatives; a benign-only one (e.g. contrast prompts) gets NaN detection metrics and its
-    over-refusal rate (``benign_flag_rate_at_*``: share of its examples flagged at the control threshold).
+    Thresholds come from the benign control set and hold out of sample (:mod:`probes.metrics`); with a
+    held-out benign set the FPR they realize there is reported too (``realized_fpr_at_*``). A test set with
+    both classes (e.g. a harmful set with matched ``negatives``) is scored against its own negatives; a
+    harmful-only set against the control set; a benign-only one (e.g. contrast prompts) gets NaN detection
+    metrics and its over-refusal rate (``benign_flag_rate_at_*``: share flagged at the control threshold).
     """
     control = scores["control"]
+    heldout = scores.get("heldout")
     n_boot = ctx.spec.bootstrap
     out = {}
     for name in ctx.data.tests:
@@ -230,57 +332,45 @@ def evaluate_scores(
         harmful = ctx.labels(f"test:{name}") >= 0.5
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            kw = {"benign_control_scores": control, "benign_heldout_scores": heldout, "n_boot": n_boot}
             if harmful.all():
                 yy = np.concatenate([np.ones(len(s), int), np.zeros(len(control), int)])
-                m = evaluate(
-                    yy, np.concatenate([s, control]), benign_control_scores=control, n_boot=n_boot, seed=seed
-                )
+                m = evaluate(yy, np.concatenate([s, control]), seed=seed, **kw)
             elif harmful.any():
-                m = evaluate(harmful.astype(int), s, benign_control_scores=control, n_boot=n_boot, seed=seed)
+                m = evaluate(harmful.astype(int), s, seed=seed, **kw)
             else:
                 m = {
                     "auroc": float("nan"),
                     "tpr_at_1pct_fpr": float("nan"),
                     "tpr_at_0.1pct_fpr": float("nan"),
+                    "n_benign_control": len(control),
                 }
-            for fpr, key in ((0.01, "1pct"), (0.001, "0.1pct")):
-                thr = threshold_at_fpr(control, fpr)
+            for fpr in (0.01, 0.001):
+                key = fpr_key(fpr)
+                info = conservative_threshold(control, fpr, warn=False)
                 benign = s[~harmful]
                 m[f"benign_flag_rate_at_{key}_fpr"] = (
-                    float((benign > thr).mean()) if len(benign) else float("nan")
+                    float((benign > info.threshold).mean())
+                    if len(benign) and not info.limited_by_n
+                    else float("nan")
                 )
+        m["negatives"] = "control" if harmful.all() else ("own" if harmful.any() else "")
         m["n_eval"] = len(s)
         out[name] = m
     return out
 
 
-def val_metric(ctx: SweepContext, s: np.ndarray) -> float:
-    """The spec's selection metric of validation scores ``s``."""
-    yy = (ctx.labels("val") >= 0.5).astype(int)
-    name = ctx.spec.select_metric
-    if name == "auroc":
-        return auroc(yy, s)
-    if name == "log_auroc":
-        return log_auroc(yy, s)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return tpr_at_fpr(s[yy == 1], s[yy == 0], 0.01)
+def val_selection(ctx: SweepContext, val_scores: Sequence[np.ndarray]) -> Selection:
+    """The candidate (e.g. a C value, in grid order) chosen on validation by the one rule of
+    :mod:`probes.selection` with the spec's primary metric."""
+    return select_scores(ctx.labels("val"), [np.asarray(v) for v in val_scores], ctx.spec.select_metric)
 
 
 def select_best(ctx: SweepContext, val_scores: Sequence[np.ndarray]) -> tuple[int, list[float]]:
-    """Index of the candidate (e.g. a C value) with the best validation metric, and every candidate's.
-
-    Ties (common when the validation AUROC saturates at 1) are broken by the log-space AUROC, which weighs
-    the low-FPR end, then by the earlier candidate (the stronger regularization, for a C path).
-    """
-    vals = [val_metric(ctx, np.asarray(s)) for s in val_scores]
-    top = np.nanmax(vals)
-    tied = [i for i, v in enumerate(vals) if v >= top - 1e-12]
-    if len(tied) == 1:
-        return tied[0], vals
-    y = (ctx.labels("val") >= 0.5).astype(int)
-    second = [log_auroc(y, np.asarray(val_scores[i])) for i in tied]
-    return tied[int(np.nanargmax(second))], vals
+    """Index of the candidate chosen on validation (:func:`val_selection`), and every candidate's primary
+    validation metric."""
+    sel = val_selection(ctx, val_scores)
+    return sel.index, [m[ctx.spec.select_metric] for m in sel.metrics]
 
 
 def probe_metadata(
@@ -320,18 +410,25 @@ def make_rows(
     extra: dict[str, Any] | None = None,
     scores: dict[str, np.ndarray] | None = None,
     save: Any = None,
+    selection: Selection | None = None,
+    keep_scores: bool = True,
 ) -> list[dict[str, Any]]:
     """One results row per eval set for a finished run; saves ``probe`` under ``OUT/probes/<run_id>``.
 
     ``cost`` is (marginal, standalone); by default a pooled linear read-out of ``layers``. ``scores`` (every
-    dataset role's scores of the chosen probe) add ``val_log_auroc``, the tie-breaker of model selection,
-    and are kept in ``OUT/scores/<run_id>.npz`` with the run's costs, so ensembles and cascades can combine
-    finished runs. ``save(path, metadata)`` replaces ``probe.save``
+    dataset role's scores of the chosen probe) give every validation metric of the selection rule
+    (``val_tpr_at_1pct_fpr``, ``val_log_auroc``, ``val_auroc``; :mod:`probes.selection`) and are kept in
+    ``OUT/scores/<run_id>.npz`` with the run's costs (unless ``keep_scores`` is off), so ensembles and
+    cascades can combine finished runs.
+    ``selection`` (the run's choice among candidates, e.g. its C) adds ``val_candidates`` and ``val_ties``
+    (how many candidates tied on the primary validation metric). ``save(path, metadata)`` replaces
+    ``probe.save``
     for scorers that are not :class:`~probes.base.Probe` (fine-tuned layers, standalone classifiers).
     """
-    val_log = float("nan")
+    vm = {m: float("nan") for m in SELECTION_METRICS}
     if scores is not None:
-        val_log = log_auroc((ctx.labels("val") >= 0.5).astype(int), np.asarray(scores["val"]))
+        vm = val_metrics(ctx.labels("val"), scores["val"])
+    vm[ctx.spec.select_metric] = val
     d = ctx.cost.d_model
     if cost is None:
         marginal = ctx.cost.probe_cost(list(layers), d, run.pooling, view="marginal", order="pool_then_probe")
@@ -346,7 +443,7 @@ def make_rows(
         save(path, meta)
     elif probe is not None:
         probe.save(path, meta)
-    if scores is not None:
+    if scores is not None and keep_scores:
         save_run_scores(
             ctx.out,
             run.run_id,
@@ -379,8 +476,10 @@ def make_rows(
                 "seed": run.seed,
                 "eval_set": eval_set,
                 **m,
-                f"val_{ctx.spec.select_metric}": val,
-                "val_log_auroc": val_log,
+                **{f"val_{k}": v for k, v in vm.items()},
+                "select_metric": ctx.spec.select_metric,
+                "val_candidates": len(selection.metrics) if selection is not None else 1,
+                "val_ties": selection.n_tied if selection is not None else 1,
                 "flops_per_token": marginal.flops_per_token,
                 "overhead_pct": marginal.overhead_pct,
                 "standalone_flops_per_token": standalone.flops_per_token,
@@ -443,6 +542,7 @@ def prepare(
     sharded collection."""
     check_sweep_dir(out, spec)
     data = load_sweep_data(spec, base)
+    write_splits(out, data)
     if model is None:
         from activations.models import load_model
 
@@ -454,6 +554,8 @@ def prepare(
         if h not in HOOK_KINDS:
             raise SpecError(f"hooks: unknown hook {h!r}; expected one of {sorted(HOOK_KINDS)}")
     all_hooks = [n for names in hook_names.values() for n in names]
+    if spec.surface_baselines and EMBED_HOOK not in all_hooks:
+        all_hooks.append(EMBED_HOOK)  # the token embeddings, for the surface-baseline probe
     store_root = store_root or out / "stores"
     stores = {}
     fp = model_fingerprint(model)
@@ -525,7 +627,7 @@ def run_sweep(
         list(groups.items()), desc="fit groups", disable=not progress
     ):
         run_group(ctx, hook_kind, pooling, group, sink=lambda rows: append_results(out, rows))
-    df = read_results(out)
+    df = finalize_results(out)
     console.print(
         f"[green]done[/] in {time.perf_counter() - t_start:.1f}s: {len(df)} rows in {out / RESULTS}"
     )

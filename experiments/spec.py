@@ -15,11 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from activations.data import DataError, PromptDataset, load_dataset
+from activations.augment import augment_dataset, get_transform
+from activations.data import DataError, PromptDataset, load_dataset, normalize_text, with_canonical_groups
+from activations.decontam import DecontamConfig
+from activations.matched import rewrap
 from activations.pooling import Pooling, PoolingError
+from experiments.selection import SURFACE_KINDS
+from probes.selection import DEFAULT_SELECT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -46,7 +52,13 @@ class _Frozen(BaseModel):
 
 class DatasetSpec(_Frozen):
     """One dataset: a JSONL path (relative to the spec file; ``shared:`` = the shared data folder),
-    ``builtin`` or ``hf:NAME``, with optional filters, de-duplication and a seeded subsample."""
+    ``builtin`` or ``hf:NAME``, with optional filters, de-duplication, seeded subsamples and transforms.
+
+    Loading runs, in order: cross-source groups (:func:`~activations.data.with_canonical_groups`), the
+    filters, ``dedup``, ``rewrap``, ``max_per_class``, ``subsample`` (class-stratified), ``cap`` (whole
+    groups), ``augment``. ``negatives`` (test sets only) adds harmless prompts of the same form to a
+    harmful set; ``weight`` is this dataset's share of a mixture with a ``size``.
+    """
 
     path: str
     name: str | None = None
@@ -55,27 +67,35 @@ class DatasetSpec(_Frozen):
     source: str | list[str] | None = None
     category: str | list[str] | None = None
     label: float | None = None
+    soft_labels: bool = False
     dedup: bool = True
     subsample: int | None = Field(default=None, gt=0)
     max_per_class: int | None = Field(default=None, gt=0)
+    cap: int | None = Field(default=None, gt=0)
+    weight: float | None = Field(default=None, gt=0)
     seed: int = 0
+    rewrap: RewrapSpec | None = None
     augment: list[str] | None = None
     augment_copies: int = Field(default=1, gt=0)
     augment_keep_original: bool = True
+    negatives: list[DatasetSpec] | None = None
 
     @field_validator("augment")
     @classmethod
     def _known_transforms(cls, v: list[str] | None) -> list[str] | None:
         if v is None:
             return v
-        from activations.augment import get_transform
-
         for name in v:
             try:
                 get_transform(name)
             except (KeyError, ValueError) as e:
                 raise ValueError(f"augment: {e}") from e
         return v
+
+    @field_validator("negatives", mode="before")
+    @classmethod
+    def _negatives_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, dict) else v
 
     def resolve_path(self, base: Path | None) -> str:
         p = self.path
@@ -89,12 +109,15 @@ class DatasetSpec(_Frozen):
         return str(path)
 
     def load(self, base: Path | None = None, *, default_name: str = "data") -> PromptDataset:
+        """The dataset with every option of this spec applied (``negatives`` excepted: see
+        :meth:`load_with_negatives`)."""
         ref = self.resolve_path(base)
-        try:
-            ds = load_dataset(ref)
-        except DataError as e:
-            raise SpecError(f"dataset {self.name or default_name!r}: {e}") from e
         name = self.name or default_name
+        try:
+            ds = load_dataset(ref, **({"soft_labels": True} if self.soft_labels else {}))
+        except DataError as e:
+            raise SpecError(f"dataset {name!r}: {e}") from e
+        ds = with_canonical_groups(ds)
         ds = ds.filter(
             split=self.split,
             kind=self.kind,
@@ -106,11 +129,19 @@ class DatasetSpec(_Frozen):
         if len(ds) == 0:
             raise SpecError(
                 f"dataset {name!r} ({self.path}): the filter "
-                f"{self.model_dump(exclude_none=True, exclude={'path', 'name', 'dedup', 'seed'})} "
-                "selects nothing"
+                f"{self.model_dump(exclude_none=True, include=_FILTERS)} selects nothing"
             )
         if self.dedup:
             ds = ds.dedup()
+        if self.rewrap is not None:
+            try:
+                ds = rewrap(
+                    ds,
+                    self.rewrap.wrapped.load(base, default_name=f"{name}.rewrap.wrapped"),
+                    self.rewrap.goals.load(base, default_name=f"{name}.rewrap.goals"),
+                )
+            except DataError as e:
+                raise SpecError(f"dataset {name!r}: {e}") from e
         if self.max_per_class is not None:
             harmful = ds.filter(label=1.0)
             keep = {e.id for e in harmful.subsample(self.max_per_class, seed=self.seed, stratify=False)}
@@ -120,9 +151,9 @@ class DatasetSpec(_Frozen):
             ds = ds.where(lambda e: e.id in keep)
         if self.subsample is not None:
             ds = ds.subsample(self.subsample, seed=self.seed)
+        if self.cap is not None:
+            ds = ds.subsample_groups(self.cap, seed=self.seed)
         if self.augment:
-            from activations.augment import augment_dataset
-
             ds = augment_dataset(
                 ds,
                 self.augment,
@@ -132,18 +163,144 @@ class DatasetSpec(_Frozen):
             )
         return PromptDataset(ds.examples, name=name)
 
+    def anchors(self, base: Path | None = None) -> list[PromptDataset]:
+        """Datasets that name the cross-source groups of this one (the goals behind rewrapped negatives):
+        decontamination drops a whole group when one of its anchors repeats the training data."""
+        out: list[PromptDataset] = []
+        for sub in [self, *(self.negatives or [])]:
+            if sub.rewrap is not None:
+                out.append(sub.rewrap.goals.load(base, default_name="goals"))
+        return out
+
+    def load_with_negatives(self, base: Path | None = None, *, default_name: str = "data") -> PromptDataset:
+        """The dataset plus its ``negatives`` (harmless prompts of the same form), as one evaluation set."""
+        ds = self.load(base, default_name=default_name)
+        if not self.negatives:
+            return ds
+        exs = list(ds)
+        seen = {e.id for e in exs}
+        for i, neg in enumerate(self.negatives):
+            nds = neg.load(base, default_name=f"{ds.name}.negatives[{i}]")
+            if (nds.labels >= 0.5).any():
+                raise SpecError(
+                    f"dataset {ds.name!r}: negatives[{i}] ({neg.path}) holds "
+                    f"{int((nds.labels >= 0.5).sum())} harmful examples; negatives must be harmless "
+                    "(filter with label: 0)"
+                )
+            exs += [e for e in nds if e.id not in seen]
+            seen |= {e.id for e in nds}
+        return PromptDataset(exs, name=ds.name)
+
+
+class RewrapSpec(_Frozen):
+    """Harmless requests placed in the wrappers of a wrapped harmful set (:func:`activations.matched.rewrap`):
+    ``wrapped`` (e.g. JBB jailbreak artifacts) and ``goals`` (the original harmful requests, aligned by
+    cross-source group, e.g. JailbreakBench's harmful goals)."""
+
+    wrapped: DatasetSpec
+    goals: DatasetSpec
+
+
+_FILTERS = {"split", "kind", "source", "category", "label"}
+DatasetSpec.model_rebuild()
+
+
+class MixtureSpec(_Frozen):
+    """Several datasets mixed into one role (train or val): ``mix`` (each with its own filters, caps and an
+    optional ``weight``), ``size`` (the total; split between components by weight, each subsampled by whole
+    groups) and ``seed``. Components are concatenated in order; an example whose normalized text (or id)
+    repeats an *earlier component's* is dropped (within a component, its own ``dedup`` decides). A YAML list of datasets is a mixture without ``size``."""
+
+    mix: list[DatasetSpec] = Field(min_length=1)
+    size: int | None = Field(default=None, gt=0)
+    seed: int = 0
+
+    def load(
+        self, base: Path | None = None, *, default_name: str = "data"
+    ) -> tuple[PromptDataset, dict[str, Any]]:
+        """The mixed dataset and a report (per component: what it loaded and kept, by label)."""
+        one = len(self.mix) == 1
+        parts = [
+            c.load(base, default_name=c.name or (default_name if one else f"{default_name}[{i}]"))
+            for i, c in enumerate(self.mix)
+        ]
+        if self.size is not None:
+            w = np.asarray([c.weight if c.weight is not None else 1.0 for c in self.mix], dtype=float)
+            quota = np.floor(self.size * w / w.sum()).astype(int)
+            quota[: self.size - int(quota.sum())] += 1  # the remainder, one each, in order
+            parts = [
+                p.subsample_groups(int(q), seed=self.seed + i)
+                for i, (p, q) in enumerate(zip(parts, quota, strict=True))
+            ]
+        seen_text: set[str] = set()
+        seen_id: set[str] = set()
+        out = []
+        report: list[dict[str, Any]] = []
+        for comp, part in zip(self.mix, parts, strict=True):
+            kept = [e for e in part if normalize_text(e.all_text()) not in seen_text and e.id not in seen_id]
+            out += kept
+            seen_text |= {normalize_text(e.all_text()) for e in kept}
+            seen_id |= {e.id for e in kept}
+            report.append(
+                {"name": part.name, "path": comp.path, "n_loaded": len(part), "n_kept": len(kept),
+                 "duplicates_dropped": len(part) - len(kept)}
+            )  # fmt: skip
+        if len(self.mix) == 1:
+            return PromptDataset(out, name=parts[0].name), {"components": report}
+        return PromptDataset(out, name=default_name), {"components": report}
+
+
+def _as_mixture(v: Any) -> Any:
+    if isinstance(v, list):
+        return {"mix": v}
+    if isinstance(v, dict) and "mix" not in v:
+        return {"mix": [v]}
+    if isinstance(v, DatasetSpec):
+        return MixtureSpec(mix=[v])
+    return v
+
 
 class DatasetsSpec(_Frozen):
-    train: DatasetSpec
-    val: DatasetSpec | None = None
+    """The dataset roles of a sweep: ``train`` and ``val`` (a dataset or a mixture) choose everything;
+    ``test`` sets are evaluated only; ``benign_control`` sets every threshold; ``benign_heldout`` (a second
+    benign set, disjoint from the control) reports the FPR those thresholds realize out of sample."""
+
+    train: MixtureSpec
+    val: MixtureSpec | None = None
     test: dict[str, DatasetSpec] = Field(default_factory=dict)
     benign_control: DatasetSpec | None = None
+    benign_heldout: DatasetSpec | None = None
+
+    @field_validator("train", "val", mode="before")
+    @classmethod
+    def _mixture(cls, v: Any) -> Any:
+        return _as_mixture(v)
 
     @model_validator(mode="after")
     def _has_tests(self) -> DatasetsSpec:
         if not self.test:
             raise ValueError("datasets.test: give at least one test set")
+        for role, spec in (("train", self.train), ("val", self.val)):
+            if spec is not None and any(c.negatives for c in spec.mix):
+                raise ValueError(f"datasets.{role}: `negatives` is for test sets (mix the datasets instead)")
         return self
+
+
+class DecontamSpec(_Frozen):
+    """Decontamination of evaluation sets against train ∪ val (see :mod:`activations.decontam`)."""
+
+    jaccard: float = Field(default=0.8, gt=0, le=1)
+    containment: float = Field(default=0.9, gt=0, le=1)
+    min_shingles: int = Field(default=40, ge=1)
+    by_group: bool = True
+
+    def config(self) -> DecontamConfig:
+        return DecontamConfig(
+            jaccard=self.jaccard,
+            containment=self.containment,
+            min_shingles=self.min_shingles,
+            by_group=self.by_group,
+        )
 
 
 class ProbeSpec(_Frozen):
@@ -209,7 +366,11 @@ class SweepSpec(_Frozen):
     probes: list[ProbeSpec]
     Cs: list[float] = Field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0])
     seeds: list[int] = Field(default_factory=lambda: [0])
-    select_metric: Literal["auroc", "log_auroc", "tpr_at_1pct_fpr"] = "auroc"
+    #: the primary validation metric of every selection (ties: :mod:`probes.selection`)
+    select_metric: Literal["auroc", "log_auroc", "tpr_at_1pct_fpr"] = DEFAULT_SELECT  # type: ignore[assignment]
+    #: surface baselines beside every probe: TF-IDF on the text and a probe on the token embeddings
+    surface_baselines: bool = True
+    decontam: DecontamSpec = Field(default_factory=DecontamSpec)
     bootstrap: int = Field(default=500, ge=0)
     context_len: int = Field(default=512, gt=0)
 
@@ -241,6 +402,15 @@ class SweepSpec(_Frozen):
     def pooling_objs(self) -> list[Pooling]:
         return [Pooling.parse(p) for p in self.poolings]
 
+    def all_probes(self) -> list[ProbeSpec]:
+        """The spec's probes plus, with ``surface_baselines``, the surface baselines it does not already
+        list: TF-IDF on the text (``tfidf``) and a logistic probe on the token embeddings (``embedding``)."""
+        out = list(self.probes)
+        if self.surface_baselines:
+            have = {p.kind for p in out}
+            out += [ProbeSpec(kind=k) for k in SURFACE_KINDS if k not in have]
+        return out
+
     def fingerprint(self) -> str:
         d = self.model_dump(mode="json")
         if d.get("keep") is None:  # specs written before `keep` existed keep their fingerprint
@@ -265,13 +435,27 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> tupl
     return parse_spec(raw, where=str(p)), p.parent
 
 
+def _user_loc(raw: dict[str, Any], loc: tuple[Any, ...]) -> str:
+    """An error location as the user wrote the spec: a single dataset given for ``train`` / ``val`` is
+    wrapped in a one-component mixture internally (``train.mix.0``), which the message does not show; a
+    list shows as ``train[i]``."""
+    parts = [str(x) for x in loc]
+    if len(parts) >= 4 and parts[0] == "datasets" and parts[1] in ("train", "val") and parts[2] == "mix":
+        given = (raw.get("datasets") or {}).get(parts[1])
+        if isinstance(given, dict) and "mix" not in given:
+            parts = parts[:2] + parts[4:]
+        elif isinstance(given, list):
+            parts = [parts[0], f"{parts[1]}[{parts[3]}]", *parts[4:]]
+    return ".".join(parts)
+
+
 def parse_spec(raw: dict[str, Any], where: str = "spec") -> SweepSpec:
     try:
         return SweepSpec.model_validate(raw)
     except ValidationError as e:
         msgs = []
         for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"])
+            loc = _user_loc(raw, tuple(err["loc"]))
             if err["type"] == "extra_forbidden":
                 msgs.append(f"unknown key {loc!r}")
             else:
@@ -319,7 +503,7 @@ def expand(spec: SweepSpec, layers: list[int], data_key: str) -> Iterator[Run]:
     for seed in spec.seeds:
         for hook in spec.hooks:
             for pooling in spec.pooling_objs():
-                for probe in spec.probes:
+                for probe in spec.all_probes():
                     if not registry[probe.kind].per_layer:
                         yield Run(probe, hook, -1, pooling, seed, spec_key)
                         continue

@@ -48,6 +48,7 @@ from probes.base import ArrayLike, check_y
 from probes.cost import CostModel
 from probes.io import atomic_dir, jsonable
 from probes.metrics import auroc
+from probes.selection import DEFAULT_SELECT, select_scores, selection_key, tie_order, val_metrics
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -158,6 +159,8 @@ class TextClassifier(abc.ABC):
 
     #: validation AUROC of the selected model (None without a validation set)
     val_auroc_: float | None = None
+    #: the primary validation metric of model selection (set by ``fit``)
+    select_metric_: str = DEFAULT_SELECT
     _fitted: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -181,9 +184,13 @@ class TextClassifier(abc.ABC):
         val_texts: Sequence[str] | None = None,
         val_y: ArrayLike | Sequence[float] | None = None,
         progress: bool = False,
+        select_metric: str = DEFAULT_SELECT,
     ) -> Self:
-        """Fit on ``texts`` and labels ``y`` in [0, 1] (1 = harmful); model selection on the validation set
-        when ``val_texts`` / ``val_y`` are given."""
+        """Fit on ``texts`` and labels ``y`` in [0, 1] (1 = harmful); model selection (C, epoch) on the
+        validation set when ``val_texts`` / ``val_y`` are given, by the rule of :mod:`probes.selection`
+        with ``select_metric`` as the primary metric."""
+        tie_order(select_metric)  # validates the name
+        self.select_metric_ = select_metric
         tx = _check_texts(texts)
         yy = _check_labels(y, len(tx))
         val = _check_val(val_texts, val_y)  # type: ignore[arg-type]
@@ -319,11 +326,10 @@ class TextClassifier(abc.ABC):
         return f"{type(self).__name__}({args})"
 
 
-def _best_by_val(scores: Sequence[float]) -> int:
-    """Index of the best validation AUROC (the first one on ties, i.e. the earliest / most regularized)."""
-    arr = np.asarray(scores, dtype=np.float64)
-    arr = np.where(np.isfinite(arr), arr, -np.inf)
-    return int(np.argmax(arr))
+def _best_by_val(y: np.ndarray, candidates: Sequence[np.ndarray], primary: str) -> int:
+    """Index of the candidate (validation scores) chosen by the rule of :mod:`probes.selection` (ties: the
+    earliest, i.e. the most regularized)."""
+    return select_scores(y, candidates, primary).index
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -438,7 +444,7 @@ class TfidfClassifier(TextClassifier):
         X = mats[0] if len(mats) == 1 else sp.hstack(mats, format="csr")
         yh = (y >= 0.5).astype(np.int64)
         Cs = list(self.Cs) if (val is not None and self.Cs) else [self.C]
-        models, scores = [], []
+        models, scores, val_scores = [], [], []
         Xv = self._transform(val[0]) if val is not None else None
         for C in Cs:
             lr = LogisticRegression(C=C, class_weight=self.class_weight, max_iter=self.max_iter)
@@ -447,8 +453,9 @@ class TfidfClassifier(TextClassifier):
                 lr.fit(X, yh)
             models.append(lr)
             if val is not None:
-                scores.append(auroc(val[1] >= 0.5, lr.decision_function(Xv)))
-        best = _best_by_val(scores) if val is not None else 0
+                val_scores.append(lr.decision_function(Xv))
+                scores.append(auroc(val[1] >= 0.5, val_scores[-1]))
+        best = _best_by_val(val[1], val_scores, self.select_metric_) if val is not None else 0
         lr = models[best]
         self.coef_ = np.asarray(lr.coef_[0], dtype=np.float64)
         self.intercept_ = float(lr.intercept_[0])
@@ -837,13 +844,14 @@ class MiniLMClassifier(TextClassifier):
         Xv = self._embed(val_ids, progress, desc="minilm embed val").double().numpy() if val_ids else None
         yh = (y >= 0.5).astype(np.int64)
         Cs = list(self.Cs) if (val is not None and self.Cs) else [self.C]
-        fits, scores = [], []
+        fits, scores, val_scores = [], [], []
         for C in Cs:
             lr = LogisticRegression(C=C, max_iter=5000).fit(X, yh)
             fits.append(lr)
             if val is not None:
-                scores.append(auroc(val[1] >= 0.5, lr.decision_function(Xv)))
-        best = _best_by_val(scores) if val is not None else 0
+                val_scores.append(lr.decision_function(Xv))
+                scores.append(auroc(val[1] >= 0.5, val_scores[-1]))
+        best = _best_by_val(val[1], val_scores, self.select_metric_) if val is not None else 0
         with torch.no_grad():
             self.head.linear.weight.copy_(torch.as_tensor(fits[best].coef_, dtype=torch.float32))
             self.head.linear.bias.copy_(torch.as_tensor(fits[best].intercept_, dtype=torch.float32))
@@ -889,6 +897,7 @@ class MiniLMClassifier(TextClassifier):
         yt = torch.as_tensor(y, dtype=torch.float32)
         gen = torch.Generator().manual_seed(self.seed)
         loss_fn = nn.BCEWithLogitsLoss()
+        best_key: tuple[float, ...] = (-math.inf,) * 4
         best_score, best_state = -math.inf, None
         self.history_ = []
         bar = tqdm(total=total, desc="minilm fine-tune", disable=not progress, leave=False)
@@ -913,10 +922,12 @@ class MiniLMClassifier(TextClassifier):
                     bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}")
                 rec = {"epoch": float(epoch + 1), "train_loss": float(np.mean(losses))}
                 if val is not None and val_ids is not None:
-                    score = auroc(val[1] >= 0.5, self._score_ids(val_ids))
-                    rec["val_auroc"] = float(score)
-                    if score > best_score:
-                        best_score = score
+                    vm = val_metrics(val[1], self._score_ids(val_ids))
+                    score = vm["auroc"]
+                    rec.update({f"val_{k}": float(v) for k, v in vm.items() if math.isfinite(v)})
+                    key = selection_key(vm, self.select_metric_)
+                    if key > best_key:  # the selection rule; ties keep the earlier epoch
+                        best_key, best_score = key, score
                         best_state = self._trainable_state(clone=True)
                         self.best_epoch_ = epoch + 1
                 self.history_.append(rec)

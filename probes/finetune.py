@@ -50,7 +50,7 @@ from transformer_lens import HookedTransformer
 from probes.base import check_y
 from probes.cost import CostModel, ProbeCost
 from probes.io import atomic_dir
-from probes.metrics import auroc
+from probes.selection import DEFAULT_SELECT, selection_key, val_metrics
 
 __all__ = [
     "FinetuneError",
@@ -450,8 +450,13 @@ class SequenceClassifier:
         val: Sequences | None = None,
         val_y: Any = None,
         progress: bool = False,
+        select_metric: str = DEFAULT_SELECT,
     ) -> SequenceClassifier:
-        """Copy the layers from ``model``, fit the head as a linear probe, then fine-tune (see module doc)."""
+        """Copy the layers from ``model``, fit the head as a linear probe, then fine-tune (see module doc).
+
+        The kept epoch (0 = the linear-probe start) is chosen on validation by the rule of
+        :mod:`probes.selection` (``select_metric`` first, then the other validation metrics), with the lower
+        class-balanced validation loss as the last tie-break."""
         if len(train) == 0:
             raise FinetuneError("empty training set")
         try:
@@ -468,19 +473,20 @@ class SequenceClassifier:
         self.fitted_ = True
         vy = None if val is None else (np.asarray(val_y, dtype=np.float64) >= 0.5).astype(int)
 
-        def evaluate_val(rec: dict[str, float]) -> tuple[float, float]:
-            """Validation AUROC and class-balanced BCE; the AUROC often saturates at 1, so states are
-            ranked by (AUROC, -loss): early stopping on the loss among equally separating states."""
+        def evaluate_val(rec: dict[str, float]) -> tuple[float, ...]:
+            """The validation metrics of the selection rule and the class-balanced BCE; states are ranked by
+            the rule, then by the lower loss (early stopping among equally separating states)."""
             assert val is not None and vy is not None
             s = self._scores(val).double()
             t = torch.as_tensor(vy, dtype=torch.float64)
             w = torch.where(t > 0.5, len(vy) / (2 * max(vy.sum(), 1)), len(vy) / (2 * max((1 - vy).sum(), 1)))
-            rec["val_auroc"] = auroc(vy, s.numpy())
+            vm = val_metrics(vy, s.numpy())
+            rec.update({f"val_{k}": v for k, v in vm.items()})
             rec["val_loss"] = float(nn.functional.binary_cross_entropy_with_logits(s, t, weight=w))
-            return rec["val_auroc"], -rec["val_loss"]
+            return (*selection_key(vm, select_metric), -rec["val_loss"])
 
         rec0 = {"epoch": 0, "train_loss": float("nan"), "val_auroc": float("nan"), "val_loss": float("nan")}
-        best_state, best_key = None, (-math.inf, -math.inf)
+        best_state, best_key = None, (-math.inf,) * 5
         if val is not None:
             best_key, best_state = evaluate_val(rec0), self._trained_state()
         self.history_ = [rec0]
@@ -520,7 +526,7 @@ class SequenceClassifier:
             rec["val_loss"] = float("nan")
             if val is not None:
                 key = evaluate_val(rec)
-                if key > best_key:
+                if key > best_key:  # strictly better: ties keep the earlier epoch
                     best_key, best_state, self.best_epoch_ = key, self._trained_state(), epoch
             self.history_.append(rec)
         bar.close()

@@ -7,13 +7,19 @@ Conventions
 * ``auroc`` and ``auprc`` match ``sklearn.metrics.roc_auc_score`` and ``average_precision_score``
   (ties included: AUROC counts a tied (positive, negative) pair as 1/2; AP treats tied scores as one
   threshold).
-* The operating threshold is set **conservatively on a benign control set**: an example is flagged when
-  ``score > threshold``, and the threshold is the ``k``-th smallest benign score with
-  ``k = n - m``, ``m`` the largest integer with ``m / n <= fpr`` (so ``k = ceil((1 - fpr)·n)``). At most
-  ``m`` benign scores lie strictly above it, so the realized FPR on the control set is ``<= fpr``; ties at the
-  threshold are not flagged and only lower it. Nothing is interpolated. When ``n·fpr < 1`` the threshold is
-  the maximum benign score (realized FPR 0) and a :class:`SmallControlSetWarning` says the estimate is
-  limited by ``n``.
+* The operating threshold is set **on a benign control set so that it holds out of sample**: an example is
+  flagged when ``score > threshold``, and the threshold is the ``(n − m)``-th smallest of the ``n`` benign
+  scores, with ``m`` the largest integer such that ``(m + 1) / (n + 1) <= fpr``. For a fresh benign example
+  from the same distribution (continuous scores) the probability of scoring above the ``(n − m)``-th order
+  statistic is exactly ``(m + 1) / (n + 1)``, so the *expected* FPR on new data is within the target (the
+  in-sample rule ``m / n <= fpr`` gives ``(m + 1) / (n + 1)``, i.e. 1.2-1.3% at n = 300-500 for a 1%
+  target). At most ``m`` control scores lie strictly above the threshold; ties at it are not flagged and only
+  lower the FPR. Nothing is interpolated. A target the control set cannot resolve (``n < 1 / fpr``: 100
+  examples for 1%, 1,000 for 0.1%) gives no figure: :func:`evaluate` reports NaN for it (its
+  ``n_benign_control`` says why), and :func:`conservative_threshold` falls back to the maximum benign score
+  with ``limited_by_n`` set and a :class:`SmallControlSetWarning`.
+* :func:`clopper_pearson` gives the exact binomial interval of a realized rate (e.g. the FPR measured on a
+  second, disjoint benign set).
 * ``log_auroc``: the area under the *step* ROC curve (``TPR(f)`` = best TPR reachable with FPR ``<= f``)
   against ``ln(FPR)`` over ``[fpr_min, fpr_max]``, divided by ``ln(fpr_max / fpr_min)``. A perfect classifier
   scores 1; a random one (``TPR = FPR``) scores ``(fpr_max - fpr_min) / ln(fpr_max / fpr_min)``, which is
@@ -25,6 +31,7 @@ Conventions
 """
 
 import math
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,12 +48,14 @@ __all__ = [
     "auprc",
     "auroc",
     "bootstrap_ci",
+    "clopper_pearson",
     "conservative_threshold",
     "evaluate",
     "fpr_at_threshold",
     "fpr_key",
     "log_auroc",
     "log_auroc_random",
+    "min_control_size",
     "roc_points",
     "threshold_at_fpr",
     "tpr_at_fpr",
@@ -213,24 +222,34 @@ def log_auroc(y: Labels, s: Scores, fpr_min: float = 1e-3, fpr_max: float = 1e-1
 # ------------------------------------------------------------------------------------------ thresholds
 @dataclass(frozen=True)
 class ThresholdInfo:
-    """A conservative threshold and what it achieves on the control set it was set on."""
+    """A threshold set on a control set and what it achieves there and, in expectation, on fresh data."""
 
     threshold: float
     target_fpr: float
-    realized_fpr: float
+    realized_fpr: float  # on the control set itself
     n: int
-    max_false_positives: int
-    limited_by_n: bool
+    max_false_positives: int  # m: at most this many control scores lie above the threshold
+    limited_by_n: bool  # the control set cannot resolve the target (n < 1 / fpr)
+    expected_fpr: float  # (m + 1) / (n + 1): the FPR on fresh benign data, in expectation
+
+
+def min_control_size(fpr: float) -> int:
+    """The smallest control set whose threshold for ``fpr`` holds out of sample: ``ceil(1 / fpr)``."""
+    _check_fpr(fpr)
+    if fpr <= 0.0:
+        return 0
+    inv = 1.0 / fpr
+    return sys.maxsize if not math.isfinite(inv) or inv > sys.maxsize else math.ceil(inv - 1e-9)
 
 
 def _allowed_fp(n: int, fpr: float) -> int:
-    """Largest integer m with m / n <= fpr (evaluated in float, as the realized FPR is)."""
-    m = min(n, max(0, math.floor(fpr * n)))
-    while m < n and (m + 1) / n <= fpr:
-        m += 1
-    while m > 0 and m / n > fpr:
+    """Largest integer ``m`` with ``(m + 1) / (n + 1) <= fpr`` (at most ``n``); ``-1`` when there is none."""
+    if fpr >= 1.0:
+        return n
+    m = math.floor(fpr * (n + 1) + 1e-9) - 1
+    while m >= 0 and (m + 1) / (n + 1) > fpr:
         m -= 1
-    return m
+    return min(max(m, -1), n)
 
 
 def _check_fpr(fpr: float) -> None:
@@ -239,28 +258,36 @@ def _check_fpr(fpr: float) -> None:
 
 
 def conservative_threshold(benign_scores: Scores, fpr: float, warn: bool = True) -> ThresholdInfo:
-    """The threshold (flag when ``score > threshold``) with realized FPR ``<= fpr`` on ``benign_scores``.
+    """The threshold (flag when ``score > threshold``) whose expected FPR on fresh benign data is ``<= fpr``.
 
-    The ``k``-th smallest benign score, ``k = n − m`` and ``m = ⌊fpr·n⌋`` (exactly: the largest integer with
-    ``m/n <= fpr``), i.e. ``k = ⌈(1 − fpr)·n⌉``. ``limited_by_n`` is true when ``n·fpr < 1``: then ``m = 0``,
-    the threshold is the max benign score and the realized FPR is 0 (a :class:`SmallControlSetWarning` is
-    emitted unless ``warn=False``).
+    The ``(n − m)``-th smallest benign score with ``m`` the largest integer such that
+    ``(m + 1) / (n + 1) <= fpr`` (see the module docstring). ``limited_by_n`` is true when the control set is
+    too small (``n < 1 / fpr``): then the threshold is the maximum benign score and a
+    :class:`SmallControlSetWarning` is emitted unless ``warn=False``. ``fpr = 0`` gives the maximum (nothing
+    flagged on the control set), ``fpr = 1`` flags everything.
     """
     _check_fpr(fpr)
     b = np.sort(_scores(benign_scores, "benign_scores"))
     n = b.size
     m = _allowed_fp(n, fpr)
-    thr = float(b[n - m - 1]) if m < n else -math.inf
-    limited = m == 0 and fpr > 0.0
+    limited = fpr > 0.0 and n < min_control_size(fpr)
+    if fpr >= 1.0:
+        thr = -math.inf
+    elif m < 0 or limited:
+        m, thr = 0, float(b[-1])
+    else:
+        thr = float(b[n - m - 1])
     if limited and warn:
         warnings.warn(
-            f"benign control set of n={n} cannot resolve FPR {fpr:g} (n·fpr = {n * fpr:.3g} < 1); "
-            "threshold set at the max benign score (realized FPR 0): the estimate is limited by n",
+            f"benign control set of n={n} cannot resolve FPR {fpr:g} "
+            f"(it needs n >= {min_control_size(fpr)}); "
+            "threshold set at the max benign score: the estimate is limited by n",
             SmallControlSetWarning,
             stacklevel=2,
         )
     realized = float(np.count_nonzero(b > thr)) / n
-    return ThresholdInfo(thr, float(fpr), realized, n, m, limited)
+    expected = min(1.0, (m + 1) / (n + 1)) if fpr < 1.0 else 1.0
+    return ThresholdInfo(thr, float(fpr), realized, n, m, limited, expected)
 
 
 def threshold_at_fpr(benign_scores: Scores, fpr: float) -> float:
@@ -279,6 +306,17 @@ def tpr_at_fpr(harmful_scores: Scores, benign_scores: Scores, fpr: float) -> flo
     h = _scores(harmful_scores, "harmful_scores")
     thr = conservative_threshold(benign_scores, fpr).threshold
     return float(np.count_nonzero(h > thr)) / h.size
+
+
+def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) two-sided ``1 − alpha`` interval of a binomial rate with ``k`` of ``n``."""
+    from scipy.stats import beta
+
+    if n <= 0 or not 0 <= k <= n:
+        raise MetricsError(f"need 0 <= k <= n and n > 0, got k={k}, n={n}")
+    lo = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return lo, hi
 
 
 # ------------------------------------------------------------------------------------------- bootstrap
@@ -325,9 +363,9 @@ def _boot_tpr_at_fpr(
     h = np.sort(harm)
     bsorted = np.sort(benign)
     nb, nh = bsorted.size, h.size
-    k = nb - _allowed_fp(nb, fpr)  # 1-based order statistic
-    if k == 0:  # fpr == 1: everything is flagged
+    if fpr >= 1.0:  # everything is flagged
         return np.ones(n_boot)
+    k = nb - max(_allowed_fp(nb, fpr), 0)  # 1-based order statistic (as conservative_threshold)
     out = np.empty(n_boot)
     chunk = max(1, _BOOT_CHUNK_ELEMS // max(nb, nh))
     for start in range(0, n_boot, chunk):
@@ -405,17 +443,23 @@ def evaluate(
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    benign_heldout_scores: Scores | None = None,
 ) -> dict[str, float]:
     """All headline metrics of scores ``s`` for labels ``y``, as a flat dict (one results-table row).
 
     Keys (for the default ``fprs``): ``auroc``, ``auroc_lo``, ``auroc_hi``, ``auprc``, ``log_auroc``,
     ``tpr_at_1pct_fpr``, ``tpr_at_1pct_fpr_lo``, ``tpr_at_1pct_fpr_hi``, ``tpr_at_0.1pct_fpr``,
     ``threshold_at_1pct_fpr``, ``threshold_at_0.1pct_fpr``, ``n_pos``, ``n_neg``, ``n_benign_control``.
-    Thresholds are set conservatively on ``benign_control_scores`` (default: the negatives of ``(y, s)``)
-    and TPRs measured on the positives of ``(y, s)``. Confidence intervals (stratified percentile bootstrap,
-    ``n_boot`` resamples; NaN when ``n_boot == 0``) are given for AUROC and for the TPR at the first FPR in
-    ``fprs`` (that one resamples both the positives and the control set, re-setting the threshold each
-    time). A :class:`SmallControlSetWarning` is emitted for each FPR the control set cannot resolve.
+    Thresholds are set on ``benign_control_scores`` (default: the negatives of ``(y, s)``) so that they hold
+    out of sample (:func:`conservative_threshold`) and TPRs are measured on the positives of ``(y, s)``. An
+    FPR the control set cannot resolve (``n < 1 / fpr``) gets NaN for its threshold and TPR (no figure is
+    printed that the sample size cannot support) and a :class:`SmallControlSetWarning`. With
+    ``benign_heldout_scores`` (a second benign set, disjoint from the control) each FPR also gets
+    ``realized_fpr_at_<key>`` (its share flagged at the control threshold) with the Clopper-Pearson bounds
+    ``realized_fpr_at_<key>_lo`` / ``_hi``, and ``n_benign_heldout``. Confidence intervals (stratified
+    percentile bootstrap, ``n_boot`` resamples; NaN when ``n_boot == 0``) are given for AUROC and for the
+    TPR at the first FPR in ``fprs`` (that one resamples both the positives and the control set, re-setting
+    the threshold each time).
     """
     yy, ss = _check(y, s)
     pos, neg = ss[yy == 1], ss[yy == 0]
@@ -423,6 +467,9 @@ def evaluate(
         control = neg
     else:
         control = _scores(benign_control_scores, "benign_control_scores")
+    heldout = (
+        None if benign_heldout_scores is None else _scores(benign_heldout_scores, "benign_heldout_scores")
+    )
     if len(fprs) == 0:
         raise MetricsError("fprs must not be empty")
     out: dict[str, float] = {}
@@ -438,18 +485,32 @@ def evaluate(
     for i, fpr in enumerate(fprs):
         key = fpr_key(fpr)
         info = conservative_threshold(control, fpr)
-        thresholds[key] = info.threshold
-        out[f"tpr_at_{key}_fpr"] = float(np.count_nonzero(pos > info.threshold)) / pos.size
+        thr = math.nan if info.limited_by_n else info.threshold
+        thresholds[key] = thr
+        out[f"tpr_at_{key}_fpr"] = (
+            math.nan if info.limited_by_n else float(np.count_nonzero(pos > thr)) / pos.size
+        )
         if i == 0:
-            if n_boot > 0:
+            if n_boot > 0 and not info.limited_by_n:
                 rng = np.random.default_rng(seed + 1)
                 lo, hi = _percentile_ci(_boot_tpr_at_fpr(pos, control, fpr, n_boot, rng), alpha)
             else:
                 lo, hi = math.nan, math.nan
             out[f"tpr_at_{key}_fpr_lo"], out[f"tpr_at_{key}_fpr_hi"] = lo, hi
+        if heldout is not None:
+            if info.limited_by_n:
+                r, rlo, rhi = math.nan, math.nan, math.nan
+            else:
+                k = int(np.count_nonzero(heldout > thr))
+                r = k / heldout.size
+                rlo, rhi = clopper_pearson(k, heldout.size, alpha)
+            out[f"realized_fpr_at_{key}"] = r
+            out[f"realized_fpr_at_{key}_lo"], out[f"realized_fpr_at_{key}_hi"] = rlo, rhi
     for key, thr in thresholds.items():
         out[f"threshold_at_{key}_fpr"] = thr
     out["n_pos"] = int(pos.size)
     out["n_neg"] = int(neg.size)
     out["n_benign_control"] = int(control.size)
+    if heldout is not None:
+        out["n_benign_heldout"] = int(heldout.size)
     return out

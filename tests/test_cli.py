@@ -78,9 +78,12 @@ def test_collect_sweep_score_plot(tmp_path, llama_folder) -> None:
     }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     out = _invoke(["sweep", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "sw")])
-    assert "best layer per probe" in out
+    assert "chosen on validation" in out
     df = pd.read_parquet(tmp_path / "sw" / "results.parquet")
-    assert len(df) == 2 * 2 and set(df["pooling"]) == {"mean", "last"}
+    assert set(df["probe"]) == {"logistic_l2", "tfidf", "embedding"}  # the surface baselines run beside it
+    lin = df[df.probe == "logistic_l2"]
+    assert len(lin) == 2 * 2 and set(lin["pooling"]) == {"mean", "last"}
+    df = lin
     assert list((tmp_path / "sw" / "plots").glob("*.html"))
     probe_dir = df.sort_values("auroc").iloc[-1]["probe_path"]
     _invoke(

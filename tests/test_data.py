@@ -154,7 +154,8 @@ def test_builtin_dataset_loads() -> None:
 
 
 @pytest.mark.skipif(
-    not (SHARED_DATASETS / "refusal_direction").exists(), reason="shared datasets not present"
+    not (SHARED_DATASETS / "jailbreakbench" / "jailbreakbench.jsonl").exists(),
+    reason="shared datasets not present",
 )
 def test_shared_dataset_loads() -> None:
     ds = load_jsonl(SHARED_DATASETS / "jailbreakbench" / "jailbreakbench.jsonl")

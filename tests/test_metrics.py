@@ -127,13 +127,29 @@ def test_metrics_error_is_value_error() -> None:
 # ------------------------------------------------------------------------------------- thresholds
 def test_threshold_order_statistic() -> None:
     b = np.arange(100, dtype=float)  # 0..99
-    assert M.threshold_at_fpr(b, 0.01) == 98.0  # the 99th smallest: exactly one benign score above it
-    assert M.fpr_at_threshold(b, 98.0) == 0.01
-    assert M.threshold_at_fpr(b, 0.05) == 94.0
-    assert M.threshold_at_fpr(b, 0.015) == 98.0  # 1.5 allowed false positives -> 1 (never rounds up)
+    # out-of-sample rule: the largest m with (m + 1) / (n + 1) <= fpr benign scores may lie above
+    assert M.threshold_at_fpr(b, 0.01) == 99.0  # m = 0: expected FPR 1/101
+    assert M.fpr_at_threshold(b, 99.0) == 0.0
+    assert M.threshold_at_fpr(b, 0.05) == 95.0  # m = 4: 5/101 <= 5% < 6/101
+    assert M.threshold_at_fpr(b, 0.015) == 99.0  # 1.515 -> m = 0 (never rounds up)
     info = M.conservative_threshold(np.random.default_rng(0).permutation(b), 0.1)
-    assert (info.threshold, info.realized_fpr, info.max_false_positives) == (89.0, 0.1, 10)
-    assert not info.limited_by_n
+    assert (info.threshold, info.realized_fpr, info.max_false_positives) == (90.0, 0.09, 9)
+    assert info.expected_fpr == pytest.approx(10 / 101) and not info.limited_by_n
+
+
+def test_threshold_holds_out_of_sample() -> None:
+    """Over many control sets of n = 300 from N(0, 1), the mean FPR on fresh benign data at the 1% threshold
+    is (m + 1) / (n + 1) <= 1%; the in-sample rule (m / n <= 1%) gave 4/301 = 1.33%."""
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(0)
+    fresh = []
+    for _ in range(3000):
+        info = M.conservative_threshold(rng.normal(size=300), 0.01)
+        fresh.append(norm.sf(info.threshold))
+    assert info.max_false_positives == 2 and info.expected_fpr == pytest.approx(3 / 301)
+    assert np.mean(fresh) == pytest.approx(3 / 301, abs=0.0006)
+    assert np.mean(fresh) <= 0.0105
 
 
 def test_threshold_with_ties_is_conservative() -> None:
@@ -141,22 +157,25 @@ def test_threshold_with_ties_is_conservative() -> None:
     # 1% FPR cannot flag any of the tied block without flagging 5%: threshold at the tie, FPR 0.
     info = M.conservative_threshold(b, 0.01)
     assert info.threshold == 1.0 and info.realized_fpr == 0.0
-    assert M.conservative_threshold(b, 0.05).threshold == 0.0
-    assert M.conservative_threshold(b, 0.05).realized_fpr == 0.05
+    assert M.conservative_threshold(b, 0.05).threshold == 1.0  # m = 4 < 5 tied scores
+    assert M.conservative_threshold(b, 0.06).threshold == 0.0  # m = 5
+    assert M.conservative_threshold(b, 0.06).realized_fpr == 0.05
     assert M.tpr_at_fpr([0.5, 2.0, 1.0, 3.0], b, 0.01) == 0.5  # scores equal to the threshold are not flagged
 
 
 def test_small_n_limited_by_n() -> None:
     b = np.linspace(-1, 1, 50)
+    assert M.min_control_size(0.01) == 100 and M.min_control_size(0.001) == 1000
     with pytest.warns(M.SmallControlSetWarning, match="limited by n"):
         info = M.conservative_threshold(b, 0.001)
     assert info.limited_by_n and info.threshold == 1.0 and info.realized_fpr == 0.0
     with pytest.warns(M.SmallControlSetWarning):
-        assert M.threshold_at_fpr(b, 0.01) == 1.0  # n·fpr = 0.5 < 1
+        assert M.threshold_at_fpr(b, 0.01) == 1.0  # n = 50 < 100
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not M.conservative_threshold(b, 0.02).limited_by_n  # n·fpr = 1
-        assert M.conservative_threshold(b, 0.02).threshold == b[-2]
+        assert not M.conservative_threshold(b, 0.02).limited_by_n  # n = 50 = 1 / 0.02
+        assert M.conservative_threshold(b, 0.02).threshold == b[-1]  # m = 0
+        assert M.conservative_threshold(b, 0.04).threshold == b[-2]  # m = 1: 2/51 <= 4%
         assert M.conservative_threshold(b, 0.0).threshold == 1.0  # fpr 0 is exact, not a small-n limit
     assert M.conservative_threshold(b, 1.0).threshold == -math.inf
 
@@ -168,25 +187,39 @@ def test_small_n_limited_by_n() -> None:
 )
 def test_conservative_threshold_never_exceeds_target(values: list[float], fpr: float) -> None:
     b = np.array(values, dtype=float)
+    n = b.size
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", M.SmallControlSetWarning)
         info = M.conservative_threshold(b, fpr)
-    realized = np.count_nonzero(b > info.threshold) / b.size
+    realized = np.count_nonzero(b > info.threshold) / n
     assert realized <= fpr
     assert realized == info.realized_fpr == M.fpr_at_threshold(b, info.threshold)
-    # ... and it is the least conservative such order statistic: flagging the threshold's tie block too
-    # would exceed the target.
-    if math.isfinite(info.threshold):
-        assert np.count_nonzero(b >= info.threshold) / b.size > fpr
-    assert info.limited_by_n == (fpr > 0 and b.size * fpr < 1 and info.max_false_positives == 0)
+    assert info.limited_by_n == (fpr > 0 and n < M.min_control_size(fpr))
+    m = info.max_false_positives
+    assert realized <= m / n
+    if not info.limited_by_n and 0 < fpr < 1:
+        # the expected FPR on fresh data is within the target, and one more allowed false positive is not
+        assert info.expected_fpr == pytest.approx((m + 1) / (n + 1)) and info.expected_fpr <= fpr + 1e-12
+        assert (m + 2) / (n + 1) > fpr - 1e-12
 
 
 def test_tpr_at_fpr() -> None:
     benign = np.arange(1000, dtype=float)
     harmful = np.array([998.5, 999.5, 990.0, 10.0])
-    assert M.threshold_at_fpr(benign, 0.001) == 998.0
-    assert M.tpr_at_fpr(harmful, benign, 0.001) == 0.5
-    assert M.tpr_at_fpr(harmful, benign, 0.01) == 0.75  # threshold 989
+    assert M.threshold_at_fpr(benign, 0.001) == 999.0  # m = 0
+    assert M.tpr_at_fpr(harmful, benign, 0.001) == 0.25
+    assert M.tpr_at_fpr(harmful, benign, 0.01) == 0.5  # m = 9: threshold 990
+
+
+def test_clopper_pearson() -> None:
+    from scipy.stats import binomtest
+
+    for k, n in ((0, 50), (3, 200), (50, 50), (7, 1000)):
+        lo, hi = M.clopper_pearson(k, n)
+        ci = binomtest(k, n).proportion_ci(0.95, method="exact")
+        assert (lo, hi) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    with pytest.raises(M.MetricsError):
+        M.clopper_pearson(3, 2)
 
 
 # -------------------------------------------------------------------------------------------- log AUROC
@@ -306,7 +339,21 @@ def test_evaluate_warns_on_small_control() -> None:
     y, s = _data(50, 200)
     with pytest.warns(M.SmallControlSetWarning):
         out = M.evaluate(y, s, n_boot=50)
-    assert out["threshold_at_0.1pct_fpr"] == s[y == 0].max()
+    # n = 200 cannot resolve 0.1% (needs 1,000): no figure; 1% is resolved
+    assert math.isnan(out["threshold_at_0.1pct_fpr"]) and math.isnan(out["tpr_at_0.1pct_fpr"])
+    assert out["threshold_at_1pct_fpr"] == M.threshold_at_fpr(s[y == 0], 0.01)
+    assert out["n_benign_control"] == 200
+
+
+def test_evaluate_realized_fpr_on_a_heldout_benign_set() -> None:
+    y, s = _data(300, 300, shift=2.0)
+    rng = np.random.default_rng(3)
+    control, heldout = rng.normal(size=1000), rng.normal(size=2000)
+    out = M.evaluate(y, s, benign_control_scores=control, benign_heldout_scores=heldout, n_boot=0)
+    thr = out["threshold_at_1pct_fpr"]
+    assert out["realized_fpr_at_1pct"] == np.mean(heldout > thr)
+    assert out["realized_fpr_at_1pct_lo"] <= out["realized_fpr_at_1pct"] <= out["realized_fpr_at_1pct_hi"]
+    assert out["n_benign_heldout"] == 2000 and 0.003 < out["realized_fpr_at_1pct"] < 0.02
 
 
 def test_fpr_key() -> None:

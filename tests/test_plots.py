@@ -59,6 +59,10 @@ def _fake_results(
         half = 0.01 + 0.02 * (1 - auroc)
         tpr1 = float(np.clip(1 - (1 - auroc) * 12 + rng.normal(0, 0.01), 0, 1))
         run_id = hashlib.sha1(f"{probe}{layer}{pooling}{C}{seed}{hook}".encode()).hexdigest()[:10]
+        # validation metrics belong to the run (the same on every eval set's row); they track the test ones
+        vrng = np.random.default_rng(int(run_id, 16) % 2**32)
+        val_auroc = float(np.clip(base + 0.05 * (es == "jailbreaks") + vrng.normal(0, 0.003), 0.5, 0.9999))
+        val_tpr = float(np.clip(1 - (1 - val_auroc) * 10 + vrng.normal(0, 0.003), 0, 1))
         rows.append(
             {
                 "run_id": run_id,
@@ -85,6 +89,10 @@ def _fake_results(
                 "fit_seconds": float(rng.uniform(0.1, 2)),
                 "model": "SmolLM2-135M-Instruct",
                 "seed": seed,
+                "val_auroc": val_auroc,
+                "val_log_auroc": val_auroc - 0.2,
+                "val_tpr_at_1pct_fpr": val_tpr,
+                "select_metric": "tpr_at_1pct_fpr",
             }
         )
 
@@ -231,7 +239,7 @@ def test_auroc_by_layer_several_hooks_and_seeds() -> None:
     fig = plots.auroc_by_layer(df)
     assert len(fig.data) == 8
     assert all("resid_" in t.name for t in fig.data)
-    assert all(int(t.customdata[0][1]) == 2 for t in fig.data)  # two seeds averaged
+    assert all(int(t.customdata[0][1]) == 6 for t in fig.data)  # 3 C × 2 seeds competed; chosen on val
 
 
 # --- heatmap

@@ -64,7 +64,9 @@ def _spec(tmp_path):
 
 def _comparable(df: pd.DataFrame) -> pd.DataFrame:
     return (
-        df.drop(columns=["fit_seconds", "probe_path"])
+        df.drop(columns=["fit_seconds", "probe_path"])[
+            sorted(set(df.columns) - {"fit_seconds", "probe_path"})
+        ]
         .sort_values(["run_id", "eval_set"])
         .reset_index(drop=True)
     )
@@ -90,7 +92,7 @@ def test_ray_sweep_equals_local_sweep(tmp_path, tiny_model, ray_local) -> None:
     )
     # the same rows, up to fit time and where the probe was saved
     pd.testing.assert_frame_equal(_comparable(local), _comparable(remote), check_exact=False, rtol=1e-6)
-    assert local["run_id"].nunique() == 3 * 3 * 2 + 3
+    assert local["run_id"].nunique() == 3 * 3 * 2 + 3 + 3 + 1  # + embedding per pooling + TF-IDF once
     assert remote.loc[remote.eval_set == "heldout", "auroc"].max() > 0.97
     # stores written by two actors hold the local collection's activations, and are marked complete
     ls, rs = _stores(tmp_path / "local"), _stores(tmp_path / "ray")

@@ -26,6 +26,7 @@ def sweep_dir(tmp_path_factory, tiny_model) -> Path:
     tmp = tmp_path_factory.mktemp("report")
     ds = planted_dataset(n=120, seed=1).with_splits({"train": 0.5, "val": 0.25, "test": 0.25}, seed=0)
     ds.to_jsonl(tmp / "planted.jsonl")
+    planted_dataset(n=240, seed=11, name="control").to_jsonl(tmp / "control.jsonl")
     spec = parse_spec(
         {
             "name": "report-test",
@@ -38,6 +39,7 @@ def sweep_dir(tmp_path_factory, tiny_model) -> Path:
                     "heldout": {"path": "planted.jsonl", "split": "test"},
                     "benign_only": {"path": "planted.jsonl", "split": "test", "label": 0},
                 },
+                "benign_control": {"path": "control.jsonl", "label": 0},
             },
             "layers": "all",
             "poolings": ["mean", "max"],

@@ -40,6 +40,7 @@ def sweep_dir(tmp_path_factory, tiny_model):
     """A small sweep on the tiny model (planted trigger words), max and mean pooling, two probe kinds."""
     tmp = tmp_path_factory.mktemp("robust")
     planted_dataset(n=160, seed=1).with_splits({"train": 0.7, "val": 0.3}, seed=0).to_jsonl(tmp / "p.jsonl")
+    planted_dataset(n=60, seed=3, name="heldout").to_jsonl(tmp / "heldout.jsonl")
     spec = parse_spec(
         {
             "name": "r",
@@ -48,7 +49,7 @@ def sweep_dir(tmp_path_factory, tiny_model):
             "datasets": {
                 "train": {"path": "p.jsonl", "split": "train"},
                 "val": {"path": "p.jsonl", "split": "val"},
-                "test": {"val_again": {"path": "p.jsonl", "split": "val"}},
+                "test": {"heldout": {"path": "heldout.jsonl"}},
             },
             "poolings": ["max", "mean"],
             "probes": [{"kind": "logistic_l2"}, {"kind": "diffmeans"}],
@@ -61,7 +62,7 @@ def sweep_dir(tmp_path_factory, tiny_model):
 
 
 def test_transforms_that_hide_the_trigger_evade_and_wrappers_do_not(sweep_dir, tiny_model) -> None:
-    probes = best_probes(sweep_dir)  # one per pooling
+    probes = best_probes(sweep_dir, probe_kind="logistic_l2")  # one per pooling
     assert len(probes) == 2
     data = planted_dataset(n=80, seed=5, name="evalset")
     df = evaluate_robustness(
@@ -189,13 +190,15 @@ def test_cli_robustness(sweep_dir, tmp_path, monkeypatch, tiny_model) -> None:
 def test_augmented_training_set_in_a_sweep_spec(tmp_path) -> None:
     base = planted_dataset(n=40, seed=1)
     base.to_jsonl(tmp_path / "p.jsonl")
+    planted_dataset(n=20, seed=9, name="t").to_jsonl(tmp_path / "t.jsonl")
+    planted_dataset(n=20, seed=8, name="v").to_jsonl(tmp_path / "v.jsonl")
     spec = parse_spec(
         {
             "name": "aug",
             "model": "tiny",
             "datasets": {
                 "train": {"path": "p.jsonl", "augment": ["roleplay", "base64"], "augment_copies": 2},
-                "test": {"t": {"path": "p.jsonl"}},
+                "test": {"t": {"path": "t.jsonl"}},
             },
             "probes": [{"kind": "logistic_l2"}],
         }
@@ -226,13 +229,13 @@ def test_augmented_training_set_in_a_sweep_spec(tmp_path) -> None:
             **spec.model_dump(mode="json"),
             "datasets": {
                 "train": {"path": "p.jsonl", "augment": ["rot13"], "augment_keep_original": False},
-                "val": {"path": "p.jsonl"},
-                "test": {"t": {"path": "p.jsonl"}},
+                "val": {"path": "v.jsonl"},
+                "test": {"t": {"path": "t.jsonl"}},
             },
         }
     )
     d2 = load_sweep_data(spec2, tmp_path)
     assert len(d2.train) == 40 and all(e.id.endswith(":rot13") for e in d2.train)
-    bad = {"train": {"path": "p.jsonl", "augment": ["zzz"]}, "test": {"t": {"path": "p.jsonl"}}}
+    bad = {"train": {"path": "p.jsonl", "augment": ["zzz"]}, "test": {"t": {"path": "t.jsonl"}}}
     with pytest.raises(Exception, match="unknown transform"):
         parse_spec({**spec.model_dump(mode="json"), "datasets": bad})

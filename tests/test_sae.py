@@ -249,7 +249,7 @@ def test_sweep_with_sae_kinds(tmp_path, planted_model) -> None:
     )
     df = run_sweep(spec, tmp_path / "out", base=tmp_path, model=m, progress=False)
     held = df[df.eval_set == "heldout"].set_index("probe")
-    assert set(held.index) == {"logistic_l2", "sae_k1", "sae_k8", "sae_dense"}
+    assert set(held.index) == {"logistic_l2", "sae_k1", "sae_k8", "sae_dense", "tfidf", "embedding"}
     assert held.loc["sae_k1", "auroc"] > 0.9
     assert held.loc["sae_k1", "flops_per_token"] < held.loc["sae_k8", "flops_per_token"]
     assert held.loc["sae_k8", "flops_per_token"] < held.loc["sae_dense", "flops_per_token"]

@@ -1,15 +1,19 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 
+from activations.data import load_dataset
 from activations.tiny import make_tiny_model
 from experiments import run as run_mod
 from experiments.report import headline_table
-from experiments.run import SweepError, run_sweep
+from experiments.run import SweepError, load_run_scores, run_sweep
 from experiments.scoring import ScoreError, score_dataset
 from experiments.spec import SpecError, expand, parse_spec
+from probes.selection import SELECTION_METRICS, select_best
 from tests.conftest import planted_dataset
 
 REQUIRED = [
@@ -37,6 +41,7 @@ def _spec(tmp_path, **over):
     ds = planted_dataset(n=160, seed=1).with_splits({"train": 0.5, "val": 0.25, "test": 0.25}, seed=0)
     ds.to_jsonl(tmp_path / "planted.jsonl")
     planted_dataset(n=40, seed=7, name="other").to_jsonl(tmp_path / "other.jsonl")
+    planted_dataset(n=240, seed=11, name="control").to_jsonl(tmp_path / "control.jsonl")
     raw = {
         "name": "t",
         "model": "tiny",
@@ -49,7 +54,7 @@ def _spec(tmp_path, **over):
                 "harmful_only": {"path": "other.jsonl", "label": 1},
                 "benign_only": {"path": "other.jsonl", "label": 0},
             },
-            "benign_control": {"path": "planted.jsonl", "split": "val", "label": 0},
+            "benign_control": {"path": "control.jsonl", "label": 0},
         },
         "layers": "all",
         "poolings": ["mean", "max", "last"],
@@ -68,8 +73,38 @@ def test_sweep_end_to_end_and_resume(tmp_path, tiny_model) -> None:
     for col in REQUIRED:
         assert col in df.columns, col
     n_runs = len(list(expand(spec, [0, 1, 2], "x")))
-    assert df["run_id"].nunique() == n_runs == (3 * 3 * 2 + 3)
-    assert len(df) == n_runs * 3  # one row per run × eval set
+    # 3 poolings × (2 per-layer kinds × 3 layers + multilayer + embedding + tfidf); tfidf reads the text
+    # and writes rows once (in the first pooling group)
+    assert n_runs == 3 * (2 * 3 + 3)
+    assert df["run_id"].nunique() == n_runs - 2
+    assert len(df) == (n_runs - 2) * 3  # one row per run × eval set
+    # the surface baselines sit beside every probe; the planted trigger is a token, so they flag the sets
+    assert {"tfidf", "embedding"} <= set(df["probe"])
+    assert (df.loc[df.probe == "embedding", "hook"] == "embed").all()
+    assert df.loc[df.eval_set == "heldout", "confounded"].all()
+    assert not df.loc[df.eval_set == "benign_only", "confounded"].any()
+    # exactly one validation-selected row per probe × pooling × eval set, chosen by the validation rule
+    sel = df[df["selected"]]
+    assert (sel.groupby(["probe", "pooling", "eval_set"]).size() == 1).all()
+    assert (
+        sel.groupby(["probe", "pooling", "eval_set"]).ngroups
+        == df.groupby(["probe", "pooling", "eval_set"]).ngroups
+    )
+    assert (df["selected_by"] == "val_tpr_at_1pct_fpr").all()
+    cand = df[(df.probe == "logistic_l2") & (df.pooling == "mean") & (df.eval_set == "heldout")]
+    cand = cand.sort_values("layer").reset_index(drop=True)
+    want = select_best(
+        [{m: r[f"val_{m}"] for m in SELECTION_METRICS} for _, r in cand.iterrows()],
+        "tpr_at_1pct_fpr",
+        list(cand["flops_per_token"]),
+    )
+    assert cand.loc[cand["selected"], "layer"].item() == cand.loc[want.index, "layer"]
+    # splits.json records every role and what decontamination removed
+    splits = json.loads((out / "splits.json").read_text())
+    assert set(splits["roles"]) == {"train", "val", "test:heldout", "test:harmful_only", "test:benign_only",
+                                    "control"}  # fmt: skip
+    assert splits["roles"]["control"]["decontamination"]["n_before"] == 120
+    assert json.loads((out / "selection.json").read_text())["primary_metric"] == "val_tpr_at_1pct_fpr"
     held = df[df.eval_set == "heldout"]
     # the planted trigger word is linearly readable: the best probe is near perfect, mean/max pooling works
     assert held["auroc"].max() > 0.97
@@ -94,10 +129,13 @@ def test_sweep_end_to_end_and_resume(tmp_path, tiny_model) -> None:
     # headline: layer picked by validation
     head = headline_table(df)
     assert set(head["eval_set"]) == {"heldout", "harmful_only", "benign_only"}
-    # a saved probe scores new data exactly as in the sweep
-    row = held.sort_values("auroc").iloc[-1]
-    scores, meta = score_dataset(row["probe_path"], planted_dataset(n=10, seed=3), tiny_model)
-    assert scores.shape == (10,) and meta["run_id"] == row["run_id"]
+    # a saved probe scores data exactly as in the sweep
+    row = held[(held.probe == "logistic_l2") & held.selected].iloc[0]
+    heldout = load_dataset(str(tmp_path / "planted.jsonl")).filter(split="test")
+    scores, meta = score_dataset(row["probe_path"], heldout, tiny_model)
+    saved = load_run_scores(out, row["run_id"])
+    assert saved is not None and meta["run_id"] == row["run_id"]
+    np.testing.assert_allclose(scores, saved[0]["test:heldout"], rtol=1e-5, atol=1e-5)
 
 
 def test_killed_sweep_resumes_to_the_same_table(tmp_path, tiny_model, monkeypatch) -> None:
@@ -129,7 +167,12 @@ def test_killed_sweep_resumes_to_the_same_table(tmp_path, tiny_model, monkeypatc
 def test_a_kill_inside_a_group_keeps_the_kinds_already_finished(tmp_path, tiny_model, monkeypatch) -> None:
     from experiments.registry import PROBE_KINDS, KindInfo, kinds
 
-    spec = _spec(tmp_path, poolings=["mean"], probes=[{"kind": "logistic_l2"}, {"kind": "diffmeans"}])
+    spec = _spec(
+        tmp_path,
+        poolings=["mean"],
+        probes=[{"kind": "logistic_l2"}, {"kind": "diffmeans"}],
+        surface_baselines=False,
+    )
     info = kinds()["diffmeans"]
 
     def boom(g):
@@ -154,24 +197,17 @@ def test_spec_errors(tmp_path, tiny_model) -> None:
     with pytest.raises(SpecError, match=r"unknown key 'datasets\.train\.splitt'"):
         _spec(tmp_path, datasets={"train": {"path": "x", "splitt": "train"}, "test": {"a": {"path": "x"}}})
     spec = _spec(tmp_path)
-    bad = spec.model_copy(
-        update={
-            "datasets": spec.datasets.model_copy(
-                update={"train": spec.datasets.train.model_copy(update={"split": "nope"})}
-            )
-        }
-    )
+
+    def with_train(**update):
+        train = spec.datasets.train.model_copy(
+            update={"mix": [spec.datasets.train.mix[0].model_copy(update=update)]}
+        )
+        return spec.model_copy(update={"datasets": spec.datasets.model_copy(update={"train": train})})
+
     with pytest.raises(SpecError, match="selects nothing"):
-        run_sweep(bad, tmp_path / "o1", base=tmp_path, model=tiny_model, progress=False)
-    one = spec.model_copy(
-        update={
-            "datasets": spec.datasets.model_copy(
-                update={"train": spec.datasets.train.model_copy(update={"label": 1.0})}
-            )
-        }
-    )
+        run_sweep(with_train(split="nope"), tmp_path / "o1", base=tmp_path, model=tiny_model, progress=False)
     with pytest.raises(SpecError, match="only one class"):
-        run_sweep(one, tmp_path / "o2", base=tmp_path, model=tiny_model, progress=False)
+        run_sweep(with_train(label=1.0), tmp_path / "o2", base=tmp_path, model=tiny_model, progress=False)
     # a results folder from another spec
     small = _spec(tmp_path, probes=[{"kind": "diffmeans"}], layers=[0], poolings=["mean"])
     run_sweep(small, tmp_path / "o3", base=tmp_path, model=tiny_model, progress=False)
