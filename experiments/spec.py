@@ -209,7 +209,8 @@ class MixtureSpec(_Frozen):
     """Several datasets mixed into one role (train or val): ``mix`` (each with its own filters, caps and an
     optional ``weight``), ``size`` (the total; split between components by weight, each subsampled by whole
     groups) and ``seed``. Components are concatenated in order; an example whose normalized text (or id)
-    repeats an *earlier component's* is dropped (within a component, its own ``dedup`` decides). A YAML list of datasets is a mixture without ``size``."""
+    repeats an *earlier component's* is dropped (within a component, its own ``dedup`` decides). A YAML list
+    of datasets is a mixture without ``size``."""
 
     mix: list[DatasetSpec] = Field(min_length=1)
     size: int | None = Field(default=None, gt=0)
