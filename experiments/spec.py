@@ -419,19 +419,47 @@ class SweepSpec(_Frozen):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[SweepSpec, Path]:
-    """Parse and validate a YAML spec; returns the spec and the folder relative paths resolve against."""
-    p = Path(path)
-    if not p.exists() and (CONFIG_DIR / p.name).exists():
-        p = CONFIG_DIR / p.name
-    if not p.exists():
-        raise SpecError(f"{path}: no such spec file")
+def _read_yaml(p: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise SpecError(f"{p}: not valid YAML ({e})") from e
     if not isinstance(raw, dict):
         raise SpecError(f"{p}: a spec must be a mapping")
+    return raw
+
+
+def _find(path: str | Path, near: Path | None = None) -> Path:
+    p = Path(path)
+    for cand in (p, *((near / p,) if near is not None else ()), CONFIG_DIR / p.name):
+        if cand.exists():
+            return cand
+    raise SpecError(f"{path}: no such spec file")
+
+
+def _include_datasets(raw: dict[str, Any], here: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """``datasets: {include: other.yaml, <role>: ...}``: the ``datasets`` block of another spec (relative to
+    this one, or a shipped config), with the roles given here replacing its own. Paths inside the included
+    block resolve as if written here (keep both specs in one folder, or use ``shared:`` paths)."""
+    ds = raw.get("datasets")
+    if not (isinstance(ds, dict) and "include" in ds):
+        return raw
+    other = _find(str(ds["include"]), here.parent)
+    if other.resolve() in seen:
+        raise SpecError(f"{here}: datasets.include forms a cycle through {other}")
+    inner = _include_datasets(_read_yaml(other), other, (*seen, other.resolve()))
+    base = dict(inner.get("datasets") or {})
+    base.update({k: v for k, v in ds.items() if k != "include"})
+    return {**raw, "datasets": base}
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[SweepSpec, Path]:
+    """Parse and validate a YAML spec; returns the spec and the folder relative paths resolve against.
+
+    ``datasets: {include: OTHER.yaml}`` takes another spec's datasets (e.g. the shared-benchmark protocol),
+    roles given beside ``include`` replacing its own."""
+    p = _find(path)
+    raw = _include_datasets(_read_yaml(p), p, (p.resolve(),))
     raw.update(overrides or {})
     return parse_spec(raw, where=str(p)), p.parent
 
