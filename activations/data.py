@@ -546,12 +546,22 @@ def load_hf(
 
 
 def load_dataset(ref: str | Path, **kwargs: Any) -> PromptDataset:
-    """Load by reference: a JSONL path, ``builtin`` (the project's own labelled set), or ``hf:NAME``."""
+    """Load by reference: a JSONL path, ``builtin`` (the project's own labelled set; ``builtin:N`` for ``N``
+    prompts), ``builtin:control`` (1,100 harmless everyday requests in the same templates, for thresholds;
+    ``builtin:control:N``), or ``hf:NAME``."""
     s = str(ref)
     if s == "builtin" or s.startswith("builtin:"):
-        from activations.builtin import builtin_dataset
+        from activations.builtin import benign_control, builtin_dataset
 
-        return builtin_dataset()
+        parts = s.split(":")[1:]
+        try:
+            if parts and parts[0] == "control":  # builtin:control[:N]
+                return benign_control(int(parts[1])) if len(parts) > 1 else benign_control()
+            return builtin_dataset(int(parts[0])) if parts else builtin_dataset()  # builtin[:N]
+        except ValueError as e:
+            raise DataError(
+                f"{s!r}: expected builtin, builtin:N, builtin:control or builtin:control:N ({e})"
+            ) from None
     if s.startswith("hf:"):
         return load_hf(s[3:], **kwargs)
     return load_jsonl(s, **kwargs)

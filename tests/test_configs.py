@@ -34,7 +34,7 @@ def test_datasets_include_and_its_errors(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="cycle"):
         load_spec(tmp_path / "b.yaml")
     (tmp_path / "d.yaml").write_text("name: d\ndatasets: {include: nope.yaml}\nprobes: [{kind: diffmeans}]\n")
-    with pytest.raises(SpecError, match="nope.yaml: no such spec file"):
+    with pytest.raises(SpecError, match=r"nope\.yaml: no such spec file"):
         load_spec(tmp_path / "d.yaml")
 
 

@@ -161,3 +161,23 @@ def test_shared_dataset_loads() -> None:
     ds = load_jsonl(SHARED_DATASETS / "jailbreakbench" / "jailbreakbench.jsonl")
     assert len(ds) == 200 and set(np.unique(ds.labels)) == {0.0, 1.0}
     assert {e.kind for e in ds} == {"plain", "contrast"}
+
+
+def test_builtin_control_is_benign_and_shares_no_topic_with_the_builtin_set() -> None:
+    from activations.data import canonical_group, normalize_text
+    from activations.decontam import Reference, decontaminate
+
+    control = load_dataset("builtin:control")
+    assert (
+        len(control) == 1100 and (control.labels == 0).all() and len(load_dataset("builtin:control:50")) == 50
+    )
+    assert control.fingerprint() == load_dataset("builtin:control").fingerprint()  # deterministic
+    builtin = load_dataset("builtin")
+    assert not {canonical_group(e) for e in control} & {canonical_group(e) for e in builtin}
+    assert not {e.meta_dict()["topic"] for e in control} & {e.meta_dict()["topic"] for e in builtin}
+    # same templates, other topics: nothing is a duplicate or a near-duplicate of the built-in prompts
+    clean, rep = decontaminate(control, Reference([builtin]))
+    assert len(clean) == len(control), rep.removed
+    assert len({normalize_text(e.text or "") for e in control}) == len(control)
+    with pytest.raises(DataError, match="builtin:control"):
+        load_dataset("builtin:control:x")
