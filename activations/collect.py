@@ -34,9 +34,9 @@ from activations.store import (
     StoreError,
     StoreKey,
     StoreLayout,
-    _disk_free,
     check_free_space,
     clean_temporary_files,
+    disk_free,
     format_bytes,
     new_hasher,
 )
@@ -494,7 +494,7 @@ def estimate_collection(
         model, dataset, hooks, layers, positions, keep, max_len, use_chat_template
     )
     out = Path(out)
-    free = _disk_free(out)
+    free = disk_free(out)
     if (out / "manifest.json").exists():
         key = _store_key(model, dataset, hook_names, positions, keep, max_len, tpl)
         st = ActivationStore.open(out, expect=key, require_complete=False, check=False)

@@ -153,6 +153,11 @@ def _disk_free(path: Path) -> int:
     return int(shutil.disk_usage(p).free)
 
 
+def disk_free(path: str | Path) -> int:
+    """Free bytes where a store at ``path`` would be written (its nearest existing parent)."""
+    return _disk_free(Path(path))
+
+
 def _write_error(path: Path, e: OSError) -> StoreWriteError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         try:
@@ -723,6 +728,8 @@ class ActivationStore:
             rep.notes.append(f"batch checksums not checked: {_NO_OFFSETS}")
             return rep
         skip = {d.file for d in rep.damage}
+        if skip & {f"{n}.npy" for n in META_ARRAYS}:  # named above already; the rows cannot be checked
+            skip.add("metadata rows")
         unchecked = [b for b in self.manifest["done_batches"] if str(b) not in sums]
         if unchecked:
             rep.notes.append(f"{len(unchecked)} done batches have no checksum (collected with checksums off)")
@@ -780,7 +787,9 @@ class ActivationStore:
                 if b in undone or str(b) not in sums:
                     continue
                 skip = {hook_filename(f) for f in fields if f != "meta"} - fixed_hooks
-                got = self.batch_digests(b, skip=skip | ({"metadata rows"} if not rebuilt else set()))
+                got = self.batch_digests(
+                    b, skip=skip | ({"metadata rows"} if pending or not rebuilt else set())
+                )
                 if any(g is not None and g != w for g, w in zip(got, sums[str(b)], strict=True)):
                     undone.add(int(b))
         m = dict(self.manifest)

@@ -54,7 +54,8 @@ def register(app: typer.Typer) -> None:
         stores = find_stores(path)
         if not stores:
             console.print(
-                f"[bold red]error:[/] {escape(str(path))}: no activation store here (no manifest.json)"
+                f"[bold red]error:[/] {escape(str(path))}: no activation store here (no manifest.json)",
+                soft_wrap=True,
             )
             raise typer.Exit(2)
         n_damaged = 0
@@ -62,7 +63,7 @@ def register(app: typer.Typer) -> None:
             try:
                 report = verify_store(p, deep=deep)
             except StoreError as e:
-                console.print(f"[bold red]error:[/] {escape(str(e))}")
+                console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
                 n_damaged += 1
                 continue
             colour = "green" if report.ok else "bold red"
