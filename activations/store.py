@@ -296,7 +296,7 @@ def new_hasher(algo: str = HASH_ALGO) -> _Hasher:
 
 
 def _feed(h: _Hasher, arr: np.ndarray) -> None:
-    h.update(memoryview(np.ascontiguousarray(arr)).cast("B"))
+    h.update(np.ascontiguousarray(arr).data.cast("B"))
 
 
 def npy_header(dtype: np.dtype[Any], shape: Sequence[int]) -> bytes:
@@ -928,12 +928,27 @@ class ActivationStore:
             if hook_filename(fld) in skip:
                 out.append(None)
                 continue
-            arr = self._load(fld)
-            h = new_hasher(algo)
-            for lo, hi in runs:
-                _feed(h, arr[lo:hi])
-            out.append(h.hexdigest())
+            out.append(self._rows_digest(fld, runs, algo))
         return out
+
+    def _rows_digest(self, hook: str, runs: Sequence[tuple[int, int]], algo: str) -> str:
+        """Checksum of a hook file's rows ``runs``, read through a freshly opened file (not a memory map: a
+        file cut short reads short instead of faulting, and rows another node wrote are read as written)."""
+        d = int(self.manifest["hook_dims"][hook])
+        row_bytes = d * HOOK_DTYPE.itemsize
+        start = len(npy_header(HOOK_DTYPE, (int(self.manifest["n_rows"]), d)))
+        h = new_hasher(algo)
+        with (self.path / hook_filename(hook)).open("rb", buffering=0) as fh:
+            for lo, hi in runs:
+                fh.seek(start + lo * row_bytes)
+                want = (hi - lo) * row_bytes
+                while want > 0:
+                    block = fh.read(min(want, 1 << 24))
+                    if not block:
+                        return "short read"
+                    h.update(block)
+                    want -= len(block)
+        return h.hexdigest()
 
     # ------------------------------------------------------------------ progress (used by collect)
     def mark_done(
