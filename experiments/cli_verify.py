@@ -6,7 +6,8 @@ checksum (reads every activation once). It names each damaged file and batch and
 damaged (0 when everything is sound, 2 when the path holds no store). ``--repair`` re-extends truncated
 files, rewrites damaged headers and marks the damaged batches not done, so that the next ``probe-atlas
 collect`` (or the sweep) re-collects exactly those; damaged metadata files are rebuilt by that collection,
-which has the data. For a sweep folder every store under ``OUT/stores/`` is checked.
+which has the data. For a sweep folder every store under ``OUT/stores/`` is checked. Do not run
+``--repair`` while a collection is writing the same store (both write its manifest).
 """
 
 from __future__ import annotations
