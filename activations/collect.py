@@ -16,6 +16,7 @@ import re
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,17 @@ from transformer_lens import HookedTransformer
 
 from activations.data import DataError, PromptDataset
 from activations.render import POSITIONS, Rendered, render_all, role_selection
-from activations.store import ActivationStore, StoreError, StoreKey, StoreLayout
+from activations.store import (
+    ActivationStore,
+    StoreError,
+    StoreKey,
+    StoreLayout,
+    check_free_space,
+    clean_temporary_files,
+    disk_free,
+    format_bytes,
+    new_hasher,
+)
 
 HOOK_KINDS: dict[str, str] = {
     "resid_pre": "blocks.{l}.hook_resid_pre",
@@ -261,6 +272,8 @@ def collect(
     use_chat_template: bool | None = None,
     progress: bool = True,
     durable: bool = False,
+    checksums: bool = True,
+    check_space: bool = True,
     _stop_after_batches: int | None = None,
 ) -> ActivationStore:
     """Collect ``hooks`` for ``dataset`` into the store at ``out`` (created, resumed or reused).
@@ -268,7 +281,58 @@ def collect(
     ``positions`` chooses the scored tokens (``auto``: response tokens of exchanges, prompt tokens otherwise);
     ``keep`` the stored tokens (default: the scored ones; e.g. ``prompt+response`` keeps both roles of an
     exchange so one store can be read either way). Returns the complete store.
+
+    An existing store is checked first (file sizes, headers, metadata checksums) and repaired when damaged:
+    damaged batches are collected again. ``checksums`` records a checksum of every batch's rows (checked by
+    ``probe-atlas verify --deep``). ``check_space`` refuses up front (``InsufficientSpaceError``) when the
+    disk has less free space than the store still needs; a disk that fills anyway is a
+    :class:`~activations.store.DiskFullError`, and the batch being written stays not done.
     """
+    req = _request(model, dataset, hooks, layers, positions, keep, max_len, use_chat_template)
+    hook_names, positions, keep, max_len, tpl = req
+    store, created = open_or_create_store(
+        model,
+        dataset,
+        out,
+        hook_names,
+        positions,
+        keep,
+        max_len,
+        tpl,
+        token_budget,
+        max_batch,
+        checksums=checksums,
+        check_space=check_space,
+    )
+    if store.complete:
+        return store
+    try:
+        _run(
+            model,
+            store,
+            progress=progress,
+            durable=durable,
+            checksums=checksums,
+            stop_after=_stop_after_batches,
+        )
+    except BaseException as e:
+        if created and not store.manifest["done_batches"] and not isinstance(e, _Interrupted):
+            store.delete()
+        raise
+    return store
+
+
+def _request(
+    model: HookedTransformer,
+    dataset: PromptDataset,
+    hooks: Sequence[str],
+    layers: str | Sequence[int] | None,
+    positions: str,
+    keep: str | None,
+    max_len: int | None,
+    use_chat_template: bool | None,
+) -> tuple[list[str], str, str, int, bool]:
+    """Check a collection request: (hook names, positions, keep, max_len, chat template)."""
     if model.tokenizer is None:
         raise CollectError("the model has no tokenizer")
     dataset.require_nonempty("collect")
@@ -286,18 +350,28 @@ def collect(
         if use_chat_template is None
         else use_chat_template
     )
-    store, created = open_or_create_store(
-        model, dataset, out, hook_names, positions, keep, max_len, tpl, token_budget, max_batch
+    return hook_names, positions, keep, max_len, tpl
+
+
+def _store_key(
+    model: HookedTransformer,
+    dataset: PromptDataset,
+    hook_names: list[str],
+    positions: str,
+    keep: str,
+    max_len: int,
+    chat_template: bool,
+) -> StoreKey:
+    return StoreKey(
+        **model_fingerprint(model),
+        dataset_name=dataset.name,
+        dataset_fingerprint=dataset.fingerprint(),
+        hooks=tuple(hook_names),
+        positions=positions,
+        keep=keep,
+        max_len=max_len,
+        chat_template=chat_template,
     )
-    if store.complete:
-        return store
-    try:
-        _run(model, store, hook_names, progress=progress, durable=durable, stop_after=_stop_after_batches)
-    except BaseException as e:
-        if created and not store.manifest["done_batches"] and not isinstance(e, _Interrupted):
-            store.delete()
-        raise
-    return store
 
 
 def open_or_create_store(
@@ -311,28 +385,156 @@ def open_or_create_store(
     chat_template: bool,
     token_budget: int,
     max_batch: int,
+    *,
+    checksums: bool = True,
+    check_space: bool = True,
 ) -> tuple[ActivationStore, bool]:
     """Reopen the store at ``out`` (its key must match the request) or plan and preallocate a new one.
 
-    Returns the store and whether it was created by this call.
+    A reopened store is verified (sizes, headers, metadata checksums) and repaired when damaged: truncated
+    files are re-extended, damaged metadata files are rebuilt from the plan of this request, and the batches
+    whose rows were lost are marked not done (the collection then re-collects them). With ``check_space``,
+    a store the disk cannot hold is refused up front. Returns the store and whether it was created by this
+    call.
     """
-    key = StoreKey(
-        **model_fingerprint(model),
-        dataset_name=dataset.name,
-        dataset_fingerprint=dataset.fingerprint(),
-        hooks=tuple(hook_names),
-        positions=positions,
-        keep=keep,
-        max_len=max_len,
-        chat_template=chat_template,
-    )
+    key = _store_key(model, dataset, hook_names, positions, keep, max_len, chat_template)
     out = Path(out)
     if (out / "manifest.json").exists():
-        return ActivationStore.open(out, expect=key, require_complete=False), False
+        store = ActivationStore.open(out, expect=key, require_complete=False, check=False)
+        clean_temporary_files(out)
+        report = store.verify()
+        if not report.ok:
+            hooks = {f"{h}.npy" for h in store.manifest["hook_dims"]}
+            layout = None
+            if any(f not in hooks for f in report.damaged_files):
+                layout = _layout(
+                    model,
+                    dataset,
+                    list(store.manifest["hook_dims"]),
+                    positions,
+                    keep,
+                    max_len,
+                    chat_template,
+                    int(store.manifest.get("token_budget", token_budget)),
+                    int(store.manifest.get("max_batch", max_batch)),
+                )
+            report = store.repair(report, layout=layout)
+            warnings.warn(
+                f"{out}: the store was damaged ({'; '.join(str(d) for d in report.damage)}); repaired: "
+                f"rebuilt {report.rebuilt or 'no files'}, {len(report.undone)} batches to collect again",
+                stacklevel=3,
+            )
+        if check_space and not store.complete:
+            check_free_space(out, store.bytes_to_write(), "the rest of the store")
+        return store, False
     layout = _layout(
         model, dataset, hook_names, positions, keep, max_len, chat_template, token_budget, max_batch
     )
-    return ActivationStore.create(out, key, layout), True
+    if check_space:
+        check_free_space(out, layout.planned_bytes())
+    return ActivationStore.create(out, key, layout, checksums=checksums), True
+
+
+@dataclass
+class CollectEstimate:
+    """What a collection will write (``probe-atlas collect --dry-run``)."""
+
+    path: Path
+    exists: bool
+    complete: bool
+    n_sequences: int
+    n_rows: int
+    n_hooks: int
+    d_model: int
+    n_batches: int
+    batches_left: int
+    activation_bytes: int
+    total_bytes: int
+    bytes_needed: int
+    bytes_free: int
+
+    @property
+    def fits(self) -> bool:
+        return self.bytes_needed <= self.bytes_free
+
+    def summary(self) -> str:
+        state = (
+            "complete"
+            if self.complete
+            else f"{self.n_batches - self.batches_left}/{self.n_batches} batches done"
+            if self.exists
+            else "new"
+        )
+        return (
+            f"{self.path} ({state}): {self.n_sequences} sequences, {self.n_rows} stored tokens x "
+            f"{self.n_hooks} hooks x d_model {self.d_model} x 2 bytes = "
+            f"{format_bytes(self.activation_bytes)} of activations, {format_bytes(self.total_bytes)} "
+            "with metadata; needs "
+            f"{format_bytes(self.bytes_needed)} more, {format_bytes(self.bytes_free)} free"
+            + ("" if self.fits else " -- NOT ENOUGH SPACE: the collection would be refused")
+        )
+
+
+def estimate_collection(
+    model: HookedTransformer,
+    dataset: PromptDataset,
+    out: str | Path,
+    *,
+    hooks: Sequence[str] = ("resid_post",),
+    layers: str | Sequence[int] | None = "all",
+    positions: str = "auto",
+    keep: str | None = None,
+    max_len: int | None = None,
+    token_budget: int = 4096,
+    max_batch: int = 128,
+    use_chat_template: bool | None = None,
+) -> CollectEstimate:
+    """The bytes :func:`collect` with the same arguments would write, and the free space (writes nothing)."""
+    hook_names, positions, keep, max_len, tpl = _request(
+        model, dataset, hooks, layers, positions, keep, max_len, use_chat_template
+    )
+    out = Path(out)
+    free = disk_free(out)
+    if (out / "manifest.json").exists():
+        key = _store_key(model, dataset, hook_names, positions, keep, max_len, tpl)
+        st = ActivationStore.open(out, expect=key, require_complete=False, check=False)
+        m = st.manifest
+        act = sum(int(m["n_rows"]) * int(d) * 2 for d in m["hook_dims"].values())
+        left = int(m["n_batches"]) - len(m["done_batches"])
+        return CollectEstimate(
+            out,
+            True,
+            st.complete,
+            st.n_sequences,
+            int(m["n_rows"]),
+            len(m["hook_dims"]),
+            int(next(iter(m["hook_dims"].values()))),
+            int(m["n_batches"]),
+            left,
+            act,
+            sum(f.stat().st_size for f in out.iterdir() if f.is_file()),
+            0 if st.complete else st.bytes_to_write(),
+            free,
+        )
+    layout = _layout(model, dataset, hook_names, positions, keep, max_len, tpl, token_budget, max_batch)
+    n_rows = int(layout.offsets[-1])
+    act = sum(n_rows * d * 2 for d in layout.hook_dims.values())
+    total = layout.planned_bytes()
+    return CollectEstimate(
+        out,
+        False,
+        False,
+        len(layout.offsets) - 1,
+        n_rows,
+        len(hook_names),
+        int(model.cfg.d_model),
+        layout.n_batches,
+        layout.n_batches,
+        act,
+        total,
+        total,
+        free,
+    )
 
 
 class _Interrupted(Exception):
@@ -404,41 +606,44 @@ def _layout(
         batch_of=batch_of,
         full_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         full_tokens=np.concatenate([r.ids for r in rendered]),
-        extra={"n_truncated": len(n_trunc), "token_budget": token_budget},
+        extra={"n_truncated": len(n_trunc), "token_budget": token_budget, "max_batch": max_batch},
     )
 
 
 def _run(
     model: HookedTransformer,
     store: ActivationStore,
-    hook_names: list[str],
     *,
     progress: bool,
     durable: bool,
+    checksums: bool = True,
     stop_after: int | None,
 ) -> None:
-    """Run the remaining batches of a store's plan and mark the store complete."""
+    """Run the remaining batches of a store's plan (every hook of the store) and mark the store complete.
+
+    Each batch's rows are written, then (with ``checksums``) its checksums go into the manifest as it is
+    marked done; an error while writing leaves the batch not done."""
     tokenizer = model.tokenizer
     assert tokenizer is not None
+    hook_names = sorted(store.hooks, key=hook_sort_key)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = model.cfg.device
     n_layers_needed = max(hook_layer(h) for h in hook_names) + 1
-    last_hook = max(hook_names, key=hook_sort_key)
+    last_hook = hook_names[-1]
     offsets = np.asarray(store.offsets)
     positions = np.asarray(store.positions)
     examples_meta = store.examples()
-    batch_of = np.asarray(store.batch_of)
     done = set(store.manifest["done_batches"])
     n_batches = int(store.manifest["n_batches"])
     todo = [b for b in range(n_batches) if b not in done]
     if not todo:
         store.mark_complete()
         return
+    checksums = checksums and store.checksums_enabled
+    fields = store.checksum_fields
+    algo = store.checksum_algo
     full_ids = _FullIds(store)
     writers = {h: store.writer(h) for h in hook_names}
-    seqs_by_batch: dict[int, list[int]] = {}
-    for i, b in enumerate(batch_of):
-        seqs_by_batch.setdefault(int(b), []).append(i)
     bar = tqdm(
         total=len(todo),
         desc=f"collect {store.manifest['key']['dataset_name']}",
@@ -446,43 +651,51 @@ def _run(
         unit="batch",
     )
     n_tok, t0 = 0, time.perf_counter()
-    for step, b in enumerate(todo):
-        if stop_after is not None and step >= stop_after:
-            bar.close()
-            raise _Interrupted(f"stopped after {stop_after} batches")
-        seqs = seqs_by_batch[b]
-        tokens, attn, bi, pi, dest = batch_inputs(full_ids, seqs, offsets, positions, pad_id)
-        captured = _forward_capture(
-            model,
-            tokens.to(device),
-            attn.to(device),
-            hook_names,
-            last_hook,
-            n_layers_needed,
-            torch.from_numpy(bi).to(device),
-            torch.from_numpy(pi).to(device),
-        )
-        for h, x in captured.items():
-            arr = x.numpy()
-            if not np.isfinite(arr).all():
-                bad_row = int(np.nonzero(~np.isfinite(arr).all(axis=1))[0][0])
-                seq = seqs[int(bi[bad_row])]
-                raise StoreError(
-                    f"non-finite activations (NaN/inf, or beyond the fp16 range) at hook {h} for example "
-                    f"{examples_meta[seq]['id']!r} (token position {int(pi[bad_row])})"
-                )
-            writers[h].write_rows(dest, arr)
-        if durable:
-            for w in writers.values():
-                w.sync()
-        store.mark_done([b])
-        n_tok += int(attn.sum())
-        bar.update(1)
-        bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.0f}")
-    bar.close()
-    for w in writers.values():
-        w.sync()
-        w.close()
+    try:
+        for step, b in enumerate(todo):
+            if stop_after is not None and step >= stop_after:
+                raise _Interrupted(f"stopped after {stop_after} batches")
+            seqs = [int(s) for s in store.batch_sequences(b)]
+            tokens, attn, bi, pi, dest = batch_inputs(full_ids, seqs, offsets, positions, pad_id)
+            captured = _forward_capture(
+                model,
+                tokens.to(device),
+                attn.to(device),
+                hook_names,
+                last_hook,
+                n_layers_needed,
+                torch.from_numpy(bi).to(device),
+                torch.from_numpy(pi).to(device),
+            )
+            hashers = {h: new_hasher(algo) for h in hook_names} if checksums and algo else {}
+            for h, x in captured.items():
+                arr = x.numpy()
+                if not np.isfinite(arr).all():
+                    bad_row = int(np.nonzero(~np.isfinite(arr).all(axis=1))[0][0])
+                    seq = seqs[int(bi[bad_row])]
+                    raise StoreError(
+                        f"non-finite activations (NaN/inf, or beyond the fp16 range) at hook {h} for example "
+                        f"{examples_meta[seq]['id']!r} (token position {int(pi[bad_row])})"
+                    )
+                writers[h].write_rows(dest, arr, hasher=hashers.get(h))
+            if durable:
+                for w in writers.values():
+                    w.sync()
+            if hashers:
+                meta = store.meta_digest(np.asarray(seqs, dtype=np.int64))
+                digests = [meta if f == "meta" else hashers[f].hexdigest() for f in fields]
+                store.mark_done([b], {b: digests})
+            else:
+                store.mark_done([b], compute=False)
+            n_tok += int(attn.sum())
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.0f}")
+        for w in writers.values():
+            w.sync()
+    finally:
+        bar.close()
+        for w in writers.values():
+            w.close()
     store.mark_complete(collect_seconds=time.perf_counter() - t0)
 
 
@@ -520,8 +733,8 @@ class _FullIds:
     """The model input (every rendered token) of each sequence of a store."""
 
     def __init__(self, store: ActivationStore) -> None:
-        self.off = np.load(store.path / "full_offsets.npy", mmap_mode="r")
-        self.ids = np.load(store.path / "full_tokens.npy", mmap_mode="r")
+        self.off = store.full_offsets
+        self.ids = store.full_tokens
 
     def __call__(self, s: int) -> np.ndarray:
         return np.asarray(self.ids[self.off[s] : self.off[s + 1]], dtype=np.int64)

@@ -58,9 +58,12 @@ def collect(
     ] = "auto",
     max_len: Annotated[int, typer.Option("--max-len")] = 512,
     token_budget: Annotated[int, typer.Option("--token-budget", help="padded tokens per batch")] = 4096,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print the bytes each store needs and the free space")
+    ] = False,
 ) -> None:
     """Collect per-token activations of chosen hooks into an on-disk activation store."""
-    from activations.collect import CollectError
+    from activations.collect import CollectError, estimate_collection
     from activations.collect import collect as do_collect
     from activations.data import DataError, load_dataset
     from activations.models import load_model
@@ -71,16 +74,17 @@ def collect(
         m = load_model(model)
         for ds in datasets:
             path = out if len(datasets) == 1 else out / ds.name
-            store = do_collect(
-                m,
-                ds,
-                path,
+            kw: dict[str, Any] = dict(
                 hooks=hooks.split(","),
                 layers=layers,
                 positions=positions,
                 max_len=min(max_len, m.cfg.n_ctx),
                 token_budget=token_budget,
             )
+            if dry_run:
+                console.print(estimate_collection(m, ds, path, **kw).summary(), soft_wrap=True)
+                continue
+            store = do_collect(m, ds, path, **kw)
             console.print(f"[green]wrote[/] {store} ({store.nbytes() / 2**20:.1f} MiB)")
     except (DataError, CollectError, StoreError, ValueError) as e:
         _fail(str(e))

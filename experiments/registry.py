@@ -74,4 +74,5 @@ CLI_PLUGINS = [
     "experiments.cli_robustness",
     "experiments.cli_frontier",
     "experiments.cli_report",
+    "experiments.cli_verify",
 ]

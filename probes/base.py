@@ -62,7 +62,12 @@ def register_probe(cls: P) -> P:
 
 
 def get_probe_class(kind: str) -> type[Probe]:
-    """The registered class for ``kind`` (importing the built-in and plug-in families first)."""
+    """The registered class for ``kind`` (importing the built-in and plug-in families first).
+
+    ``kind`` comes from a saved file and is only ever a key of :data:`PROBE_REGISTRY`: the modules imported
+    are the fixed list :data:`PROBE_MODULES`, never a name taken from the file."""
+    if not isinstance(kind, str):
+        raise ValueError(f"a probe kind is a string, got {type(kind).__name__}")
     if kind not in PROBE_REGISTRY:
         import importlib
         import importlib.util

@@ -40,13 +40,23 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 import numpy as np
 import torch
 from jaxtyping import Float, Int
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from activations.data import Example
 from probes.base import ArrayLike, check_y
 from probes.cost import CostModel
-from probes.io import atomic_dir, jsonable
+from probes.io import (
+    ProbeLoadError,
+    TensorSpec,
+    atomic_dir,
+    check_config,
+    check_json_tree,
+    jsonable,
+    read_json_file,
+    read_tensors,
+    safetensors_header,
+)
 from probes.metrics import auroc
 from probes.selection import DEFAULT_SELECT, select_scores, selection_key, tie_order, val_metrics
 
@@ -281,45 +291,91 @@ class TextClassifier(abc.ABC):
 
     @classmethod
     def load(cls, path: str | Path, **kwargs: Any) -> TextClassifier:
-        """Rebuild a saved classifier; the class comes from the saved ``kind``. ``kwargs`` go to the class
-        (``model=`` for :class:`PromptedClassifier`, ``device=`` for :class:`MiniLMClassifier`)."""
+        """Rebuild a saved classifier; the class comes from the saved ``kind`` (looked up in the registry).
+        ``kwargs`` go to the class (``model=`` for :class:`PromptedClassifier`, ``device=`` for
+        :class:`MiniLMClassifier`).
+
+        The folder is untrusted input: ``classifier.json`` is checked against the schema (known kind and
+        class, the constructor's parameters and types, bounded size and nesting, finite numbers), the
+        safetensors header before anything is loaded, and the tensors' names, shapes and dtypes against what
+        the kind needs; values must be finite. Anything else is a :class:`~probes.io.ProbeLoadError`."""
         path = Path(path)
         file = path / JSON_FILE
         if not file.is_file():
             raise FileNotFoundError(f"no saved text classifier at {path} (missing {JSON_FILE})")
-        try:
-            doc = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+        doc = read_json_file(file, what=JSON_FILE)
         if not isinstance(doc, dict) or "kind" not in doc:
-            raise ValueError(f"{file} has no classifier 'kind'")
-        version = int(doc.get("format_version", 1))
+            raise ProbeLoadError(f"{file} has no classifier 'kind'")
+        check_json_tree(doc, file)
+        fields = {"format_version", "kind", "class", "config", "fitted", "val_auroc", "n_params", "extra"}
+        extra_keys = sorted(set(doc) - fields - {"tensors"})
+        if extra_keys:
+            raise ProbeLoadError(f"{file}: unknown field(s) {extra_keys}")
+        version = doc.get("format_version", 1)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ProbeLoadError(f"{file}: format_version must be a positive integer, got {version!r}")
         if version > FORMAT_VERSION:
-            raise ValueError(f"{file} has format version {version}; this code reads <= {FORMAT_VERSION}")
-        kind = str(doc["kind"])
-        target = BASELINE_REGISTRY.get(kind)
+            raise ProbeLoadError(f"{file} has format version {version}; this code reads <= {FORMAT_VERSION}")
+        kind = doc["kind"]
+        target = BASELINE_REGISTRY.get(kind) if isinstance(kind, str) else None
         if target is None:
             known = ", ".join(sorted(BASELINE_REGISTRY))
-            raise ValueError(f"unknown text classifier kind {kind!r} in {file} (known kinds: {known})")
+            raise ProbeLoadError(
+                f"unknown text classifier kind {str(kind)[:40]!r} in {file} (known kinds: {known})"
+            )
+        if "class" in doc and doc["class"] != target.__qualname__:
+            raise ProbeLoadError(f"{file}: class {str(doc['class'])[:40]!r} does not match kind {kind!r}")
         if cls is not TextClassifier and not issubclass(target, cls):
             raise ValueError(
                 f"classifier at {path} is a {target.__name__} (kind {kind!r}), not a {cls.__name__}"
             )
-        names = list(doc.get("tensors", []))
+        config = check_config(target, doc.get("config", {}), file, skip=target._config_extra_keys)
+        extra = doc.get("extra", {})
+        if not isinstance(extra, dict):
+            raise ProbeLoadError(f"{file}: extra must be an object")
+        if "fitted" in doc and not isinstance(doc["fitted"], bool):
+            raise ProbeLoadError(f"{file}: fitted must be true or false")
+        va = doc.get("val_auroc")
+        if va is not None and (not isinstance(va, int | float) or isinstance(va, bool) or not 0 <= va <= 1):
+            raise ProbeLoadError(f"{file}: val_auroc must be a number in [0, 1] or null, got {va!r}")
+        names = doc.get("tensors", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ProbeLoadError(f"{file}: tensors must be a list of names")
         tensors: dict[str, Tensor] = {}
-        if names:
-            tfile = path / TENSORS_FILE
+        tfile = path / TENSORS_FILE
+        if names or tfile.is_file():
             if not tfile.is_file():
                 raise FileNotFoundError(f"no saved tensors at {tfile}")
-            tensors = load_file(str(tfile))
-            missing = sorted(set(names) - set(tensors))
-            if missing:
-                raise ValueError(f"{tfile} lacks tensors {missing[:5]} listed in {JSON_FILE}")
-        obj = target._from_saved(dict(doc.get("config", {})), tensors, dict(doc.get("extra", {})), **kwargs)
+            specs = target._tensor_specs(config, extra, file)
+            found = safetensors_header(tfile)
+            if sorted(found) != sorted(names):
+                raise ProbeLoadError(
+                    f"{tfile}: holds tensors {sorted(found)[:6]}, {JSON_FILE} lists {sorted(names)[:6]}"
+                )
+            tensors = read_tensors(tfile, specs)
+        try:
+            obj = target._from_saved(dict(config), tensors, dict(extra), **kwargs)
+        except TypeError as e:
+            if kwargs:  # a caller's option the class does not take
+                raise
+            raise ProbeLoadError(f"{file}: rejected by {target.__name__}: {e}") from e
+        except ProbeLoadError:
+            raise
+        except Exception as e:  # the class judged the (schema-valid) content
+            raise ProbeLoadError(f"{file}: rejected by {target.__name__}: {type(e).__name__}: {e}") from e
         obj._fitted = bool(doc.get("fitted", True))
-        va = doc.get("val_auroc")
         obj.val_auroc_ = None if va is None else float(va)
         return obj
+
+    #: config keys that are not constructor parameters (checked by ``_from_saved``)
+    _config_extra_keys: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def _tensor_specs(
+        cls, config: dict[str, Any], extra: dict[str, Any], file: Path
+    ) -> dict[str, TensorSpec] | None:
+        """The tensors a saved classifier must hold (None: only generic checks)."""
+        return None
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
@@ -534,6 +590,39 @@ class TfidfClassifier(TextClassifier):
             "chars_per_word": self.chars_per_word_,
         }
         return tensors, extra
+
+    @classmethod
+    def _tensor_specs(
+        cls, config: dict[str, Any], extra: dict[str, Any], file: Path
+    ) -> dict[str, TensorSpec] | None:
+        vocabs = extra.get("vocabularies")
+        if (
+            not isinstance(vocabs, list)
+            or not 1 <= len(vocabs) <= 2
+            or not all(isinstance(v, list) and all(isinstance(t, str) for t in v) for v in vocabs)
+        ):
+            raise ProbeLoadError(f"{file}: extra.vocabularies must be one or two lists of terms")
+        for i, v in enumerate(vocabs):
+            if len(set(v)) != len(v):
+                raise ProbeLoadError(f"{file}: extra.vocabularies[{i}] repeats a term")
+        n = sum(len(v) for v in vocabs)
+        f64 = frozenset({torch.float64, torch.float32})
+        specs: dict[str, TensorSpec] = {"coef": ((n,), f64), "intercept": ((1,), f64)}
+        specs |= {f"idf.{i}": ((len(v),), f64) for i, v in enumerate(vocabs)}
+        for key in ("C_selected", "chars_per_word"):
+            val = extra.get(key)
+            if val is not None and (not isinstance(val, int | float) or isinstance(val, bool)):
+                raise ProbeLoadError(f"{file}: extra.{key} must be a number")
+        va = extra.get("val_aurocs") or {}
+        if not isinstance(va, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in va.values()
+        ):
+            raise ProbeLoadError(f"{file}: extra.val_aurocs must map C to numbers")
+        try:
+            [float(k) for k in va]
+        except ValueError as e:
+            raise ProbeLoadError(f"{file}: extra.val_aurocs: {e}") from e
+        return specs
 
     @classmethod
     def _from_saved(
@@ -1029,12 +1118,31 @@ class MiniLMClassifier(TextClassifier):
     ) -> MiniLMClassifier:
         if kwargs:
             raise TypeError(f"MiniLMClassifier.load takes only device=, got {sorted(kwargs)}")
+        model_dir = config.get("model_dir")
+        if (
+            model_dir is not None
+        ):  # a folder named by the file: only a local safetensors model, no remote code
+            folder = Path(str(model_dir))
+            cfg_file = folder / "config.json"
+            if not (folder / "model.safetensors").is_file() or not cfg_file.is_file():
+                raise ProbeLoadError(
+                    f"config.model_dir {str(model_dir)[:80]!r}: no config.json + model.safetensors"
+                )
+            hf_cfg = read_json_file(cfg_file, max_bytes=1 << 20, what="config.json")
+            if not isinstance(hf_cfg, dict) or "auto_map" in hf_cfg or hf_cfg.get("model_type") != "bert":
+                raise ProbeLoadError(f"config.model_dir {str(model_dir)[:80]!r}: not a BERT encoder folder")
         obj = cls(**config, device=device)
-        expected = {f"encoder.{n}" for n in (obj.trainable_encoder_names() if obj.train_layers != 0 else [])}
-        expected |= {"head.weight", "head.bias"}
-        missing = sorted(expected - set(tensors))
-        if missing:
-            raise ValueError(f"saved MiniLM classifier lacks tensors {missing[:5]}")
+        want = obj._trainable_state()
+        if set(want) != set(tensors):
+            raise ProbeLoadError(
+                f"saved MiniLM classifier: tensors {sorted(set(tensors) ^ set(want))[:5]} do not match the "
+                f"config (train_layers={obj.train_layers})"
+            )
+        for k, v in want.items():
+            if tuple(tensors[k].shape) != tuple(v.shape) or not tensors[k].is_floating_point():
+                raise ProbeLoadError(
+                    f"saved MiniLM tensor {k}: {tuple(tensors[k].shape)}, expected {tuple(v.shape)}"
+                )
         obj._load_trainable(tensors)
         obj.history_ = list(extra.get("history") or [])
         obj.best_epoch_ = extra.get("best_epoch")
@@ -1079,6 +1187,7 @@ class PromptedClassifier(TextClassifier):
 
     kind = "prompted"
     needs_fit = False
+    _config_extra_keys = ("model_name",)
 
     def __init__(
         self,
@@ -1282,7 +1391,20 @@ class PromptedClassifier(TextClassifier):
         if kwargs:
             raise TypeError(f"PromptedClassifier.load takes only model=, got {sorted(kwargs)}")
         cfg = dict(config)
-        name = cfg.pop("model_name")
+        name = cfg.pop("model_name", None)
+        if not isinstance(name, str):
+            raise ProbeLoadError(f"config.model_name must be a string, got {name!r}")
+        for key in ("yes_ids", "no_ids"):
+            ids = extra.get(key, [])
+            if not isinstance(ids, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in ids
+            ):
+                raise ProbeLoadError(f"extra.{key} must be a list of token ids")
+        ratio = extra.get("token_ratio")
+        if ratio is not None and (
+            not isinstance(ratio, int | float) or isinstance(ratio, bool) or ratio <= 0
+        ):
+            raise ProbeLoadError(f"extra.token_ratio must be a positive number or null, got {ratio!r}")
         if model is None:
             raise ValueError(f"loading a prompted classifier needs its model: load(path, model=...) ({name})")
         if str(model.cfg.model_name) != name:

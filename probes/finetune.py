@@ -43,13 +43,13 @@ import numpy as np
 import torch
 import torch.nn.utils.parametrize as parametrize
 from jaxtyping import Bool, Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 
 from probes.base import check_y
 from probes.cost import CostModel, ProbeCost
-from probes.io import atomic_dir
+from probes.io import ProbeLoadError, atomic_dir, check_config, check_json_tree, read_json_file, read_tensors
 from probes.selection import DEFAULT_SELECT, selection_key, val_metrics
 
 __all__ = [
@@ -678,19 +678,52 @@ _KINDS: dict[str, type[SequenceClassifier]] = {
 
 
 def load_sequence_classifier(path: str | Path, model: HookedTransformer) -> SequenceClassifier:
-    """Rebuild a saved :class:`FinetunedLayers` / :class:`TruncatedModelClassifier` on ``model``."""
+    """Rebuild a saved :class:`FinetunedLayers` / :class:`TruncatedModelClassifier` on ``model``.
+
+    The folder is untrusted input: ``classifier.json`` is checked against the schema (a known kind, the
+    class's constructor parameters and types, bounded size and nesting), and the tensors must be exactly the
+    ones the rebuilt classifier trains, with their shapes and dtypes, and finite. Anything else is a
+    :class:`~probes.io.ProbeLoadError` naming the file and field."""
     path = Path(path)
     jf = path / JSON_FILE
     if not jf.exists():
         raise FinetuneError(f"{path}: no {JSON_FILE} (not a saved fine-tuned classifier)")
-    info = json.loads(jf.read_text())
+    info = read_json_file(jf, what=JSON_FILE)
+    if not isinstance(info, dict):
+        raise ProbeLoadError(f"{jf}: not a JSON object")
+    check_json_tree({k: v for k, v in info.items() if k != "history"}, jf)
+    check_json_tree(info.get("history"), jf, "history", allow_nonfinite=True)
+    extra = sorted(set(info) - {"kind", "config", "input_hook", "history", "metadata"})
+    if extra or "config" not in info:
+        raise ProbeLoadError(f"{jf}: unknown field(s) {extra}" if extra else f"{jf}: missing field 'config'")
     kind = info.get("kind")
-    if kind not in _KINDS:
-        raise FinetuneError(f"{jf}: unknown classifier kind {kind!r}; known: {sorted(_KINDS)}")
-    clf = _KINDS[kind](**info["config"])
-    clf._setup(model)
-    clf._load_trained_state(load_file(str(path / TENSORS_FILE)))
-    clf.history_ = info.get("history", [])
+    if not isinstance(kind, str) or kind not in _KINDS:
+        raise ProbeLoadError(f"{jf}: unknown classifier kind {str(kind)[:40]!r}; known: {sorted(_KINDS)}")
+    cls = _KINDS[kind]
+    config = check_config(cls, info["config"], jf)
+    history = info.get("history", [])
+    if not isinstance(history, list) or not all(
+        isinstance(h, dict)
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in h.values())
+        for h in history
+    ):
+        raise ProbeLoadError(f"{jf}: history must be a list of objects of numbers")
+    if not isinstance(info.get("metadata", {}), dict):
+        raise ProbeLoadError(f"{jf}: metadata must be an object")
+    try:
+        clf = cls(**config)
+        clf._setup(model)
+    except Exception as e:  # the constructor judges values of the right types (ranges, k vs the model)
+        raise ProbeLoadError(f"{jf}: config rejected by {cls.__name__} on this model: {e}") from e
+    hook = info.get("input_hook")
+    if hook is not None and hook != clf.input_hook():
+        raise ProbeLoadError(
+            f"{jf}: input_hook {str(hook)[:60]!r} is not {clf.input_hook()!r} for this config"
+        )
+    want = {k: (tuple(v.shape), frozenset({v.dtype})) for k, v in clf._trained_state().items()}
+    state = read_tensors(path / TENSORS_FILE, want)
+    clf._load_trained_state(state)
+    clf.history_ = history
     clf.fitted_ = True
     clf.module_.eval()
     return clf

@@ -14,9 +14,19 @@ from pathlib import Path
 from typing import Any
 
 from activations.store import ActivationStore
+from probes.io import (
+    FLOATS,
+    LIMITS,
+    ProbeLoadError,
+    TensorSpec,
+    check_json_tree,
+    read_json_file,
+    read_tensors,
+)
 
 __all__ = [
     "PRETRAINED_PREFIX",
+    "SAEFolderError",
     "SAEHookMismatchError",
     "SAELoadError",
     "check_hook",
@@ -24,6 +34,7 @@ __all__ = [
     "load_sae",
     "sae_hook_name",
     "save_sae",
+    "validate_sae_folder",
 ]
 
 PRETRAINED_PREFIX = "pretrained:"
@@ -31,6 +42,78 @@ PRETRAINED_PREFIX = "pretrained:"
 
 class SAELoadError(RuntimeError):
     """An SAE could not be loaded (missing folder, unknown release, no network)."""
+
+
+class SAEFolderError(SAELoadError, ProbeLoadError):
+    """A local SAE folder is malformed or claims what it cannot hold (names the file and field)."""
+
+
+#: architectures a local folder may name (what :class:`sae.features.LatentEncoder` reads)
+SAE_ARCHITECTURES = ("standard", "jumprelu", "topk")
+SAE_DTYPES = ("float32", "float16", "bfloat16", "float64")
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+
+
+def validate_sae_folder(p: Path) -> dict[str, Any]:
+    """Check a local sae-lens folder before sae-lens reads it: ``cfg.json`` (bounded, a known architecture,
+    dimensions, dtype, typed flags) and ``sae_weights.safetensors`` (header first; names, shapes and dtypes
+    that agree with the config; finite values). Returns the parsed config; raises :class:`SAEFolderError`."""
+    cfg_file = p / CFG_FILE
+    try:
+        cfg = read_json_file(cfg_file, max_bytes=1 << 20, what=CFG_FILE)
+        if not isinstance(cfg, dict):
+            raise ProbeLoadError(f"{cfg_file}: not a JSON object")
+        check_json_tree(cfg, cfg_file)
+        arch = cfg.get("architecture", "standard")
+        if arch not in SAE_ARCHITECTURES:
+            raise ProbeLoadError(
+                f"{cfg_file}: architecture {str(arch)[:40]!r} is not one of {SAE_ARCHITECTURES}"
+            )
+        dims = {}
+        for key in ("d_in", "d_sae"):
+            v = cfg.get(key)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= LIMITS.max_dim:
+                raise ProbeLoadError(
+                    f"{cfg_file}: {key} must be an integer in [1, {LIMITS.max_dim}], got {v!r}"
+                )
+            dims[key] = v
+        if dims["d_in"] * dims["d_sae"] > LIMITS.max_numel:
+            raise ProbeLoadError(f"{cfg_file}: d_in x d_sae = {dims['d_in'] * dims['d_sae']} is too large")
+        if cfg.get("dtype", "float32") not in SAE_DTYPES:
+            raise ProbeLoadError(
+                f"{cfg_file}: dtype {str(cfg.get('dtype'))[:40]!r} is not one of {SAE_DTYPES}"
+            )
+        for key in ("apply_b_dec_to_input", "rescale_acts_by_decoder_norm"):
+            if key in cfg and not isinstance(cfg[key], bool):
+                raise ProbeLoadError(f"{cfg_file}: {key} must be true or false")
+        for key in ("normalize_activations", "reshape_activations", "device"):
+            if key in cfg and not isinstance(cfg[key], str):
+                raise ProbeLoadError(f"{cfg_file}: {key} must be a string")
+        if arch == "topk":
+            k = cfg.get("k")
+            if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= dims["d_sae"]:
+                raise ProbeLoadError(
+                    f"{cfg_file}: k must be an integer in [1, d_sae={dims['d_sae']}], got {k!r}"
+                )
+        meta = cfg.get("metadata", {})
+        if not isinstance(meta, dict) or not isinstance(meta.get("hook_name", ""), str | None):
+            raise ProbeLoadError(f"{cfg_file}: metadata must be an object with a string hook_name")
+        d, m = dims["d_in"], dims["d_sae"]
+        specs: dict[str, TensorSpec] = {
+            "W_enc": ((d, m), FLOATS),
+            "W_dec": ((m, d), FLOATS),
+            "b_enc": ((m,), FLOATS),
+            "b_dec": ((d,), FLOATS),
+        }
+        if arch == "jumprelu":
+            specs["threshold"] = ((m,), FLOATS)
+        read_tensors(p / WEIGHTS_FILE, specs)
+    except SAEFolderError:
+        raise
+    except ProbeLoadError as e:
+        raise SAEFolderError(str(e)) from e
+    return cfg
 
 
 class SAEHookMismatchError(ValueError):
@@ -127,12 +210,13 @@ def load_sae(ref: str | Path, *, hook: str | None = None, store: ActivationStore
         sae = load_pretrained(release, sae_id)
     else:
         p = Path(os.path.expandvars(s)).expanduser()
-        if not (p / "cfg.json").is_file():
+        if not (p / CFG_FILE).is_file():
             raise SAELoadError(f"{p}: not an SAE folder in sae-lens's format (no cfg.json)")
+        validate_sae_folder(p)
         try:
-            sae = SAE.load_from_disk(p)
-        except (OSError, KeyError, ValueError) as e:
-            raise SAELoadError(f"{p}: cannot load the SAE: {e}") from e
+            sae = SAE.load_from_disk(p, device="cpu")
+        except Exception as e:  # sae-lens judged a folder that passed the schema
+            raise SAEFolderError(f"{p}: cannot load the SAE: {type(e).__name__}: {e}") from e
     if hook is not None:
         check_hook(sae, hook, store)
     return sae
