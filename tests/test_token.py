@@ -130,6 +130,26 @@ def test_planted_mid_sequence_mean_fails_max_ema_window_succeed(tmp_path) -> Non
         and probe.hooks == ["blocks.0.hook_resid_pre"]
     )
     assert np.isfinite(row.stream_threshold_1pct)
+    # streaming columns: the stopping statistic is the offline score for max / EMA / window read-outs only
+    equal = {"max", "mean->ema0.5", "swim4-tau1", "window4"}
+    for r in tok_rows.itertuples():
+        if r.probe == "multimax":  # a running max per head: equal unless a head has a negative weight
+            expect = bool((load_probe(r.probe_path).params_["u"] >= 0).all())
+        else:
+            expect = r.pooling in equal
+        assert r.stream_equals_offline == expect, r.pooling
+        assert r.stream_threshold_positions == "prompt"  # the control's scored tokens (positions: prompt)
+        assert "benign_control" in r.stream_threshold_calibration
+        assert r.stream_recall_at_1pct == pytest.approx(r.stream_tpr_at_1pct_fpr)
+        if r.stream_equals_offline:
+            assert r.stream_threshold_1pct == pytest.approx(r.threshold_at_1pct_fpr, abs=1e-4)
+            assert r.stream_auroc == pytest.approx(r.auroc, abs=1e-3)
+            assert r.stream_tpr_at_1pct_fpr == pytest.approx(r.tpr_at_1pct_fpr, abs=1e-3)
+        else:
+            assert np.isfinite(r.stream_auroc) and 0 <= r.stream_recall_at_1pct <= 1
+    meta = load_probe(row.probe_path).metadata_
+    assert meta["stream_threshold_positions"] == "prompt" and meta["stream_equals_offline"] is True
+    assert meta["stream_threshold_1pct"] == pytest.approx(row.stream_threshold_1pct)
     from experiments.scoring import score_dataset
 
     test = ds.filter(split="test")
