@@ -41,8 +41,20 @@ into the saved weights), AdamW with decoupled weight decay, minibatches of whole
 BCE (the CC++ loss for that preset), seeded initialization and shuffling: the same seed gives the same probe.
 
 Every probe also has a :meth:`~TokenProbeBase.streamer`: an exact causal (token-by-token) version of
-:meth:`~TokenProbeBase.decision_function` whose score after ``t`` tokens equals the offline score of those
-``t`` tokens (the streaming monitor in :mod:`probes.stream` uses it).
+:meth:`~TokenProbeBase.decision_function` (the streaming monitor in :mod:`probes.stream` uses it).
+
+**Partial windows, one definition.** A ``window<M>`` window counts only when it is full, or, for a sequence
+shorter than ``M``, as the single whole-sequence window: in training (:func:`window_means`, the CC++ loss),
+offline (:class:`~activations.pooling.Pooling`, ``decision_function``) and streaming. So a stream's running
+score after ``t`` tokens is the offline score of those ``t`` tokens once ``t >= M``, and does not exist
+before (NaN: a prefix shorter than the window is not yet scorable); a stream that ends before ``M`` tokens
+is scored by its whole window at the **end-of-stream step** (:meth:`Streamer.finish`). For every other
+aggregation the running score after ``t`` tokens is the offline score of those ``t`` tokens, and the
+end-of-stream score is the running score. The **stopping statistic** of a complete stream, what a monitor
+stops on, is the maximum of its running scores and its end-of-stream score
+(:meth:`TokenProbeBase.stopping_statistic`): the offline score for ``max``, ``ema`` and ``window``
+read-outs, at least the offline score (and in general more) for ``mean``, ``last``, ``softmax``, attention
+and MultiMax with a negative head weight.
 """
 
 from __future__ import annotations
