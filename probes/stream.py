@@ -232,8 +232,8 @@ def generate_tokens(
     eos = torch.zeros(b, dtype=torch.bool)
     active = torch.ones(b, dtype=torch.bool)  # still generating
     stop_at = torch.full((b,), -1, dtype=torch.long)  # step whose token crossed the threshold
-    scores = torch.full((b, n_steps), math.nan, device=device) if streamer is not None else None
-    token_logits = torch.full((b, n_steps), math.nan, device=device) if streamer is not None else None
+    score_cols: list[Tensor] = []  # per scored step, every row's running score (stacked once at the end)
+    logit_cols: list[Tensor] = []
     thr = float(threshold) if threshold is not None else None
     cache = _KVCache.init_cache(model.cfg, device, b)
     handles = [model.hook_dict[h].register_forward_hook(grabber(h)) for h in hook_names]
@@ -271,7 +271,7 @@ def generate_tokens(
                     )
                 else:
                     logits = model(nxt[:, None].to(device), attention_mask=step_mask, past_kv_cache=cache)
-                if streamer is not None and scores is not None and token_logits is not None:
+                if streamer is not None:
                     x = (
                         captured[hook_names[0]]
                         if len(hook_names) == 1
@@ -279,12 +279,12 @@ def generate_tokens(
                     )
                     captured.clear()
                     s = streamer.update(x, rows=live)
-                    scores[:, step] = s
-                    if streamer.last_token_logit is not None:
-                        token_logits[:, step] = streamer.last_token_logit
+                    score_cols.append(s)
+                    logit_cols.append(s if streamer.last_token_logit is None else streamer.last_token_logit)
                     if thr is not None:
-                        crossed = (s > thr).cpu() & live  # one small host copy per token
-                        if bool(crossed.any()):
+                        over = s > thr
+                        if bool(over.any()):  # one host read per token; rows crossing now stop here
+                            crossed = over.cpu() & live
                             stop_at[crossed] = step
                             active = active & ~crossed
                 if not bool(active.any()):
@@ -300,9 +300,12 @@ def generate_tokens(
         )
         for i, p in enumerate(prompts)
     ]
-    if streamer is not None and scores is not None and token_logits is not None and final is not None:
+    if streamer is not None and final is not None:
         n_scored = streamer.count.cpu().tolist()
-        sc, lg, fin = scores.cpu().tolist(), token_logits.cpu().tolist(), final.cpu().tolist()
+        empty = torch.zeros((b, 0))
+        sc = (torch.stack(score_cols, 1) if score_cols else empty).cpu().tolist()
+        lg = (torch.stack(logit_cols, 1) if logit_cols else empty).cpu().tolist()
+        fin = final.cpu().tolist()
         for i, r in enumerate(results):
             k = int(n_scored[i])
             r.scores, r.token_logits = sc[i][:k], lg[i][:k]

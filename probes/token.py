@@ -263,7 +263,7 @@ def _rows_like(rows: Bool[Tensor, " b"], v: Tensor) -> Tensor:
 
 class Streamer:
     """Causal token-by-token scoring of a batch of streams (row ``i`` is one stream), on the device of the
-    activations it is fed, with one fixed set of small tensor operations per token (no host round trips).
+    activations it is fed, with a few small tensor operations per token and no host round trip.
 
     * :meth:`reset` starts ``batch`` empty streams;
     * :meth:`update` feeds every stream its newest token (``rows``: the streams that consume it; the others
@@ -289,6 +289,7 @@ class Streamer:
         self.peak: Tensor = torch.zeros(0)
         self.last_token_logit: Tensor | None = None
         self.device = torch.device("cpu")
+        self._low = 0  # a lower bound of every stream's token count (host side: enables fast paths)
 
     # -- subclass hooks -------------------------------------------------------------------------------------
     def _to(self, device: torch.device) -> None:  # pragma: no cover - interface
@@ -298,9 +299,11 @@ class Streamer:
         raise NotImplementedError
 
     def _step(
-        self, state: dict[str, Tensor], x: Float[Tensor, "b d"], n: Int[Tensor, " b"]
+        self, state: dict[str, Tensor], x: Float[Tensor, "b d"], n: Int[Tensor, " b"], low: int
     ) -> tuple[dict[str, Tensor], Float[Tensor, " b"]]:  # pragma: no cover - interface
-        """The state after one more token (``n``: the token count including it) and the token's logit."""
+        """The state after one more token and the token's logit. ``n``: each stream's token count including
+        this token; ``low``: a lower bound of every stream's count before it (``low >= 1``: no stream is
+        empty)."""
         raise NotImplementedError
 
     def _score(
@@ -322,6 +325,7 @@ class Streamer:
         self.peak = torch.full((batch,), math.nan, dtype=torch.float32, device=self.device)
         self.state = self._init_state(batch)
         self.last_token_logit = None
+        self._low = 0
 
     def update(self, x: Float[Tensor, "b d"], rows: Bool[Tensor, " b"] | None = None) -> Float[Tensor, " b"]:
         """Feed each stream in ``rows`` (default: all) its newest token's activation; every stream's running
@@ -331,22 +335,30 @@ class Streamer:
             raise ValueError(
                 f"update expects [{b}, d] activations (one token per stream), got {tuple(x.shape)}"
             )
-        x = x.to(device=self.device, dtype=torch.float32)
-        new, logit = self._step(self.state, x, self.count + 1)
+        if x.device != self.device or x.dtype != torch.float32:
+            x = x.to(device=self.device, dtype=torch.float32)
+        if rows is not None and rows.device.type == "cpu" and bool(rows.all()):
+            rows = None  # every stream consumes the token: no masking
+        n = self.count + 1
+        new, logit = self._step(self.state, x, n, self._low)
         if rows is None:
-            self.state, self.count = new, self.count + 1
+            self.state, self.count = new, n
+            self._low += 1
         else:
             r = rows.to(device=self.device, dtype=torch.bool)
             self.state = {k: torch.where(_rows_like(r, v), v, self.state[k]) for k, v in new.items()}
-            self.count = self.count + r.to(torch.long)
+            self.count = torch.where(r, n, self.count)
         self.last_token_logit = logit
-        s = torch.where(self.count >= self.min_tokens, self._score(self.state, self.count), math.nan)
+        s = self._score(self.state, self.count)
+        if self._low < self.min_tokens:  # some stream may not be scorable yet
+            s = torch.where(self.count >= self.min_tokens, s, math.nan)
         self.peak = torch.fmax(self.peak, s)
         return s
 
     def finish(self) -> Float[Tensor, " b"]:
         """The end-of-stream step: each stream's score if it ends now (NaN for a stream with no tokens)."""
-        return torch.where(self.count > 0, self._final(self.state, self.count), math.nan)
+        s = self._final(self.state, self.count)
+        return s if self._low >= 1 else torch.where(self.count > 0, s, math.nan)
 
     def stopping_statistic(self) -> Float[Tensor, " b"]:
         """What a monitor stops on: the maximum of the running scores and the end-of-stream score."""
@@ -402,9 +414,9 @@ class _PoolStreamer(Streamer):
         raise ValueError(f"unknown pooling {kind!r}")  # pragma: no cover
 
     def _step(
-        self, state: dict[str, Tensor], x: Float[Tensor, "b d"], n: Int[Tensor, " b"]
+        self, state: dict[str, Tensor], x: Float[Tensor, "b d"], n: Int[Tensor, " b"], low: int
     ) -> tuple[dict[str, Tensor], Float[Tensor, " b"]]:
-        logit = x @ self.coef + self.intercept
+        logit = torch.addmv(self.intercept, x, self.coef)
         kind = self.pool.kind
         if kind == "mean":
             return {"sum": state["sum"] + logit}, logit
@@ -412,15 +424,20 @@ class _PoolStreamer(Streamer):
             return {"max": torch.maximum(state["max"], logit)}, logit
         if kind == "last":
             return {"last": logit}, logit
-        if kind == "ema":
+        if kind == "ema":  # e_1 = l_1, e_t = a·l_t + (1-a)·e_{t-1}
             a = self.pool.alpha
-            e = torch.where(n == 1, logit, a * logit + (1 - a) * state["e"])
+            if low >= 1:
+                e = torch.lerp(state["e"], logit, a)
+            else:
+                e = torch.where(n == 1, logit, torch.lerp(state["e"], logit, a))
             return {"e": e, "best": torch.maximum(state["best"], e)}, logit
         if kind == "window":  # a ring buffer of the last M logits; a full window updates the best mean
             w = self.pool.window
             buf = state["buf"].scatter(1, ((n - 1) % w)[:, None], logit[:, None])
             mean = buf.sum(1) / w
-            best = torch.where(n >= w, torch.maximum(state["best"], mean), state["best"])
+            best = torch.maximum(state["best"], mean)
+            if low + 1 < w:  # some window may not be full yet
+                best = torch.where(n >= w, best, state["best"])
             return {"buf": buf, "best": best}, logit
         if kind == "softmax":
             m, S, N = _online_softmax_step(
@@ -490,7 +507,7 @@ class _AttentionStreamer(_HeadsStreamer):
         }
 
     def _step(
-        self, state: dict[str, Tensor], x: Float[Tensor, "b d"], n: Int[Tensor, " b"]
+        self, state: dict[str, Tensor], x: Float[Tensor, "b d"], n: Int[Tensor, " b"], low: int
     ) -> tuple[dict[str, Tensor], Float[Tensor, " b"]]:
         p = self.p
         a = einsum(x, p["q"], "b d, h d -> b h")
@@ -511,7 +528,7 @@ class _MultiMaxStreamer(_HeadsStreamer):
         return {"m": torch.full((batch, self.heads), -math.inf, device=self.device)}
 
     def _step(
-        self, state: dict[str, Tensor], x: Float[Tensor, "b d"], n: Int[Tensor, " b"]
+        self, state: dict[str, Tensor], x: Float[Tensor, "b d"], n: Int[Tensor, " b"], low: int
     ) -> tuple[dict[str, Tensor], Float[Tensor, " b"]]:
         p = self.p
         s = einsum(x, p["W"], "b d, h d -> b h") + p["c"]
