@@ -5,16 +5,21 @@ Same model (the default SmolLM2-135M-Instruct), same prompts, same generation lo
 (trained here on the built-in prompts) from the hook of the forward pass that produces the next token and
 updates the running score every token (threshold +inf, so both runs generate exactly the same tokens).
 
-The figure is a paired one: ``--pairs`` pairs of (plain, monitored) runs, back to back, in alternating order
-(ABBA), after one warm-up run of each. Each pair gives a ratio ``t_monitored / t_plain - 1`` of wall time and
-one of process CPU time; the headline ``monitor_overhead`` is the median of the paired wall-time ratios,
-reported with their 20%-trimmed mean, interquartile range and min-max, the ratio of the fastest runs, and
-the same statistics of the CPU-time ratios (the machine may be shared: CPU time does not count time the
-process waits for a core, though it still counts memory stalls). ``--score-last`` adds the monitor's extra
-partial pass that scores each stream's final token (its FLOP share, ``forward to the probe's layer / new
-tokens``, is reported either way). ``monitor_self_time_pct`` is measured directly in one more monitored run:
-the time spent in the probe's streamer (``update`` / ``finish``) as a share of that run. The FLOP overhead of
-the same read-out from the cost model is printed beside the measured one.
+Why the design: on a CPU the monitor's own work is tens of microseconds per token (``monitor_self_time_pct``
+below), while the forward pass it rides on is noisy: TransformerLens makes a fresh contiguous copy of every
+MLP and unembedding weight in each forward pass (``W.T.contiguous()``; about half of a SmolLM2 decoding step,
+and some 28k page faults per step for the 113 MB unembedding copy), so a run's time follows the memory and
+CPU traffic of everything else on the machine. So the figure is a paired one: ``--pairs`` short pairs of
+(plain, monitored) runs, back to back, in alternating order (ABBA), after one warm-up run of each. Each pair
+gives a ratio ``t_monitored / t_plain - 1`` of wall time and one of process CPU time; the headline
+``monitor_overhead`` is the median of the paired wall-time ratios, reported with their 20%-trimmed mean,
+interquartile range and min-max, the ratio of the fastest runs, and the same statistics of the CPU-time
+ratios (the machine may be shared: CPU time does not count time the process waits for a core, though it
+still counts memory stalls). ``--score-last`` adds the monitor's extra partial pass that scores each
+stream's final token (its FLOP share, ``forward to the probe's layer / new tokens``, is reported either
+way). ``monitor_self_time_pct`` is measured directly in one more monitored run: the time spent in the
+probe's streamer (``update`` / ``finish``) as a share of that run. The FLOP overhead of the same read-out
+from the cost model is printed beside the measured one.
 
 Last line: ``{"monitor_overhead": <fraction>, "monitor_overhead_iqr": [q25, q75], "n_pairs": ...,
 "monitor_overhead_cpu_time": ..., "flop_overhead_pct": <percent>, ...}``.
@@ -92,8 +97,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared CPU)")
     ap.add_argument("--layer", type=int, default=15)
     ap.add_argument("--prompts", type=int, default=4, help="batch of prompts generated together")
-    ap.add_argument("--new-tokens", type=int, default=24)
-    ap.add_argument("--pairs", type=int, default=20, help="paired (plain, monitored) runs, ABBA order")
+    ap.add_argument("--new-tokens", type=int, default=12)
+    ap.add_argument("--pairs", type=int, default=40, help="paired (plain, monitored) runs, ABBA order")
     ap.add_argument(
         "--score-last",
         action="store_true",

@@ -688,6 +688,14 @@ def token_figure(result: GenerationResult, tokenizer: Any, *, per_row: int = 12,
     fig.add_trace(
         go.Scatter(y=result.token_logits, mode="lines", name="token logit", opacity=0.5), row=2, col=1
     )
+    if result.final_score is not None and n:
+        fig.add_trace(
+            go.Scatter(
+                x=[n - 1], y=[result.final_score], mode="markers", name="end-of-stream score", marker_size=10
+            ),
+            row=2,
+            col=1,
+        )
     if result.threshold is not None:
         fig.add_hline(y=result.threshold, line_dash="dash", line_color="red", row=2, col=1)
     fig.update_xaxes(showticklabels=False, row=1, col=1)

@@ -129,7 +129,7 @@ def _window_probe(trained, window: int = 8) -> TokenProbe:
     return win
 
 
-def test_window_probe_short_generation_scores_the_end_of_stream_window(tiny_model, trained) -> None:
+def test_window_probe_short_generation_scores_the_end_of_stream(tiny_model, trained, tmp_path) -> None:
     win = _window_probe(trained, 8)
     mon = StreamingMonitor(tiny_model, win)
     short = _ids(tiny_model, "the cake of the garden")  # 5 tokens: shorter than the window
@@ -141,6 +141,7 @@ def test_window_probe_short_generation_scores_the_end_of_stream_window(tiny_mode
     assert r_short.final_score is not None
     assert r_short.final_score == pytest.approx(mon.offline_final_score(r_short), abs=1e-4)
     assert r_short.stopping_statistic == r_short.final_score
+    token_figure(r_short, tiny_model.tokenizer).write_html(tmp_path / "short.html")  # NaN running scores
     # the long stream (same batch: the short row's state was frozen after its end): running scores from the
     # 8th token on, equal to the offline ones; its stopping statistic is the offline score of the sequence
     assert len(r_long.scores) == len(long)
