@@ -17,8 +17,8 @@ interquartile range and min-max, the ratio of the fastest runs, and the same sta
 ratios (the machine may be shared: CPU time does not count time the process waits for a core, though it
 still counts memory stalls). ``--score-last`` adds the monitor's extra partial pass that scores each
 stream's final token (its FLOP share, ``forward to the probe's layer / new tokens``, is reported either
-way). ``monitor_self_time_pct`` is measured directly in one more monitored run: the time spent in the
-probe's streamer (``update`` / ``finish``) as a share of that run. The FLOP overhead of the same read-out
+way). ``monitor_self_time_pct`` is measured directly in one more monitored run: the CPU time spent in the
+probe's streamer (``update`` / ``finish``) as a share of that run's. The FLOP overhead of the same read-out
 from the cost model is printed beside the measured one.
 
 Last line: ``{"monitor_overhead": <fraction>, "monitor_overhead_iqr": [q25, q75], "n_pairs": ...,
@@ -65,8 +65,8 @@ def summary(r: np.ndarray) -> dict[str, Any]:
 
 
 def timed_streamer(probe: TokenProbe, spent: list[float]) -> Callable[[], Streamer]:
-    """``probe.streamer`` whose instances add the time of their ``update`` / ``finish`` calls to
-    ``spent[0]``."""
+    """``probe.streamer`` whose instances add the CPU time (of this thread: a preemption is not counted) of
+    their ``update`` / ``finish`` calls to ``spent[0]``."""
     make = probe.streamer
 
     def streamer() -> Streamer:
@@ -74,15 +74,15 @@ def timed_streamer(probe: TokenProbe, spent: list[float]) -> Callable[[], Stream
         update, finish = st.update, st.finish
 
         def timed_update(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             out = update(x, rows)
-            spent[0] += time.perf_counter() - t0
+            spent[0] += time.thread_time() - t0
             return out
 
         def timed_finish() -> torch.Tensor:
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             out = finish()
-            spent[0] += time.perf_counter() - t0
+            spent[0] += time.thread_time() - t0
             return out
 
         st.update, st.finish = timed_update, timed_finish  # type: ignore[method-assign]
@@ -163,10 +163,10 @@ def main() -> None:
     plain_streamer = probe.streamer
     probe.streamer = timed_streamer(probe, spent)  # type: ignore[method-assign]
     try:
-        t_self, _, _ = run(True)
+        _, cpu_self, _ = run(True)
     finally:
         probe.streamer = plain_streamer  # type: ignore[method-assign]
-    self_pct = 100.0 * spent[0] / t_self
+    self_pct = 100.0 * spent[0] / cpu_self
     steps = args.new_tokens - (0 if args.score_last else 1)
 
     cost = CostModel.from_config(model.cfg, context_len=512)
@@ -185,7 +185,7 @@ def main() -> None:
         f"median {s_cpu['median']:+.2%}, IQR [{s_cpu['iqr'][0]:+.2%}, {s_cpu['iqr'][1]:+.2%}]"
     )
     print(
-        f"streamer (update/finish) time: {self_pct:.3f}% of a monitored run "
+        f"streamer (update/finish) CPU time: {self_pct:.3f}% of a monitored run's "
         f"({1e6 * spent[0] / max(steps, 1):.0f} µs per step for {args.prompts} streams); cost model: probe "
         f"read-out {flop_pct:.5f}% of a forward pass per token, "
         f"+ {cost.overhead_pct(final_pass):.2f}% for the final token's extra partial pass"
