@@ -11,8 +11,9 @@ Kinds (the same objects pool activations — pool then probe — and per-token s
 
 * ``mean``, ``max`` (element-wise), ``last``;
 * ``ema``: ``e_1 = x_1``, ``e_t = a·x_t + (1-a)·e_{t-1}``, read out by max over t (Cost-effective CC);
-* ``window``: sliding-window mean of width ``w``, read out by max over windows (CC++); a sequence shorter
-  than ``w`` has one window, its mean;
+* ``window``: sliding-window mean of width ``w``, read out by max over windows (CC++); only full windows
+  count, and a sequence shorter than ``w`` has one window, its mean (the one definition of partial windows,
+  shared by training and streaming: see :mod:`probes.token`);
 * ``softmax``: ``Σ_t softmax_t(x_t/τ)·x_t`` element-wise (τ→∞: mean, τ→0: max; McKenzie et al.).
 """
 

@@ -17,9 +17,26 @@ Every kind also takes the training params ``epochs``, ``lr``, ``weight_decay``, 
 aggregation, so they run only in the group of the spec's *first* pooling and return no rows in the others
 (nothing is fitted twice, no duplicate rows), and their ``pooling`` column names their aggregation (above).
 Costs are per-token read-outs (``order="probe_then_pool"``): a linear probe ``2·d·L + 1`` plus the pooling
-update, attention / MultiMax heads their own FLOPs. Each row also carries ``stream_threshold_1pct``: the
-threshold on the running score (max over the stream) that flags 1% of the benign control sequences, also
-saved in the probe's metadata for ``probe-atlas monitor``.
+update, attention / MultiMax heads their own FLOPs.
+
+**Streaming columns.** A streaming monitor stops on the *stopping statistic* of a stream: the maximum of the
+running score over the stream, the end-of-stream step included (windows as in :mod:`probes.stream`: full
+windows only; a sequence shorter than the window has its one whole window, scored at its end). For ``max``,
+``ema`` and ``window`` read-outs it is the offline score; for ``mean``, ``last``, ``softmax`` and attention it
+is not (it is at least the offline score). So every per-token row also carries the metrics of the stopping
+statistic, with thresholds set on the benign control's complete sequences as offline:
+
+* ``stream_auroc``, ``stream_tpr_at_1pct_fpr`` (:mod:`probes.metrics`, like ``auroc`` /
+  ``tpr_at_1pct_fpr``; a harmful-only eval set is scored against the control set);
+* ``stream_threshold_1pct``: the conservative threshold on the control's stopping statistic at 1% FPR (also
+  saved in the probe's metadata for ``probe-atlas monitor``), ``stream_recall_at_1pct``: the share of the
+  eval set's harmful sequences whose stopping statistic exceeds it (the same figure as
+  ``stream_tpr_at_1pct_fpr``, counted at the saved threshold);
+* ``stream_equals_offline``: whether the stopping statistic equals the offline score for this aggregation
+  (checked numerically on the control set);
+* ``stream_threshold_positions`` (``prompt``, ``response``, ``prompt+response``, ``all``: the roles of the
+  control tokens that were scored) and ``stream_threshold_calibration`` (the control set); the monitor
+  scores generated responses and warns about a threshold calibrated on anything else.
 """
 
 from __future__ import annotations
@@ -36,7 +53,8 @@ from activations.collect import HOOK_KINDS, parse_layers
 from experiments.registry import register_kind
 from experiments.run import RunGroup, SweepContext, evaluate_scores, make_rows, select_best
 from experiments.spec import SpecError
-from probes.metrics import threshold_at_fpr
+from probes.metrics import auroc, conservative_threshold, tpr_at_fpr
+from probes.stream import positions_of_roles
 from probes.token import AttentionProbe, MultiMaxProbe, Ragged, TokenProbe, TokenProbeBase, ragged_from_store
 
 TRAIN_PARAMS = ("epochs", "lr", "weight_decay", "batch_size")
@@ -96,10 +114,7 @@ def _run_one(
     probe.fit(token_data(ctx, "train", hooks), torch.as_tensor(ctx.labels("train")))
     fit_s = time.perf_counter() - t0
     scores = {role: probe.decision_function(token_data(ctx, role, hooks)).numpy() for role in ctx.roles}
-    stream_max = np.array([s.max() for s in probe.stream_scores(token_data(ctx, "control", hooks))])
-    with warnings.catch_warnings():  # a small control set: the conservative threshold is its max (documented)
-        warnings.simplefilter("ignore")
-        thr = float(threshold_at_fpr(stream_max, 0.01))
+    stream, per_eval = stream_metrics(ctx, probe, hooks, scores["control"])
     agg = str(getattr(probe, "aggregation", ""))
     rows = make_rows(
         ctx,
@@ -111,12 +126,52 @@ def _run_one(
         metrics=evaluate_scores(ctx, scores, run.seed),
         fit_seconds=fit_s,
         cost=_cost(ctx, layers, probe),
-        extra={"aggregation": agg, "stream_threshold_1pct": thr, "group_pooling": run.pooling.name},
+        extra={"aggregation": agg, "group_pooling": run.pooling.name, **stream},
         scores=scores,
     )
     for row in rows:
         row["pooling"] = agg
+        row.update(per_eval.get(str(row.get("eval_set")), {}))
     return rows
+
+
+def stream_metrics(
+    ctx: SweepContext, probe: TokenProbeBase, hooks: tuple[str, ...], offline_control: np.ndarray
+) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    """The streaming columns of a per-token probe (see the module docstring): the run's own (threshold, its
+    positions and calibration set, ``stream_equals_offline``) and, per eval set, ``stream_auroc``,
+    ``stream_tpr_at_1pct_fpr``, ``stream_recall_at_1pct``."""
+    control = probe.stopping_statistic(token_data(ctx, "control", hooks))
+    with warnings.catch_warnings():  # a small control set: the conservative threshold is its max (documented)
+        warnings.simplefilter("ignore")
+        info = conservative_threshold(control, 0.01)
+    st = ctx.stores["control"]
+    roles = np.asarray(st.roles)[np.asarray(st.mask).astype(bool)]
+    run_cols: dict[str, Any] = {
+        "stream_threshold_1pct": info.threshold,
+        "stream_threshold_positions": positions_of_roles(roles),
+        "stream_threshold_calibration": f"{st.key['dataset_name']} (benign control, n={info.n})",
+        "stream_equals_offline": bool(np.allclose(control, offline_control, rtol=1e-4, atol=1e-5)),
+    }
+    per_eval: dict[str, dict[str, float]] = {}
+    for name in ctx.data.tests:
+        role = f"test:{name}"
+        s = probe.stopping_statistic(token_data(ctx, role, hooks))
+        harmful = ctx.labels(role) >= 0.5
+        nan = float("nan")
+        m = {"stream_auroc": nan, "stream_tpr_at_1pct_fpr": nan, "stream_recall_at_1pct": nan}
+        if harmful.any():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if harmful.all():
+                    yy = np.concatenate([np.ones(len(s), int), np.zeros(len(control), int)])
+                    m["stream_auroc"] = auroc(yy, np.concatenate([s, control]))
+                else:
+                    m["stream_auroc"] = auroc(harmful.astype(int), s)
+                m["stream_tpr_at_1pct_fpr"] = tpr_at_fpr(s[harmful], control, 0.01)
+            m["stream_recall_at_1pct"] = float((s[harmful] > info.threshold).mean())
+        per_eval[name] = m
+    return run_cols, per_eval
 
 
 def _runner(make: Callable[[dict[str, Any], int, list[str]], TokenProbeBase], multi: bool = False) -> Any:
@@ -240,4 +295,4 @@ TOKEN_KINDS = (
     "attention",
     "multimax",
 )
-__all__ = ["TOKEN_KINDS", "token_data"]
+__all__ = ["TOKEN_KINDS", "stream_metrics", "token_data"]

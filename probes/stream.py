@@ -5,23 +5,46 @@ pass that happens anyway, and an early stop when the running score crosses a thr
 ``TransformerLensKeyValueCache``, greedy or seeded sampling, per-row EOS). With a probe it registers forward
 hooks on the probe's hook points: each decoding forward pass feeds the newest token, its hook activation
 (``act[:, -1]``, already computed for the next-token logits, no second pass) goes to the probe's
-:class:`~probes.token.Streamer` (EMA / window mean / running max / ... of the per-token logit, exactly the
-offline aggregation of the tokens so far), and a row whose running score exceeds the threshold stops: the
-token that crossed is the last one it emits. With ``score_last`` the last generated token of a row that ran
-to ``max_new_tokens`` is scored by one more forward pass up to the probe's deepest layer.
+:class:`~probes.token.Streamer`, and a row whose running score exceeds the threshold stops: the token that
+crossed is the last one it emits. The running scores stay on the model's device in preallocated tensors
+(one vectorized stop check per token, one conversion to Python lists at the end). With ``score_last`` the
+last generated token of a row that ran to ``max_new_tokens`` is scored by one more forward pass up to the
+probe's deepest layer.
 
-Thresholds for streaming (:func:`calibrate_threshold`) come from *complete* benign exchanges: the statistic
-is the maximum of the running score over the whole stream (what the monitor would have stopped on), and the
-threshold is the conservative one that flags at most ``fpr`` of them. :func:`catch_positions` gives the token
-at which each harmful exchange is first caught; :func:`recall_by_tokens` / :func:`recall_figure` the recall
+**Partial windows, one definition** (training, offline scoring and streaming alike): a ``window<M>`` window
+counts only when it is full, or, for a sequence shorter than ``M``, as the single whole-sequence window. In
+a stream, a prefix shorter than ``M`` has no score yet (NaN in ``GenerationResult.scores``), and the
+whole-sequence window of a stream that ends before ``M`` tokens is scored at the **end-of-stream step**
+(:meth:`~probes.token.Streamer.finish`, run by :func:`generate_tokens` when a row ends: EOS, the end of a
+forced continuation or ``max_new_tokens``; its score is ``GenerationResult.final_score``, and a row that
+crosses only there is flagged with ``stopped_at_end``).
+
+**The stopping statistic** of a complete stream is what the monitor stops on: the maximum over the stream of
+the running score, the end-of-stream step included (:func:`stopping_statistic`,
+``GenerationResult.stopping_statistic``). For ``max``, ``ema`` and ``window`` read-outs it equals the probe's
+offline score of the whole sequence (``decision_function``); for ``mean``, ``last``, ``softmax``, attention
+(and MultiMax with a negative head weight) it does not: it is at least the offline score, so thresholds for
+streaming must be set on it, never on offline scores.
+
+Thresholds for streaming (:func:`calibrate_threshold`) are the conservative thresholds
+(:func:`probes.metrics.conservative_threshold`) that flag at most ``fpr`` of *complete* benign streams by
+their stopping statistic, and they record the token positions they were calibrated on
+(``threshold_positions``: ``prompt``, ``response``, ...). The monitor scores *generated response* tokens:
+:meth:`StreamingMonitor.from_dir` warns (:class:`ThresholdPositionWarning`) when the saved threshold was
+calibrated on anything else, and :meth:`StreamingMonitor.calibrate` (``probe-atlas calibrate-monitor``) sets
+it on benign generated responses, with the same generation loop. :func:`catch_positions` gives the token at
+which each harmful stream is first caught; :func:`recall_by_tokens` / :func:`recall_figure` the recall
 against tokens generated. :func:`token_figure` colours each generated token by its score (plotly HTML).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+import json
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +54,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from probes.metrics import threshold_at_fpr
-from probes.token import Ragged, Streamer, TokenProbeBase
+from activations.render import ROLE_PROMPT, ROLE_RESPONSE, ROLE_SYSTEM
+from probes.metrics import conservative_threshold, threshold_at_fpr
+from probes.token import Ragged, TokenProbeBase
 
 try:  # TransformerLens 3.x
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache as _KVCache
@@ -42,20 +66,46 @@ except ImportError:  # pragma: no cover - TransformerLens 2.x
     )
 
 __all__ = [
+    "CALIBRATION_FILE",
     "GenerationResult",
+    "MonitorError",
+    "StreamCalibration",
     "StreamingMonitor",
+    "ThresholdPositionWarning",
     "calibrate_threshold",
     "catch_positions",
     "generate_tokens",
+    "positions_of_roles",
     "recall_by_tokens",
     "recall_figure",
+    "stopping_statistic",
     "stream_max_scores",
     "token_figure",
 ]
 
+#: the file in a probe's folder that holds a threshold calibrated on benign generated responses
+CALIBRATION_FILE = "stream_calibration.json"
+
 
 class MonitorError(ValueError):
     pass
+
+
+class ThresholdPositionWarning(UserWarning):
+    """The monitor's threshold was calibrated on other token positions (e.g. prompt tokens) than the ones it
+    scores (generated response tokens): its false-positive rate on responses is not the calibrated one."""
+
+
+def positions_of_roles(roles: np.ndarray | Sequence[int]) -> str:
+    """The token positions a set of scored rows covers, from their roles (``activations.render``):
+    ``prompt``, ``response``, ``prompt+response``, ``all`` (system rows too) or ``none``."""
+    have = {int(r) for r in np.unique(np.asarray(roles))}
+    if not have:
+        return "none"
+    if ROLE_SYSTEM in have:
+        return "all"
+    names = [n for r, n in ((ROLE_PROMPT, "prompt"), (ROLE_RESPONSE, "response")) if r in have]
+    return "+".join(names) if names else "none"
 
 
 @dataclass
@@ -65,14 +115,24 @@ class GenerationResult:
     prompt_ids: list[int]
     ids: list[int]  # generated token ids (up to and including the stop / EOS token)
     token_logits: list[float] = field(default_factory=list)  # probe logit of each scored generated token
-    scores: list[float] = field(default_factory=list)  # running aggregate after each scored token
+    scores: list[float] = field(default_factory=list)  # running score after each scored token (NaN: none yet)
     stop_index: int | None = None  # index into ids of the token whose score crossed the threshold
     threshold: float | None = None
     eos: bool = False
+    final_score: float | None = None  # the end-of-stream step's score (None: the stream was stopped before)
+    stopped_at_end: bool = False  # only the end-of-stream score crossed (stop_index: the last scored token)
 
     @property
     def stopped(self) -> bool:
         return self.stop_index is not None
+
+    @property
+    def stopping_statistic(self) -> float:
+        """The maximum of the running scores and the end-of-stream score (NaN when nothing was scored)."""
+        vals = [s for s in self.scores if not math.isnan(s)]
+        if self.final_score is not None and not math.isnan(self.final_score):
+            vals.append(self.final_score)
+        return max(vals) if vals else math.nan
 
     def text(self, tokenizer: Any) -> str:
         return str(tokenizer.decode(self.ids, skip_special_tokens=True))
@@ -81,9 +141,10 @@ class GenerationResult:
 def _sample(
     logits: Float[Tensor, "b v"], temperature: float, gen: torch.Generator | None
 ) -> Int[Tensor, " b"]:
+    """The next token of every row, on the CPU (greedy: the argmax on the logits' device)."""
     if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.to(torch.float64) / temperature, -1)
+        return logits.argmax(-1).cpu()
+    probs = torch.softmax(logits.float().cpu().to(torch.float64) / temperature, -1)
     return torch.multinomial(probs, 1, generator=gen)[:, 0]
 
 
@@ -112,9 +173,11 @@ def generate_tokens(
     """Generate up to ``max_new_tokens`` for each prompt (token ids), batched, with the KV cache.
 
     With ``probe`` (a per-token probe; ``hooks`` default to ``probe.hooks``) every generated token is scored
-    from its hook activation in the forward pass that consumes it; with ``threshold`` a row stops at the
-    first token whose running score exceeds it. ``forced`` feeds fixed continuations (one per prompt)
-    instead of the model's choices (teacher forcing; generation ends with the continuation).
+    from its hook activation in the forward pass that consumes it, and every row that was not stopped gets
+    the end-of-stream step when it ends (``final_score``); with ``threshold`` a row stops at the first token
+    whose running score exceeds it (or is flagged ``stopped_at_end`` when only its end-of-stream score
+    does). ``forced`` feeds fixed continuations (one per prompt) instead of the model's choices (teacher
+    forcing; generation ends with the continuation).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise MonitorError("give at least one non-empty prompt")
@@ -127,89 +190,131 @@ def generate_tokens(
     tok = model.tokenizer
     if eos_token_id is None and tok is not None:
         eos_token_id = tok.eos_token_id
-    pad_id = (tok.pad_token_id if tok is not None else None) or 0
-    device = model.cfg.device
+    pad_id = int((tok.pad_token_id if tok is not None else None) or 0)
+    device = torch.device(model.cfg.device) if model.cfg.device is not None else torch.device("cpu")
     b = len(prompts)
-    lens = [len(p) for p in prompts]
-    s0 = max(lens)
-    tokens = torch.full((b, s0), int(pad_id), dtype=torch.long)
+    s0 = max(len(p) for p in prompts)
+    tokens = torch.full((b, s0), pad_id, dtype=torch.long)
     mask = torch.zeros((b, s0), dtype=torch.long)
     for i, p in enumerate(prompts):
         tokens[i, s0 - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
         mask[i, s0 - len(p) :] = 1
-    results = [GenerationResult(list(map(int, p)), [], threshold=threshold) for p in prompts]
     gen = torch.Generator().manual_seed(int(seed)) if temperature > 0 else None
     n_steps = max_new_tokens if forced is None else min(max_new_tokens, max(len(f) for f in forced))
+    forced_ids: Tensor | None = None
+    forced_len: Tensor | None = None
+    if forced is not None:
+        forced_ids = torch.full((b, n_steps), pad_id, dtype=torch.long)
+        for i, f in enumerate(forced):
+            if len(f):
+                forced_ids[i, : min(len(f), n_steps)] = torch.as_tensor(list(f)[:n_steps], dtype=torch.long)
+        forced_len = torch.as_tensor([len(f) for f in forced], dtype=torch.long)
 
     hook_names = list(hooks if hooks is not None else (probe.hooks or []) if probe is not None else [])
     if probe is not None and not hook_names:
         raise MonitorError("the probe records no hook names; pass hooks=")
-    captured: dict[str, Tensor] = {}
-    streamer: Streamer | None = probe.streamer() if probe is not None else None
+    for h in hook_names:
+        if h not in model.hook_dict:
+            raise MonitorError(f"hook {h!r} of the probe is not a hook point of the model")
+    streamer = probe.streamer() if probe is not None else None
     if streamer is not None:
-        streamer.reset(b)
+        streamer.reset(b, device)
+    captured: dict[str, Tensor] = {}
 
-    def grab(act: Tensor, hook: Any) -> None:
-        captured[hook.name] = act[:, -1].detach()
+    def grabber(name: str) -> Any:
+        def grab(module: Any, inputs: Any, output: Tensor) -> None:
+            captured[name] = output[:, -1]
 
+        return grab
+
+    ids = torch.full((b, n_steps), pad_id, dtype=torch.long)  # generated tokens, host side
+    n_ids = torch.zeros(b, dtype=torch.long)
+    eos = torch.zeros(b, dtype=torch.bool)
     active = torch.ones(b, dtype=torch.bool)  # still generating
-    scoring = torch.zeros(b, dtype=torch.bool)  # the newest token of the row is to be scored
-
-    def score_step(step_tokens: int) -> None:
-        assert streamer is not None
-        x = torch.cat([captured[h] for h in hook_names], dim=-1).to(torch.float32).cpu()
-        s = streamer.update(x)
-        logit = streamer.last_token_logit
-        for i in torch.nonzero(scoring).flatten().tolist():
-            r = results[i]
-            r.scores.append(float(s[i]))
-            r.token_logits.append(float(logit[i]) if logit is not None else float("nan"))
-            if threshold is not None and r.stop_index is None and float(s[i]) > threshold:
-                r.stop_index = len(r.ids) - 1
-                active[i] = False
-        captured.clear()
-
-    fwd_hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = (
-        [(h, grab) for h in hook_names] if probe is not None else []
-    )
+    stop_at = torch.full((b,), -1, dtype=torch.long)  # step whose token crossed the threshold
+    score_cols: list[Tensor] = []  # per scored step, every row's running score (stacked once at the end)
+    logit_cols: list[Tensor] = []
+    thr = float(threshold) if threshold is not None else None
     cache = _KVCache.init_cache(model.cfg, device, b)
-    ctx = model.hooks(fwd_hooks=fwd_hooks) if fwd_hooks else contextlib.nullcontext()
-    with torch.inference_mode(), ctx:
-        logits = model(tokens.to(device), attention_mask=mask.to(device), past_kv_cache=cache)
-        captured.clear()  # prompt activations are not scored
-        for step in range(n_steps):
-            if forced is not None:
-                nxt = torch.tensor(
-                    [int(f[step]) if step < len(f) else int(pad_id) for f in forced], dtype=torch.long
-                )
-            else:
-                nxt = _sample(logits[:, -1].float().cpu(), temperature, gen)
-            scoring = active.clone()
-            for i in torch.nonzero(active).flatten().tolist():
-                if forced is not None and step >= len(forced[i]):
-                    active[i] = scoring[i] = False
-                    continue
-                results[i].ids.append(int(nxt[i]))
-                if stop_on_eos and eos_token_id is not None and int(nxt[i]) == eos_token_id:
-                    results[i].eos = True
-                    active[i] = scoring[i] = False  # the end-of-sequence token is not scored
-            if not bool(scoring.any()):
-                break
-            last = step == n_steps - 1
-            if last and (probe is None or not score_last):
-                break
+    handles = [model.hook_dict[h].register_forward_hook(grabber(h)) for h in hook_names]
+    try:
+        with torch.inference_mode():
+            logits = model(tokens.to(device), attention_mask=mask.to(device), past_kv_cache=cache)
+            captured.clear()  # prompt activations are not scored
             step_mask = torch.ones((b, 1), dtype=torch.long, device=device)
-            if last:  # only the probe needs this pass: stop after its deepest layer
-                stop = max(_hook_layer(h) for h in hook_names) + 1
-                model(
-                    nxt[:, None].to(device), attention_mask=step_mask, past_kv_cache=cache, stop_at_layer=stop
-                )
-            else:
-                logits = model(nxt[:, None].to(device), attention_mask=step_mask, past_kv_cache=cache)
-            if probe is not None:
-                score_step(step)
-            if not bool(active.any()):
-                break
+            for step in range(n_steps):
+                if forced_ids is not None and forced_len is not None:
+                    nxt = forced_ids[:, step]
+                    live = active & (step < forced_len)  # a row whose continuation ended stops here
+                else:
+                    nxt = _sample(logits[:, -1], temperature, gen)
+                    live = active
+                ids[:, step] = nxt
+                n_ids += live
+                if stop_on_eos and eos_token_id is not None:
+                    hit = live & (nxt == eos_token_id)  # the end-of-sequence token is kept, not scored
+                    eos |= hit
+                    live = live & ~hit
+                active = live
+                if not bool(live.any()):
+                    break
+                last = step == n_steps - 1
+                if last and (streamer is None or not score_last):
+                    break
+                if last:  # only the probe needs this pass: stop after its deepest layer
+                    stop = max(_hook_layer(h) for h in hook_names) + 1
+                    model(
+                        nxt[:, None].to(device),
+                        attention_mask=step_mask,
+                        past_kv_cache=cache,
+                        stop_at_layer=stop,
+                    )
+                else:
+                    logits = model(nxt[:, None].to(device), attention_mask=step_mask, past_kv_cache=cache)
+                if streamer is not None:
+                    x = (
+                        captured[hook_names[0]]
+                        if len(hook_names) == 1
+                        else torch.cat([captured[h] for h in hook_names], dim=-1)
+                    )
+                    captured.clear()
+                    s = streamer.update(x, rows=live)
+                    score_cols.append(s)
+                    logit_cols.append(s if streamer.last_token_logit is None else streamer.last_token_logit)
+                    if thr is not None:
+                        over = s > thr
+                        if bool(over.any()):  # one host read per token; rows crossing now stop here
+                            crossed = over.cpu() & live
+                            stop_at[crossed] = step
+                            active = active & ~crossed
+                if not bool(active.any()):
+                    break
+            final = streamer.finish() if streamer is not None else None
+    finally:
+        for hd in handles:
+            hd.remove()
+
+    results = [
+        GenerationResult(
+            [int(t) for t in p], ids[i, : int(n_ids[i])].tolist(), threshold=threshold, eos=bool(eos[i])
+        )
+        for i, p in enumerate(prompts)
+    ]
+    if streamer is not None and final is not None:
+        n_scored = streamer.count.cpu().tolist()
+        empty = torch.zeros((b, 0))
+        sc = (torch.stack(score_cols, 1) if score_cols else empty).cpu().tolist()
+        lg = (torch.stack(logit_cols, 1) if logit_cols else empty).cpu().tolist()
+        fin = final.cpu().tolist()
+        for i, r in enumerate(results):
+            k = int(n_scored[i])
+            r.scores, r.token_logits = sc[i][:k], lg[i][:k]
+            if int(stop_at[i]) >= 0:
+                r.stop_index = int(stop_at[i])
+            elif k > 0:  # the end-of-stream step
+                r.final_score = float(fin[i])
+                if thr is not None and r.final_score > thr:
+                    r.stop_index, r.stopped_at_end = k - 1, True
     return results
 
 
@@ -218,8 +323,73 @@ def generate_tokens(
 # ----------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class StreamCalibration:
+    """A streaming threshold and where it comes from: the conservative threshold that flags at most ``fpr``
+    of ``n`` complete benign streams by their stopping statistic, on token ``positions`` of ``source``."""
+
+    threshold: float
+    fpr: float
+    realized_fpr: float
+    n: int
+    positions: str
+    source: str
+    limited_by_n: bool = False
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    seed: int | None = None
+
+    def save(self, probe_dir: str | os.PathLike[str]) -> Path:
+        """Write it to ``probe_dir/stream_calibration.json`` (atomically); the monitor reads it from there."""
+        path = Path(probe_dir) / CALIBRATION_FILE
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        doc = asdict(self)
+        doc["threshold"] = self.threshold if math.isfinite(self.threshold) else str(self.threshold)
+        tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> StreamCalibration:
+        p = Path(path)
+        if p.is_dir():
+            p = p / CALIBRATION_FILE
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+            doc["threshold"] = float(doc["threshold"])
+            return cls(**doc)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise MonitorError(f"cannot read a streaming calibration from {p}: {e}") from e
+
+
+def _check_positions(threshold: float, positions: str | None, source: str) -> None:
+    if positions == "response":
+        return
+    how = (
+        "on benign generated responses: `probe-atlas calibrate-monitor --probe DIR --data BENIGN.jsonl` "
+        "(or StreamingMonitor.calibrate)"
+    )
+    if positions is None:
+        msg = (
+            f"the streaming threshold {threshold:.4g} of {source} records no calibration positions (a sweep "
+            "calibrates on its benign control set's scored tokens, prompt tokens unless `positions: "
+            f"response`), but the monitor scores generated response tokens; calibrate it {how}"
+        )
+    else:
+        msg = (
+            f"the streaming threshold {threshold:.4g} of {source} was calibrated on {positions!r} tokens, "
+            "but the monitor scores generated response tokens: its false-positive rate on responses is not "
+            f"the calibrated one; calibrate it {how}"
+        )
+    warnings.warn(msg, ThresholdPositionWarning, stacklevel=3)
+
+
 class StreamingMonitor:
-    """Generation with a per-token probe that stops when the running score crosses ``threshold``."""
+    """Generation with a per-token probe that stops when the running score crosses ``threshold``.
+
+    ``threshold_positions`` records the token positions the threshold was calibrated on (``response`` for
+    :meth:`calibrate`; None when unknown or given by hand).
+    """
 
     def __init__(
         self,
@@ -229,12 +399,15 @@ class StreamingMonitor:
         threshold: float | None = None,
         hooks: Sequence[str] | None = None,
         use_chat_template: bool | None = None,
+        threshold_positions: str | None = None,
     ) -> None:
         if not isinstance(probe, TokenProbeBase):
             raise MonitorError(
                 f"the streaming monitor needs a per-token probe (probes.token), got {type(probe).__name__}"
             )
         self.model, self.probe, self.threshold = model, probe, threshold
+        self.threshold_positions = threshold_positions
+        self.calibration: StreamCalibration | None = None
         self.hooks = list(hooks if hooks is not None else probe.hooks or [])
         if not self.hooks:
             raise MonitorError("the probe records no hook names; pass hooks=")
@@ -247,8 +420,11 @@ class StreamingMonitor:
     def from_dir(
         cls, probe_dir: str | Path, model: HookedTransformer | None = None, *, threshold: float | None = None
     ) -> StreamingMonitor:
-        """Load a probe saved by a sweep (checks the model); the threshold defaults to the saved
-        ``stream_threshold_1pct`` (1% of the sweep's benign control sequences flagged)."""
+        """Load a probe saved by a sweep (checks the model). The threshold defaults to the one calibrated on
+        benign generated responses (``stream_calibration.json`` in the folder, written by
+        :meth:`calibrate` / ``probe-atlas calibrate-monitor``), else the sweep's ``stream_threshold_1pct``
+        (1% of the benign control sequences flagged), which warns (:class:`ThresholdPositionWarning`) unless
+        it was calibrated on response tokens."""
         from activations.collect import model_fingerprint
         from probes.io import load_probe, read_probe_info
 
@@ -270,12 +446,27 @@ class StreamingMonitor:
         probe = load_probe(probe_dir)
         if not isinstance(probe, TokenProbeBase):
             raise MonitorError(f"probe at {probe_dir} is a {type(probe).__name__}, not a per-token probe")
-        if threshold is None and meta.get("stream_threshold_1pct") is not None:
-            threshold = float(meta["stream_threshold_1pct"])
+        positions: str | None = None
+        calibration: StreamCalibration | None = None
+        if threshold is None:
+            if (Path(probe_dir) / CALIBRATION_FILE).is_file():
+                calibration = StreamCalibration.load(probe_dir)
+                threshold, positions = calibration.threshold, calibration.positions
+            elif meta.get("stream_threshold_1pct") is not None:
+                threshold = float(meta["stream_threshold_1pct"])
+                positions = meta.get("stream_threshold_positions")
+                _check_positions(threshold, positions, f"probe {probe_dir}")
         hooks = probe.hooks or meta.get("hook_names")
-        return cls(
-            model, probe, threshold=threshold, hooks=hooks, use_chat_template=meta.get("chat_template")
+        mon = cls(
+            model,
+            probe,
+            threshold=threshold,
+            hooks=hooks,
+            use_chat_template=meta.get("chat_template"),
+            threshold_positions=positions,
         )
+        mon.calibration = calibration
+        return mon
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The prompt rendered as the probe's training data was (chat template with generation prompt)."""
@@ -316,19 +507,90 @@ class StreamingMonitor:
             score_last=score_last,
         )
 
+    def calibrate(
+        self,
+        prompts: Sequence[str],
+        fpr: float = 0.01,
+        max_new_tokens: int = 48,
+        *,
+        temperature: float = 0.0,
+        seed: int = 0,
+        batch_size: int = 16,
+        source: str = "benign prompts",
+    ) -> StreamCalibration:
+        """Set the threshold on benign *generated responses*: generate a response to every benign prompt with
+        the monitor's own loop (no stopping, the end-of-stream step included), and take the conservative
+        threshold that flags at most ``fpr`` of them by their stopping statistic. Sets ``threshold`` and
+        ``threshold_positions = "response"``; returns the record (``.save(probe_dir)`` keeps it for
+        :meth:`from_dir`). A response with no scored token (EOS first) can never be flagged: it counts as a
+        benign stream below any threshold."""
+        ps = list(prompts)
+        if not ps:
+            raise MonitorError("calibrate: give at least one benign prompt")
+        if batch_size < 1:
+            raise MonitorError(f"batch_size must be >= 1, got {batch_size}")
+        ids = [self.prompt_ids(p) for p in ps]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        stat = np.full(len(ids), -np.inf)
+        for lo in range(0, len(order), batch_size):
+            idx = order[lo : lo + batch_size]
+            res = generate_tokens(
+                self.model,
+                [ids[i] for i in idx],
+                max_new_tokens,
+                temperature=temperature,
+                seed=seed + lo,
+                probe=self.probe,
+                hooks=self.hooks,
+            )
+            for i, r in zip(idx, res, strict=True):
+                s = r.stopping_statistic
+                stat[i] = s if not math.isnan(s) else -np.inf
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # limited_by_n is recorded instead
+            info = conservative_threshold(stat, fpr)
+        cal = StreamCalibration(
+            threshold=info.threshold,
+            fpr=float(fpr),
+            realized_fpr=info.realized_fpr,
+            n=info.n,
+            positions="response",
+            source=source,
+            limited_by_n=info.limited_by_n,
+            max_new_tokens=int(max_new_tokens),
+            temperature=float(temperature),
+            seed=int(seed),
+        )
+        self.threshold, self.threshold_positions, self.calibration = cal.threshold, cal.positions, cal
+        return cal
+
     def offline_scores(self, result: GenerationResult) -> Float[Tensor, " t"]:
-        """The probe's offline score of every prefix of the scored generated tokens, from a fresh full
-        forward pass over prompt + generated tokens (no KV cache): the check of the streaming scores."""
+        """The running score after every scored generated token, computed offline from a fresh full forward
+        pass over prompt + generated tokens (no KV cache) and the probe's ``decision_function`` of every
+        prefix (NaN while not yet scorable): the check of the streaming scores."""
+        x = self._offline_tokens(result)
+        if x.shape[0] == 0:
+            return torch.zeros(0)
+        return self.probe.prefix_scores(x, running=True)
+
+    def offline_final_score(self, result: GenerationResult) -> float:
+        """The probe's offline score (``decision_function``) of all the scored generated tokens: what the
+        end-of-stream step reports."""
+        x = self._offline_tokens(result)
+        if x.shape[0] == 0:
+            return math.nan
+        return float(self.probe.decision_function([x])[0])
+
+    def _offline_tokens(self, result: GenerationResult) -> Float[Tensor, "t d"]:
         n = len(result.scores)
         if n == 0:
-            return torch.zeros(0)
+            return torch.zeros(0, 0)
         ids = torch.as_tensor([*result.prompt_ids, *result.ids[:n]], dtype=torch.long)[None]
         stop = max(_hook_layer(h) for h in self.hooks) + 1
         with torch.inference_mode():
             _, cache = self.model.run_with_cache(ids, names_filter=self.hooks, stop_at_layer=stop)
         p0 = len(result.prompt_ids)
-        x = torch.cat([cache[h][0, p0 : p0 + n] for h in self.hooks], -1).to(torch.float32)
-        return self.probe.prefix_scores(x)
+        return torch.cat([cache[h][0, p0 : p0 + n] for h in self.hooks], -1).to(torch.float32).cpu()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -336,23 +598,33 @@ class StreamingMonitor:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def stopping_statistic(probe: TokenProbeBase, X: Ragged) -> np.ndarray:
+    """Per complete sequence, what a streaming monitor stops on: the maximum of the running score over the
+    stream, the end-of-stream step included (:meth:`~probes.token.TokenProbeBase.replay`)."""
+    return probe.stopping_statistic(X)
+
+
 def stream_max_scores(probe: TokenProbeBase, X: Ragged) -> np.ndarray:
-    """Per complete sequence, the maximum of the running score over the stream (what a monitor stops on)."""
-    return np.array([s.max() for s in probe.stream_scores(X)])
+    """The stopping statistic of every complete sequence (the name predates the end-of-stream step; same as
+    :func:`stopping_statistic`)."""
+    return stopping_statistic(probe, X)
 
 
 def calibrate_threshold(probe: TokenProbeBase, benign: Ragged, fpr: float = 0.01) -> float:
-    """The streaming threshold that flags at most ``fpr`` of complete benign sequences (conservative)."""
-    return float(threshold_at_fpr(stream_max_scores(probe, benign), fpr))
+    """The streaming threshold that flags at most ``fpr`` of complete benign sequences by their stopping
+    statistic (conservative). The threshold holds for the token positions ``benign`` covers: to monitor
+    generated responses, calibrate on benign responses (:meth:`StreamingMonitor.calibrate`)."""
+    return float(threshold_at_fpr(stopping_statistic(probe, benign), fpr))
 
 
 def catch_positions(probe: TokenProbeBase, harmful: Ragged, threshold: float) -> np.ndarray:
-    """1-based index of the first token at which each sequence's running score exceeds ``threshold``;
-    0 where it never does."""
+    """1-based index of the first token at which each sequence's running score exceeds ``threshold``; the
+    sequence length when only its end-of-stream score does; 0 where it never does."""
+    rep = probe.replay(harmful)
     out = []
-    for s in probe.stream_scores(harmful):
+    for s, f in zip(rep.running, rep.final, strict=True):
         hit = np.nonzero(s > threshold)[0]
-        out.append(int(hit[0]) + 1 if len(hit) else 0)
+        out.append(int(hit[0]) + 1 if len(hit) else (len(s) if f > threshold else 0))
     return np.array(out, dtype=np.int64)
 
 
@@ -416,6 +688,14 @@ def token_figure(result: GenerationResult, tokenizer: Any, *, per_row: int = 12,
     fig.add_trace(
         go.Scatter(y=result.token_logits, mode="lines", name="token logit", opacity=0.5), row=2, col=1
     )
+    if result.final_score is not None and n:
+        fig.add_trace(
+            go.Scatter(
+                x=[n - 1], y=[result.final_score], mode="markers", name="end-of-stream score", marker_size=10
+            ),
+            row=2,
+            col=1,
+        )
     if result.threshold is not None:
         fig.add_hline(y=result.threshold, line_dash="dash", line_color="red", row=2, col=1)
     fig.update_xaxes(showticklabels=False, row=1, col=1)

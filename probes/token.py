@@ -41,8 +41,20 @@ into the saved weights), AdamW with decoupled weight decay, minibatches of whole
 BCE (the CC++ loss for that preset), seeded initialization and shuffling: the same seed gives the same probe.
 
 Every probe also has a :meth:`~TokenProbeBase.streamer`: an exact causal (token-by-token) version of
-:meth:`~TokenProbeBase.decision_function` whose score after ``t`` tokens equals the offline score of those
-``t`` tokens (the streaming monitor in :mod:`probes.stream` uses it).
+:meth:`~TokenProbeBase.decision_function` (the streaming monitor in :mod:`probes.stream` uses it).
+
+**Partial windows, one definition.** A ``window<M>`` window counts only when it is full, or, for a sequence
+shorter than ``M``, as the single whole-sequence window: in training (:func:`window_means`, the CC++ loss),
+offline (:class:`~activations.pooling.Pooling`, ``decision_function``) and streaming. So a stream's running
+score after ``t`` tokens is the offline score of those ``t`` tokens once ``t >= M``, and does not exist
+before (NaN: a prefix shorter than the window is not yet scorable); a stream that ends before ``M`` tokens
+is scored by its whole window at the **end-of-stream step** (:meth:`Streamer.finish`). For every other
+aggregation the running score after ``t`` tokens is the offline score of those ``t`` tokens, and the
+end-of-stream score is the running score. The **stopping statistic** of a complete stream, what a monitor
+stops on, is the maximum of its running scores and its end-of-stream score
+(:meth:`TokenProbeBase.stopping_statistic`): the offline score for ``max``, ``ema`` and ``window``
+read-outs, at least the offline score (and in general more) for ``mean``, ``last``, ``softmax``, attention
+and MultiMax with a negative head weight.
 """
 
 from __future__ import annotations
@@ -56,7 +68,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import einsum
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from activations.pooling import Pooling, ragged_to_padded
@@ -244,89 +256,286 @@ def softmax_weighted_bce(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _rows_like(rows: Bool[Tensor, " b"], v: Tensor) -> Tensor:
+    """``rows`` viewed to broadcast against a ``[b, ...]`` state tensor."""
+    return rows.view(-1, *([1] * (v.ndim - 1)))
+
+
 class Streamer:
-    """Causal token-by-token scoring of a batch: :meth:`update` with each new token's activation returns
-    the running score (the offline score of the tokens so far). ``last_token_logit`` holds the newest
-    token's own logit (for display)."""
+    """Causal token-by-token scoring of a batch of streams (row ``i`` is one stream), on the device of the
+    activations it is fed, with a few small tensor operations per token and no host round trip.
 
-    def reset(self, batch: int) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    * :meth:`reset` starts ``batch`` empty streams;
+    * :meth:`update` feeds every stream its newest token (``rows``: the streams that consume it; the others
+      keep their state) and returns every stream's *running score*: the offline score of the tokens so far,
+      or NaN while the stream is not yet scorable (fewer than :attr:`min_tokens` tokens: a ``window<M>``
+      aggregation before its first full window);
+    * :meth:`finish` is the *end-of-stream step*: every stream's score if it ends now (the single
+      whole-sequence window of a stream shorter than ``M``; the running score otherwise). It does not change
+      the state.
 
-    def update(self, x: Float[Tensor, "b d"]) -> Float[Tensor, " b"]:  # pragma: no cover - interface
-        raise NotImplementedError
+    ``peak`` is the running maximum of the scores so far (NaN before the first). The *stopping statistic* of
+    a complete stream, what a monitor stops on, is ``fmax(peak, finish())`` (:meth:`stopping_statistic`).
+    ``last_token_logit`` is the newest token's own logit (for display). Subclasses define the state
+    (:meth:`_init_state`), one token's update (:meth:`_step`), the running score (:meth:`_score`) and, where
+    it differs, the end-of-stream score (:meth:`_final`).
+    """
 
-    last_token_logit: Tensor | None = None
-
-
-class _OnlineSoftmax:
-    """Running ``Σ_t softmax_t(a_t)·v_t`` (element-wise over ``[b, k]``), numerically stable."""
+    min_tokens: int = 1
 
     def __init__(self) -> None:
-        self.m: Tensor | None = None
-        self.S: Tensor | None = None
-        self.N: Tensor | None = None
+        self.state: dict[str, Tensor] = {}
+        self.count: Tensor = torch.zeros(0, dtype=torch.long)
+        self.peak: Tensor = torch.zeros(0)
+        self.last_token_logit: Tensor | None = None
+        self.device = torch.device("cpu")
+        self._low = 0  # a lower bound of every stream's token count (host side: enables fast paths)
 
-    def update(self, a: Tensor, v: Tensor) -> Tensor:
-        if self.m is None:
-            self.m, self.S, self.N = a.clone(), torch.ones_like(a), v.clone()
+    # -- subclass hooks -------------------------------------------------------------------------------------
+    def _to(self, device: torch.device) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _init_state(self, batch: int) -> dict[str, Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _step(
+        self, state: dict[str, Tensor], x: Float[Tensor, "b d"], n: Int[Tensor, " b"], low: int
+    ) -> tuple[dict[str, Tensor], Float[Tensor, " b"]]:  # pragma: no cover - interface
+        """The state after one more token and the token's logit. ``n``: each stream's token count including
+        this token; ``low``: a lower bound of every stream's count before it (``low >= 1``: no stream is
+        empty)."""
+        raise NotImplementedError
+
+    def _score(
+        self, state: dict[str, Tensor], n: Int[Tensor, " b"]
+    ) -> Float[Tensor, " b"]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _final(self, state: dict[str, Tensor], n: Int[Tensor, " b"]) -> Float[Tensor, " b"]:
+        return self._score(state, n)
+
+    # -- the interface --------------------------------------------------------------------------------------
+    def reset(self, batch: int, device: torch.device | str | None = None) -> None:
+        """Start ``batch`` empty streams (state on ``device``, default CPU)."""
+        if batch < 1:
+            raise ValueError(f"a streamer needs at least one stream, got batch={batch}")
+        self.device = torch.device(device if device is not None else "cpu")
+        self._to(self.device)
+        self.count = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.peak = torch.full((batch,), math.nan, dtype=torch.float32, device=self.device)
+        self.state = self._init_state(batch)
+        self.last_token_logit = None
+        self._low = 0
+
+    def update(self, x: Float[Tensor, "b d"], rows: Bool[Tensor, " b"] | None = None) -> Float[Tensor, " b"]:
+        """Feed each stream in ``rows`` (default: all) its newest token's activation; every stream's running
+        score (NaN: not yet scorable)."""
+        b = self.count.shape[0]
+        if x.ndim != 2 or x.shape[0] != b:
+            raise ValueError(
+                f"update expects [{b}, d] activations (one token per stream), got {tuple(x.shape)}"
+            )
+        if x.device != self.device or x.dtype != torch.float32:
+            x = x.to(device=self.device, dtype=torch.float32)
+        if rows is not None and rows.device.type == "cpu" and bool(rows.all()):
+            rows = None  # every stream consumes the token: no masking
+        n = self.count + 1
+        new, logit = self._step(self.state, x, n, self._low)
+        if rows is None:
+            self.state, self.count = new, n
+            self._low += 1
         else:
-            assert self.S is not None and self.N is not None
-            m_new = torch.maximum(self.m, a)
-            r_old, r_new = torch.exp(self.m - m_new), torch.exp(a - m_new)
-            self.S = self.S * r_old + r_new
-            self.N = self.N * r_old + r_new * v
-            self.m = m_new
-        assert self.N is not None and self.S is not None
-        return self.N / self.S
+            r = rows.to(device=self.device, dtype=torch.bool)
+            self.state = {k: torch.where(_rows_like(r, v), v, self.state[k]) for k, v in new.items()}
+            self.count = torch.where(r, n, self.count)
+        self.last_token_logit = logit
+        s = self._score(self.state, self.count)
+        if self._low < self.min_tokens:  # some stream may not be scorable yet
+            s = torch.where(self.count >= self.min_tokens, s, math.nan)
+        self.peak = torch.fmax(self.peak, s)
+        return s
+
+    def finish(self) -> Float[Tensor, " b"]:
+        """The end-of-stream step: each stream's score if it ends now (NaN for a stream with no tokens)."""
+        s = self._final(self.state, self.count)
+        return s if self._low >= 1 else torch.where(self.count > 0, s, math.nan)
+
+    def stopping_statistic(self) -> Float[Tensor, " b"]:
+        """What a monitor stops on: the maximum of the running scores and the end-of-stream score."""
+        return torch.fmax(self.peak, self.finish())
+
+
+def _online_softmax_step(
+    m: Tensor, S: Tensor, N: Tensor, a: Tensor, v: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One token of a running ``Σ_t softmax_t(a_t)·v_t = N / S`` (max-shifted by ``m``; ``m = -inf`` and
+    ``S = N = 0`` before the first token), element-wise."""
+    m_new = torch.maximum(m, a)
+    r_old, r_new = torch.exp(m - m_new), torch.exp(a - m_new)
+    return m_new, S * r_old + r_new, N * r_old + r_new * v
 
 
 class _PoolStreamer(Streamer):
-    """Running pooled value of a scalar per-token logit, for every :class:`Pooling` kind."""
+    """Running pooled value of a scalar per-token logit ``l_t = w·x_t + b``, for every :class:`Pooling` kind
+    (``window<M>``: running max over full windows, NaN before the first; the whole-sequence window of a
+    stream shorter than ``M`` at :meth:`finish`)."""
 
-    def __init__(self, coef: Tensor, intercept: Tensor, pooling: Pooling) -> None:
-        self.coef, self.intercept, self.pool = coef.to(torch.float64), intercept.to(torch.float64), pooling
+    def __init__(self, coef: Float[Tensor, " d"], intercept: Float[Tensor, ""], pooling: Pooling) -> None:
+        super().__init__()
+        self.coef = coef.detach().to(torch.float32)
+        self.intercept = intercept.detach().to(torch.float32).reshape(())
+        self.pool = pooling
+        self.min_tokens = pooling.window if pooling.kind == "window" else 1
         self.reset(1)
 
-    def reset(self, batch: int) -> None:
-        self.t = 0
-        self.state: dict[str, Any] = {}
-        self.soft = _OnlineSoftmax()
-        self.last_token_logit = None
+    def _to(self, device: torch.device) -> None:
+        self.coef, self.intercept = self.coef.to(device), self.intercept.to(device)
 
-    def update(self, x: Float[Tensor, "b d"]) -> Float[Tensor, " b"]:
-        logit = x.to(torch.float64) @ self.coef + self.intercept
-        self.last_token_logit = logit
-        self.t += 1
-        st, kind = self.state, self.pool.kind
+    def _init_state(self, batch: int) -> dict[str, Tensor]:
+        def z() -> Tensor:
+            return torch.zeros(batch, device=self.device)
+
+        def ninf() -> Tensor:
+            return torch.full((batch,), -math.inf, device=self.device)
+
+        kind = self.pool.kind
         if kind == "mean":
-            st["sum"] = st.get("sum", 0.0) + logit
-            return st["sum"] / self.t
+            return {"sum": z()}
         if kind == "max":
-            st["max"] = logit if self.t == 1 else torch.maximum(st["max"], logit)
-            return st["max"]
+            return {"max": ninf()}
         if kind == "last":
-            return logit
+            return {"last": z()}
         if kind == "ema":
-            a = self.pool.alpha
-            st["e"] = logit if self.t == 1 else a * logit + (1 - a) * st["e"]
-            st["best"] = st["e"] if self.t == 1 else torch.maximum(st["best"], st["e"])
-            return st["best"]
+            return {"e": z(), "best": ninf()}
         if kind == "window":
-            w = self.pool.window
-            buf: list[Tensor] = st.setdefault("buf", [])
-            buf.append(logit)
-            st["sum"] = st.get("sum", 0.0) + logit
-            if len(buf) > w:
-                st["sum"] = st["sum"] - buf.pop(0)
-            if self.t < w:  # a sequence shorter than the window has one window: its mean
-                return st["sum"] / self.t
-            mean = st["sum"] / w
-            st["best"] = mean if self.t == w else torch.maximum(st["best"], mean)
-            return st["best"]
+            return {"buf": torch.zeros(batch, self.pool.window, device=self.device), "best": ninf()}
         if kind == "softmax":
-            tau = self.pool.temperature
-            return self.soft.update((logit / tau)[:, None], logit[:, None])[:, 0]
+            return {"m": ninf(), "S": z(), "N": z()}
         raise ValueError(f"unknown pooling {kind!r}")  # pragma: no cover
+
+    def _step(
+        self, state: dict[str, Tensor], x: Float[Tensor, "b d"], n: Int[Tensor, " b"], low: int
+    ) -> tuple[dict[str, Tensor], Float[Tensor, " b"]]:
+        logit = torch.addmv(self.intercept, x, self.coef)
+        kind = self.pool.kind
+        if kind == "mean":
+            return {"sum": state["sum"] + logit}, logit
+        if kind == "max":
+            return {"max": torch.maximum(state["max"], logit)}, logit
+        if kind == "last":
+            return {"last": logit}, logit
+        if kind == "ema":  # e_1 = l_1, e_t = a·l_t + (1-a)·e_{t-1}
+            a = self.pool.alpha
+            if low >= 1:
+                e = torch.lerp(state["e"], logit, a)
+            else:
+                e = torch.where(n == 1, logit, torch.lerp(state["e"], logit, a))
+            return {"e": e, "best": torch.maximum(state["best"], e)}, logit
+        if kind == "window":  # a ring buffer of the last M logits; a full window updates the best mean
+            w = self.pool.window
+            buf = state["buf"].scatter(1, ((n - 1) % w)[:, None], logit[:, None])
+            mean = buf.sum(1) / w
+            best = torch.maximum(state["best"], mean)
+            if low + 1 < w:  # some window may not be full yet
+                best = torch.where(n >= w, best, state["best"])
+            return {"buf": buf, "best": best}, logit
+        if kind == "softmax":
+            m, S, N = _online_softmax_step(
+                state["m"], state["S"], state["N"], logit / self.pool.temperature, logit
+            )
+            return {"m": m, "S": S, "N": N}, logit
+        raise ValueError(f"unknown pooling {kind!r}")  # pragma: no cover
+
+    def _score(self, state: dict[str, Tensor], n: Int[Tensor, " b"]) -> Float[Tensor, " b"]:
+        kind = self.pool.kind
+        if kind == "mean":
+            return state["sum"] / n.clamp(min=1)
+        if kind == "max":
+            return state["max"]
+        if kind == "last":
+            return state["last"]
+        if kind in ("ema", "window"):
+            return state["best"]
+        return state["N"] / state["S"]
+
+    def _final(self, state: dict[str, Tensor], n: Int[Tensor, " b"]) -> Float[Tensor, " b"]:
+        if self.pool.kind == "window":  # a stream shorter than the window: its one whole-sequence window
+            whole = state["buf"].sum(1) / n.clamp(min=1)
+            return torch.where(n < self.pool.window, whole, state["best"])
+        return self._score(state, n)
+
+
+@dataclass(frozen=True)
+class StreamReplay:
+    """Complete sequences replayed token by token through a :class:`Streamer`."""
+
+    running: list[np.ndarray]  # per sequence, the running score after each token (NaN: not yet scorable)
+    final: np.ndarray  # per sequence, the end-of-stream score
+
+    @property
+    def stopping(self) -> np.ndarray:
+        """Per sequence, the stopping statistic: the max of its running scores and its end-of-stream score."""
+        return np.array(
+            [np.fmax(np.nanmax(r, initial=-np.inf), f) for r, f in zip(self.running, self.final, strict=True)]
+        )
+
+
+class _HeadsStreamer(Streamer):
+    """Shared parameter handling of the attention and MultiMax streamers (float32 copies on the device)."""
+
+    _heads_key: ClassVar[str] = "q"
+
+    def __init__(self, params: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self.p = {k: v.detach().to(torch.float32) for k, v in params.items()}
+        self.heads = int(self.p[self._heads_key].shape[0])
+        self.reset(1)
+
+    def _to(self, device: torch.device) -> None:
+        self.p = {k: v.to(device) for k, v in self.p.items()}
+
+
+class _AttentionStreamer(_HeadsStreamer):
+    """Running attention read-out: per head an online softmax over the tokens so far."""
+
+    def _init_state(self, batch: int) -> dict[str, Tensor]:
+        shape = (batch, self.heads)
+        return {
+            "m": torch.full(shape, -math.inf, device=self.device),
+            "S": torch.zeros(shape, device=self.device),
+            "N": torch.zeros(shape, device=self.device),
+        }
+
+    def _step(
+        self, state: dict[str, Tensor], x: Float[Tensor, "b d"], n: Int[Tensor, " b"], low: int
+    ) -> tuple[dict[str, Tensor], Float[Tensor, " b"]]:
+        p = self.p
+        a = einsum(x, p["q"], "b d, h d -> b h")
+        v = einsum(x, p["v"], "b d, h d -> b h") + p["bv"]
+        m, S, N = _online_softmax_step(state["m"], state["S"], state["N"], a, v)
+        return {"m": m, "S": S, "N": N}, v.sum(1) + p["b"][0]
+
+    def _score(self, state: dict[str, Tensor], n: Int[Tensor, " b"]) -> Float[Tensor, " b"]:
+        return (state["N"] / state["S"]).sum(1) + self.p["b"][0]
+
+
+class _MultiMaxStreamer(_HeadsStreamer):
+    """Running MultiMax read-out: per head the max of its scores so far, then the learned weighted sum."""
+
+    _heads_key: ClassVar[str] = "W"
+
+    def _init_state(self, batch: int) -> dict[str, Tensor]:
+        return {"m": torch.full((batch, self.heads), -math.inf, device=self.device)}
+
+    def _step(
+        self, state: dict[str, Tensor], x: Float[Tensor, "b d"], n: Int[Tensor, " b"], low: int
+    ) -> tuple[dict[str, Tensor], Float[Tensor, " b"]]:
+        p = self.p
+        s = einsum(x, p["W"], "b d, h d -> b h") + p["c"]
+        return {"m": torch.maximum(state["m"], s)}, s @ p["u"] + p["b"][0]
+
+    def _score(self, state: dict[str, Tensor], n: Int[Tensor, " b"]) -> Float[Tensor, " b"]:
+        return state["m"] @ self.p["u"] + self.p["b"][0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -488,26 +697,57 @@ class TokenProbeBase(Probe):
                 outs.append(self._raw_logits(Xp.to(torch.float32), mask))
         return torch.cat(outs)
 
-    def prefix_scores(self, x: Float[Tensor, "s d"]) -> Float[Tensor, " s"]:
-        """The offline score of every prefix ``x[:t]`` of one sequence (``t = 1..s``)."""
+    @property
+    def min_stream_tokens(self) -> int:
+        """Tokens a stream needs before it has a running score (``M`` for a ``window<M>`` read-out, else 1);
+        a shorter complete stream is scored only at its end-of-stream step."""
+        return 1
+
+    def prefix_scores(self, x: Float[Tensor, "s d"], *, running: bool = False) -> Float[Tensor, " s"]:
+        """The offline score of every prefix ``x[:t]`` of one sequence (``t = 1..s``).
+
+        With ``running=True``: the running score a streamer reports after ``t`` tokens of a stream that goes
+        on, i.e. the same with NaN for the prefixes that are not yet scorable (``t < min_stream_tokens``).
+        """
         s = x.shape[0]
         R = Ragged(
             torch.cat([x[: t + 1] for t in range(s)]), np.cumsum([0, *range(1, s + 1)]).astype(np.int64)
         )
-        return self.decision_function(R)
+        out = self.decision_function(R)
+        if running:
+            out = torch.where(torch.arange(1, s + 1) >= self.min_stream_tokens, out, math.nan)
+        return out
+
+    def replay(self, X: Ragged | tuple[Any, Any] | Sequence[ArrayLike], chunk: int = 256) -> StreamReplay:
+        """Replay every complete sequence token by token through :meth:`streamer`: the running score after
+        each token (NaN while not yet scorable) and the end-of-stream score."""
+        R = Ragged.of(X)
+        running: list[np.ndarray] = []
+        finals: list[np.ndarray] = []
+        st = self.streamer()
+        with torch.no_grad():
+            for lo in range(0, R.n_sequences, chunk):
+                sub = R.subset(np.arange(lo, min(lo + chunk, R.n_sequences)))
+                Xp, _ = sub.padded()
+                lengths = torch.as_tensor(sub.lengths)
+                st.reset(sub.n_sequences)
+                out = torch.full((sub.n_sequences, Xp.shape[1]), math.nan)
+                for t in range(Xp.shape[1]):
+                    out[:, t] = st.update(Xp[:, t], rows=t < lengths)
+                M = out.to(torch.float64).numpy()
+                running += [M[i, : int(L)] for i, L in enumerate(sub.lengths)]
+                finals.append(st.finish().to(torch.float64).numpy())
+        return StreamReplay(running, np.concatenate(finals))
 
     def stream_scores(self, X: Ragged | tuple[Any, Any] | Sequence[ArrayLike]) -> list[np.ndarray]:
-        """Replay every sequence token by token: the running score after each token (one array each)."""
-        R = Ragged.of(X)
-        Xp, _ = R.padded()
-        st = self.streamer()
-        st.reset(R.n_sequences)
-        cols = []
-        with torch.no_grad():
-            for t in range(Xp.shape[1]):
-                cols.append(st.update(Xp[:, t].to(torch.float32)).to(torch.float64))
-        M = torch.stack(cols, 1).numpy()
-        return [M[i, : int(L)] for i, L in enumerate(R.lengths)]
+        """Replay every sequence token by token: the running score after each token (one array each; NaN
+        while not yet scorable). See :meth:`replay` for the end-of-stream scores too."""
+        return self.replay(X).running
+
+    def stopping_statistic(self, X: Ragged | tuple[Any, Any] | Sequence[ArrayLike]) -> np.ndarray:
+        """Per complete sequence, what a streaming monitor stops on: the maximum of the running score over
+        the stream, the end-of-stream step included (see the module docstring)."""
+        return self.replay(X).stopping
 
     def score_store(
         self, store: Any, hook: str | None = None, *, select: str = "scored"
@@ -629,6 +869,10 @@ class TokenProbe(TokenProbeBase):
         logits = X @ self.coef_ + self.intercept_
         return self.read_pooling(logits, mask)
 
+    @property
+    def min_stream_tokens(self) -> int:
+        return self.read_pooling.window if self.read_pooling.kind == "window" else 1
+
     def streamer(self) -> Streamer:
         self._check_fitted()
         return _PoolStreamer(self.coef_, self.intercept_, self.read_pooling)
@@ -700,23 +944,7 @@ class AttentionProbe(_HeadsProbe):
 
     def streamer(self) -> Streamer:
         self._check_fitted()
-        probe = self
-
-        class _S(Streamer):
-            def reset(self, batch: int) -> None:
-                self.soft = _OnlineSoftmax()
-
-            def update(self, x: Tensor) -> Tensor:
-                p = probe.params_
-                xx = x.to(torch.float64)
-                a = xx @ p["q"].to(torch.float64).T
-                v = xx @ p["v"].to(torch.float64).T + p["bv"].to(torch.float64)
-                self.last_token_logit = v.sum(1) + p["b"][0].to(torch.float64)
-                return self.soft.update(a, v).sum(1) + p["b"][0].to(torch.float64)
-
-        s = _S()
-        s.reset(1)
-        return s
+        return _AttentionStreamer(self.params_)
 
     def flops_per_token(self) -> float:
         self._check_fitted()
@@ -755,22 +983,7 @@ class MultiMaxProbe(_HeadsProbe):
 
     def streamer(self) -> Streamer:
         self._check_fitted()
-        probe = self
-
-        class _S(Streamer):
-            def reset(self, batch: int) -> None:
-                self.m: Tensor | None = None
-
-            def update(self, x: Tensor) -> Tensor:
-                p = {k: v.to(torch.float64) for k, v in probe.params_.items()}
-                s = x.to(torch.float64) @ p["W"].T + p["c"]
-                self.m = s if self.m is None else torch.maximum(self.m, s)
-                self.last_token_logit = s @ p["u"] + p["b"][0]
-                return self.m @ p["u"] + p["b"][0]
-
-        st = _S()
-        st.reset(1)
-        return st
+        return _MultiMaxStreamer(self.params_)
 
     def flops_per_token(self) -> float:
         self._check_fitted()

@@ -106,3 +106,33 @@ def test_parse_and_errors() -> None:
         Pooling("mean").ragged(torch.zeros(5, 2), np.array([0, 2, 4]))
     with pytest.raises(PoolingError, match="unknown key"):
         Pooling.parse({"kind": "ema", "beta": 1})
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 24), min_size=1, max_size=5),
+    kind=st.sampled_from(ALL),
+    seed=st.integers(0, 1000),
+)
+def test_streaming_shares_the_pooling_definition(lengths: list[int], kind: str, seed: int) -> None:
+    """Per-token values streamed one at a time (a probe whose logit is the value itself): the end-of-stream
+    score is the pooled value of the whole sequence for every kind, and the stopping statistic (max over the
+    stream, end-of-stream step included) is the pooled value for max / EMA / window, also for sequences
+    shorter than the window (scored at the end only)."""
+    from probes.token import Ragged, TokenProbe
+
+    v, off = _ragged(lengths, 1, seed)
+    v = v.float()
+    probe = TokenProbe(kind)
+    probe.load_state_dict({"coef": torch.ones(1), "intercept": torch.zeros(1)})
+    rep = probe.replay(Ragged(v, off))
+    pooled = Pooling.parse(kind).ragged(v[:, 0], off).double().numpy()
+    np.testing.assert_allclose(rep.final, pooled, rtol=1e-5, atol=1e-5)
+    if Pooling.parse(kind).kind in ("max", "ema", "window"):
+        np.testing.assert_allclose(rep.stopping, pooled, rtol=1e-5, atol=1e-5)
+    else:
+        assert (rep.stopping >= pooled - 1e-5).all()
+    p = Pooling.parse(kind)
+    if p.kind == "window":  # no running score before the first full window
+        for r in rep.running:
+            assert np.isnan(r[: p.window - 1]).all() and not np.isnan(r[p.window - 1 :]).any()

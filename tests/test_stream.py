@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +13,9 @@ import torch
 from activations.collect import collect
 from probes.stream import (
     MonitorError,
+    StreamCalibration,
     StreamingMonitor,
+    ThresholdPositionWarning,
     calibrate_threshold,
     catch_positions,
     generate_tokens,
@@ -20,7 +24,7 @@ from probes.stream import (
     stream_max_scores,
     token_figure,
 )
-from probes.token import AttentionProbe, TokenProbe, ragged_from_store
+from probes.token import AttentionProbe, TokenProbe, TokenProbeBase, ragged_from_store
 from tests.conftest import planted_dataset
 
 HOOK = "blocks.1.hook_resid_post"
@@ -116,6 +120,118 @@ def test_calibration_catch_positions_and_figures(tiny_model, trained, tmp_path) 
     res = StreamingMonitor(tiny_model, probe, threshold=thr).generate("how to bake bread", 8)[0]
     token_figure(res, tiny_model.tokenizer).write_html(tmp_path / "tokens.html")
     assert (tmp_path / "tokens.html").stat().st_size > 1000
+
+
+def _window_probe(trained, window: int = 8) -> TokenProbe:
+    """The trained per-token direction read out by a sliding window of ``window`` tokens."""
+    win = TokenProbe(f"window{window}", hooks=[HOOK])
+    win.load_state_dict(trained[0].state_dict())
+    return win
+
+
+def test_window_probe_short_generation_scores_the_end_of_stream(tiny_model, trained, tmp_path) -> None:
+    win = _window_probe(trained, 8)
+    mon = StreamingMonitor(tiny_model, win)
+    short = _ids(tiny_model, "the cake of the garden")  # 5 tokens: shorter than the window
+    long = _ids(tiny_model, "the cake of the garden and bomb with the music for me")  # 12 tokens
+    res = mon.generate(["please help me", "tell me about bread"], 12, forced=[short, long])
+    r_short, r_long = res
+    # the short stream: no running score (no full window), its whole window scored at the end of the stream
+    assert len(r_short.scores) == len(short) and all(math.isnan(s) for s in r_short.scores)
+    assert r_short.final_score is not None
+    assert r_short.final_score == pytest.approx(mon.offline_final_score(r_short), abs=1e-4)
+    assert r_short.stopping_statistic == r_short.final_score
+    token_figure(r_short, tiny_model.tokenizer).write_html(tmp_path / "short.html")  # NaN running scores
+    # the long stream (same batch: the short row's state was frozen after its end): running scores from the
+    # 8th token on, equal to the offline ones; its stopping statistic is the offline score of the sequence
+    assert len(r_long.scores) == len(long)
+    np.testing.assert_allclose(
+        r_long.scores, mon.offline_scores(r_long).double().numpy(), rtol=1e-4, atol=1e-4
+    )
+    assert all(math.isnan(s) for s in r_long.scores[:7]) and not any(math.isnan(s) for s in r_long.scores[7:])
+    assert r_long.stopping_statistic == pytest.approx(mon.offline_final_score(r_long), abs=1e-4)
+    # each stream alone gives the same scores
+    alone = mon.generate("please help me", 12, forced=[short])[0]
+    assert alone.final_score == pytest.approx(r_short.final_score, abs=1e-5)
+    # a threshold just below the end-of-stream score flags the short stream at its end, not before
+    thr = r_short.final_score - 1e-3
+    flagged = mon.generate("please help me", 12, forced=[short], threshold=thr)[0]
+    assert flagged.stopped and flagged.stopped_at_end and flagged.ids == short
+    assert flagged.stop_index == len(short) - 1
+    # free generation shorter than the window (max_new_tokens): scored at the end too
+    free = mon.generate("how can i make a cake", 4)[0]
+    if free.scores:
+        assert free.final_score == pytest.approx(mon.offline_final_score(free), abs=1e-4)
+
+
+def _saved(probe: TokenProbeBase, model, path, **meta):
+    from activations.collect import model_fingerprint
+
+    probe.save(path, metadata={**model_fingerprint(model), "model_ref": "tiny", **meta})
+    return path
+
+
+def test_monitor_warns_on_a_threshold_not_calibrated_on_responses(tiny_model, trained, tmp_path) -> None:
+    probe = trained[0]
+    prompt_cal = _saved(
+        probe, tiny_model, tmp_path / "a", stream_threshold_1pct=0.3, stream_threshold_positions="prompt"
+    )
+    with pytest.warns(ThresholdPositionWarning, match="'prompt' tokens.*calibrate-monitor"):
+        mon = StreamingMonitor.from_dir(prompt_cal, tiny_model)
+    assert mon.threshold == 0.3 and mon.threshold_positions == "prompt"
+    unknown = _saved(probe, tiny_model, tmp_path / "b", stream_threshold_1pct=0.3)
+    with pytest.warns(ThresholdPositionWarning, match="records no calibration positions"):
+        StreamingMonitor.from_dir(unknown, tiny_model)
+    response_cal = _saved(
+        probe, tiny_model, tmp_path / "c", stream_threshold_1pct=0.3, stream_threshold_positions="response"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ThresholdPositionWarning)
+        assert StreamingMonitor.from_dir(response_cal, tiny_model).threshold == 0.3
+        assert StreamingMonitor.from_dir(prompt_cal, tiny_model, threshold=1.5).threshold == 1.5  # by hand
+    # calibrate on benign generated responses with the monitor's own loop
+    benign = [e.prompt for e in planted_dataset(n=60, seed=11) if e.label == 0]
+    cal = mon.calibrate(benign, fpr=0.1, max_new_tokens=6, batch_size=7)
+    assert cal.positions == "response" and cal.n == len(benign) and cal.realized_fpr <= 0.1
+    assert mon.threshold == cal.threshold and mon.threshold_positions == "response"
+    again = generate_tokens(tiny_model, [mon.prompt_ids(p) for p in benign], 6, probe=probe, hooks=[HOOK])
+    stats = np.array([r.stopping_statistic for r in again])
+    assert (stats > cal.threshold).mean() == pytest.approx(cal.realized_fpr)
+    # kept in the probe's folder, it replaces the sweep's prompt-token threshold, silently
+    cal.save(prompt_cal)
+    assert StreamCalibration.load(prompt_cal) == cal
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ThresholdPositionWarning)
+        back = StreamingMonitor.from_dir(prompt_cal, tiny_model)
+    assert back.threshold == cal.threshold and back.threshold_positions == "response"
+
+
+def test_calibrate_monitor_cli(tiny_model, trained, tmp_path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    import activations.models
+    from experiments.cli import app
+
+    monkeypatch.setattr(activations.models, "load_model", lambda name, **kw: tiny_model)
+    d = _saved(
+        trained[0], tiny_model, tmp_path / "p", stream_threshold_1pct=0.3, stream_threshold_positions="prompt"
+    )
+    planted_dataset(n=20, seed=4).to_jsonl(tmp_path / "benign.jsonl")
+    runner = CliRunner()
+    args = ["monitor", "--probe", str(d), "--prompt", "how to bake bread", "--max-new-tokens", "4"]
+    before = runner.invoke(app, args)
+    assert before.exit_code == 0, before.output
+    assert "warning:" in before.output and "calibrate-monitor" in before.output
+    benign = str(tmp_path / "benign.jsonl")
+    cmd = ["calibrate-monitor", "--probe", str(d), "--data", benign, "--fpr", "0.1", "--max-new-tokens", "4"]
+    res = runner.invoke(app, cmd)
+    assert res.exit_code == 0, res.output
+    assert "skipped" in res.output and (d / "stream_calibration.json").is_file()
+    cal = StreamCalibration.load(d)
+    assert cal.positions == "response" and cal.n == 10 and cal.max_new_tokens == 4
+    after = runner.invoke(app, args)
+    assert after.exit_code == 0, after.output
+    assert "warning:" not in after.output and "calibrated on response tokens" in after.output
 
 
 def test_generate_exchanges_and_errors(tiny_model, tmp_path, trained) -> None:

@@ -130,6 +130,26 @@ def test_planted_mid_sequence_mean_fails_max_ema_window_succeed(tmp_path) -> Non
         and probe.hooks == ["blocks.0.hook_resid_pre"]
     )
     assert np.isfinite(row.stream_threshold_1pct)
+    # streaming columns: the stopping statistic is the offline score for max / EMA / window read-outs only
+    equal = {"max", "mean->ema0.5", "swim4-tau1", "window4"}
+    for r in tok_rows.itertuples():
+        if r.probe == "multimax":  # a running max per head: equal unless a head has a negative weight
+            expect = bool((load_probe(r.probe_path).params_["u"] >= 0).all())
+        else:
+            expect = r.pooling in equal
+        assert r.stream_equals_offline == expect, r.pooling
+        assert r.stream_threshold_positions == "prompt"  # the control's scored tokens (positions: prompt)
+        assert "benign_control" in r.stream_threshold_calibration
+        assert r.stream_recall_at_1pct == pytest.approx(r.stream_tpr_at_1pct_fpr)
+        if r.stream_equals_offline:
+            assert r.stream_threshold_1pct == pytest.approx(r.threshold_at_1pct_fpr, abs=1e-4)
+            assert r.stream_auroc == pytest.approx(r.auroc, abs=1e-3)
+            assert r.stream_tpr_at_1pct_fpr == pytest.approx(r.tpr_at_1pct_fpr, abs=1e-3)
+        else:
+            assert np.isfinite(r.stream_auroc) and 0 <= r.stream_recall_at_1pct <= 1
+    meta = load_probe(row.probe_path).metadata_
+    assert meta["stream_threshold_positions"] == "prompt" and meta["stream_equals_offline"] is True
+    assert meta["stream_threshold_1pct"] == pytest.approx(row.stream_threshold_1pct)
     from experiments.scoring import score_dataset
 
     test = ds.filter(split="test")
@@ -204,10 +224,63 @@ PROBES = [
     lambda: TokenProbe("mean", epochs=8),
     lambda: TokenProbe("last", epochs=8),
     lambda: TokenProbe("window4", epochs=8),
+    lambda: TokenProbe("window16", epochs=8),  # longer than every training sequence: whole windows only
     lambda: TokenProbe("softmax0.5", epochs=8),
     lambda: AttentionProbe(heads=3, epochs=8),
     lambda: MultiMaxProbe(heads=3, epochs=8),
 ]
+
+
+def reference_stream(p, x: torch.Tensor) -> tuple[np.ndarray, float]:
+    """The running score after each token (NaN: not yet scorable) and the end-of-stream score of one
+    sequence, computed in float64 numpy straight from the definitions, independently of the streamers and of
+    ``decision_function``: windows count when full, or as the one whole window of a sequence shorter than M
+    (scored only at its end)."""
+    X = x.double().numpy()
+    L = X.shape[0]
+    run = np.full(L, np.nan)
+    if isinstance(p, AttentionProbe):
+        q, v = p.params_["q"].double().numpy(), p.params_["v"].double().numpy()
+        a, val = X @ q.T, X @ v.T + p.params_["bv"].double().numpy()
+        for t in range(1, L + 1):
+            w = np.exp(a[:t] - a[:t].max(0))
+            run[t - 1] = ((w / w.sum(0)) * val[:t]).sum() + float(p.params_["b"][0])
+        return run, run[-1]
+    if isinstance(p, MultiMaxProbe):
+        s = X @ p.params_["W"].double().numpy().T + p.params_["c"].double().numpy()
+        for t in range(1, L + 1):
+            run[t - 1] = s[:t].max(0) @ p.params_["u"].double().numpy() + float(p.params_["b"][0])
+        return run, run[-1]
+    logit = X @ p.coef_.double().numpy() + float(p.intercept_)
+    pool = p.read_pooling
+    for t in range(1, L + 1):
+        lt = logit[:t]
+        if pool.kind == "mean":
+            run[t - 1] = lt.mean()
+        elif pool.kind == "max":
+            run[t - 1] = lt.max()
+        elif pool.kind == "last":
+            run[t - 1] = lt[-1]
+        elif pool.kind == "ema":
+            e, best = lt[0], lt[0]
+            for u in lt[1:]:
+                e = pool.alpha * u + (1 - pool.alpha) * e
+                best = max(best, e)
+            run[t - 1] = best
+        elif pool.kind == "window":
+            M = pool.window
+            if t >= M:
+                run[t - 1] = max(lt[u - M : u].mean() for u in range(M, t + 1))
+        elif pool.kind == "softmax":
+            w = np.exp((lt - lt.max()) / pool.temperature)
+            run[t - 1] = (w / w.sum() * lt).sum()
+    if pool.kind == "window" and pool.window > L:
+        return run, logit.mean()
+    return run, run[-1]
+
+
+# the read-outs whose stopping statistic is the offline score
+STOP_EQUALS_OFFLINE = {"max", "ema", "window"}
 
 
 @pytest.mark.parametrize("make", PROBES)
@@ -218,17 +291,65 @@ def test_streaming_equals_offline_and_roundtrip(make, tmp_path) -> None:
     q = make().fit(R, y)
     for k, v in p.state_dict().items():
         torch.testing.assert_close(v, q.state_dict()[k], rtol=0, atol=0)
-    # the running score after t tokens is the offline score of those t tokens
-    stream = p.stream_scores(R.subset(range(6)))
-    for i in range(6):
-        pre = p.prefix_scores(R.sequence(i)).double().numpy()
-        np.testing.assert_allclose(stream[i], pre, rtol=1e-5, atol=1e-5)
+    # replay complete sequences of every length, some shorter than any window (1, 2, 3 tokens), ragged
+    g = torch.Generator().manual_seed(7)
+    seqs = [R.sequence(i) for i in range(6)] + [torch.randn(n, 8, generator=g) for n in (1, 2, 3, 17, 20)]
+    X = Ragged.of(seqs)
+    rep = p.replay(X)
+    offline = p.decision_function(X).double().numpy()
+    stops = []
+    for i, x in enumerate(seqs):
+        run, final = reference_stream(p, x)
+        np.testing.assert_allclose(rep.running[i], run, rtol=1e-5, atol=1e-5)  # NaN where the reference is
+        np.testing.assert_allclose(
+            p.prefix_scores(x, running=True).double().numpy(), run, rtol=1e-5, atol=1e-5
+        )
+        assert rep.final[i] == pytest.approx(final, rel=1e-5, abs=1e-5)
+        assert final == pytest.approx(offline[i], rel=1e-5, abs=1e-5)  # the end-of-stream step = offline
+        stops.append(np.fmax(np.nanmax(run, initial=-np.inf), final))
+    np.testing.assert_allclose(rep.stopping, stops, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(p.stopping_statistic(X), stops, rtol=1e-5, atol=1e-5)
+    if isinstance(p, TokenProbe) and p.read_pooling.kind in STOP_EQUALS_OFFLINE:
+        np.testing.assert_allclose(rep.stopping, offline, rtol=1e-5, atol=1e-6)
+    elif not isinstance(p, MultiMaxProbe):  # MultiMax: equal unless a head weight is negative
+        assert (rep.stopping >= offline - 1e-5).all() and (rep.stopping > offline + 1e-4).any()
+    # the batched streamer, fed one stream at a time (rows mask), agrees with streaming each alone
+    st = p.streamer()
+    for i in (0, 7):
+        st.reset(1)
+        for t in range(seqs[i].shape[0]):
+            s = st.update(seqs[i][t : t + 1])
+        assert float(st.stopping_statistic()[0]) == pytest.approx(rep.stopping[i], rel=1e-5, abs=1e-5)
+        assert np.isnan(float(s[0])) == np.isnan(rep.running[i][-1])
     # save / load (safetensors + JSON)
     p.save(tmp_path / "p", metadata={"model_id": "synthetic"})
     back = load_probe(tmp_path / "p")
     assert type(back) is type(p) and back.get_config() == p.get_config()
     torch.testing.assert_close(back.decision_function(R), p.decision_function(R))
+    np.testing.assert_allclose(back.replay(X).stopping, rep.stopping, rtol=1e-6, atol=1e-6)
     assert p.flops_per_token() > 2 * 8
+
+
+def test_streaming_fpr_matches_offline_calibration() -> None:
+    """i.i.d. per-token logits (a fixed direction on random activations), a window of M = 16 over L = 200
+    tokens: a threshold set at 1% FPR on offline scores of benign sequences gives about 1% FPR when the
+    monitor streams fresh benign sequences. (Scoring prefixes shorter than M, as partial windows, made the
+    first token alone the stream's maximum about a quarter of the time: a streaming FPR near 24%.)"""
+    from probes.metrics import threshold_at_fpr
+    from probes.stream import stream_max_scores
+
+    d, M, L = 4, 16, 200
+    g = torch.Generator().manual_seed(0)
+    p = TokenProbe(f"window{M}")
+    p.load_state_dict({"coef": torch.tensor([1.0, 0.0, 0.0, 0.0]), "intercept": torch.zeros(1)})
+    calib = Ragged(torch.randn(1000 * L, d, generator=g), np.arange(0, 1000 * L + 1, L))
+    fresh = Ragged(torch.randn(2000 * L, d, generator=g), np.arange(0, 2000 * L + 1, L))
+    thr = threshold_at_fpr(p.decision_function(calib), 0.01)
+    fpr_offline = float((p.decision_function(fresh).numpy() > thr).mean())
+    fpr_stream = float((stream_max_scores(p, fresh) > thr).mean())
+    assert fpr_offline <= 0.02
+    assert fpr_stream <= 0.02, f"streaming FPR {fpr_stream:.3f} at the offline 1% threshold"
+    assert fpr_stream == pytest.approx(fpr_offline, abs=1e-9)  # the same statistic
 
 
 def test_ragged_input_errors() -> None:
