@@ -142,13 +142,14 @@ def stream_metrics(
     positions and calibration set, ``stream_equals_offline``) and, per eval set, ``stream_auroc``,
     ``stream_tpr_at_1pct_fpr``, ``stream_recall_at_1pct``."""
     control = probe.stopping_statistic(token_data(ctx, "control", hooks))
-    with warnings.catch_warnings():  # a small control set: the conservative threshold is its max (documented)
+    with warnings.catch_warnings():  # a control too small for 1% FPR (< 100) gives no figure: NaN below
         warnings.simplefilter("ignore")
         info = conservative_threshold(control, 0.01)
+    thr = float("nan") if info.limited_by_n else info.threshold
     st = ctx.stores["control"]
     roles = np.asarray(st.roles)[np.asarray(st.mask).astype(bool)]
     run_cols: dict[str, Any] = {
-        "stream_threshold_1pct": info.threshold,
+        "stream_threshold_1pct": thr,
         "stream_threshold_positions": positions_of_roles(roles),
         "stream_threshold_calibration": f"{st.key['dataset_name']} (benign control, n={info.n})",
         "stream_equals_offline": bool(np.allclose(control, offline_control, rtol=1e-4, atol=1e-5)),
@@ -168,8 +169,9 @@ def stream_metrics(
                     m["stream_auroc"] = auroc(yy, np.concatenate([s, control]))
                 else:
                     m["stream_auroc"] = auroc(harmful.astype(int), s)
-                m["stream_tpr_at_1pct_fpr"] = tpr_at_fpr(s[harmful], control, 0.01)
-            m["stream_recall_at_1pct"] = float((s[harmful] > info.threshold).mean())
+                if not info.limited_by_n:
+                    m["stream_tpr_at_1pct_fpr"] = tpr_at_fpr(s[harmful], control, 0.01)
+                    m["stream_recall_at_1pct"] = float((s[harmful] > thr).mean())
         per_eval[name] = m
     return run_cols, per_eval
 

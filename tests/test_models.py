@@ -220,3 +220,30 @@ def test_gemma3_matches_transformers(no_network: None) -> None:
     with torch.no_grad():
         diff = (model(tokens) - hf_model(tokens).logits).abs().max().item()
     assert diff < 1e-3
+
+
+def test_pretransposed_weights_give_the_same_model() -> None:
+    """Gated-MLP and unembedding weights stored transposed in memory: same values, state dict and logits,
+    and TransformerLens's per-forward ``W.T.contiguous()`` becomes free (no copy)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from activations.collect import weights_hash
+    from activations.models import pretranspose_weights
+
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=50, n_ctx=16, act_fn="silu",
+        gated_mlp=True, normalization_type="RMS", positional_embedding_type="rotary", seed=0,
+    )  # fmt: skip
+    model = HookedTransformer(cfg).eval()
+    x = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        before, h = model(x), weights_hash(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert pretranspose_weights(model) == 2 * 3 + 1
+    with torch.no_grad():
+        after = model(x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert weights_hash(model) == h and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    w = model.blocks[0].mlp.W_gate
+    assert w.T.is_contiguous() and w.T.contiguous().data_ptr() == w.data_ptr()  # no copy any more
+    assert pretranspose_weights(model) == 0  # idempotent

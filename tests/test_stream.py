@@ -196,7 +196,9 @@ def test_monitor_warns_on_a_threshold_not_calibrated_on_responses(tiny_model, tr
     assert mon.threshold == cal.threshold and mon.threshold_positions == "response"
     again = generate_tokens(tiny_model, [mon.prompt_ids(p) for p in benign], 6, probe=probe, hooks=[HOOK])
     stats = np.array([r.stopping_statistic for r in again])
-    assert (stats > cal.threshold).mean() == pytest.approx(cal.realized_fpr)
+    # regenerated in one batch (calibration batches by length): left padding moves scores by float noise, so
+    # at most the stream sitting at the threshold may flip
+    assert abs((stats > cal.threshold).mean() - cal.realized_fpr) <= 1 / len(benign) + 1e-12
     # kept in the probe's folder, it replaces the sweep's prompt-token threshold, silently
     cal.save(prompt_cal)
     assert StreamCalibration.load(prompt_cal) == cal

@@ -60,6 +60,7 @@ def test_planted_mid_sequence_mean_fails_max_ema_window_succeed(tmp_path) -> Non
     model = decoy_model()
     ds = decoy_dataset(160, 0, "decoy").with_splits({"train": 0.5, "val": 0.2, "test": 0.3}, seed=0)
     ds.to_jsonl(tmp_path / "decoy.jsonl")
+    decoy_dataset(240, 1, "control").to_jsonl(tmp_path / "control.jsonl")  # 120 benign: resolves 1% FPR
     fast = {"epochs": 30, "lr": 0.02}
     spec = parse_spec(
         {
@@ -71,6 +72,7 @@ def test_planted_mid_sequence_mean_fails_max_ema_window_succeed(tmp_path) -> Non
                 "train": {"path": "decoy.jsonl", "split": "train"},
                 "val": {"path": "decoy.jsonl", "split": "val"},
                 "test": {"heldout": {"path": "decoy.jsonl", "split": "test"}},
+                "benign_control": {"path": "control.jsonl", "label": 0},
             },
             "hooks": ["resid_pre"],
             "layers": [0],
