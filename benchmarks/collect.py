@@ -5,22 +5,31 @@ On the default model (SmolLM2-135M-Instruct), a few hundred prompts, every layer
 * ``collect_vs_forward``: tokens/s of ``collect()`` (rendering, batching, hooks, fp16 writes, manifest)
   divided by tokens/s of ``model(tokens, attention_mask=..., stop_at_layer=...)`` over the same batches
   (target >= 0.95);
-* ``collect_vs_naive_cache``: the same against ``run_with_cache()`` of every hook followed by ``torch.save``;
-* ``rss_growth_10x``: peak RSS of a collection of 10x more prompts, relative to the smaller one, each in a
-  fresh process (target < 25%).
+* ``collect_vs_naive_cache``: the same against ``run_with_cache()`` of every hook followed by ``torch.save``
+  (all three interleaved over ``--repeats`` rounds; best times, and each round's ratios as the spread);
+* ``rss_growth_mib_1x`` / ``rss_growth_mib_10x``: how far the peak RSS rises *above the post-load baseline*
+  (model loaded and prompts generated, nothing collected yet) while collecting ``--rss-n`` prompts and 10x
+  as many. Each collection runs in a fresh subprocess; the baseline is the RSS right after loading, and the
+  peak is the kernel's high-water mark (VmHWM) reset to that baseline through ``/proc/self/clear_refs``
+  (a 2 ms psutil sampler where that is not allowed), so neither the model's weights nor the other
+  collection count. Flat memory means ``rss_growth_mib_10x`` ≈ ``rss_growth_mib_1x``.
 
-Usage: ``python benchmarks/collect.py [--n 300] [--rss-n 100] [--model smollm2]``. Last line: one JSON object.
+Usage: ``python benchmarks/collect.py [--n 300] [--rss-n 100] [--threads 1] [--model smollm2]``.
+Last line: one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -91,24 +100,104 @@ def time_collect(model, ds, out: Path, max_len: int, token_budget: int) -> float
     return time.perf_counter() - t0
 
 
-def rss_child(n: int, model_name: str, max_len: int, token_budget: int) -> None:
-    """Run one collection of ``n`` prompts and print the process's peak RSS (MiB)."""
-    from activations.models import load_model
-
-    model = load_model(model_name)
-    ds = prompts(n, seed=1)
-    with tempfile.TemporaryDirectory() as tmp:
-        time_collect(model, ds, Path(tmp) / "s", max_len, token_budget)
-    print(json.dumps({"peak_rss_mib": peak_rss_mib(), "n": n}))
+def _proc_status_mib(key: str) -> float | None:
+    """A ``/proc/self/status`` field (``VmRSS``, ``VmHWM``) in MiB, or None where there is none."""
+    status = Path("/proc/self/status")
+    if not status.exists():  # pragma: no cover - non-Linux
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return None  # pragma: no cover
 
 
 def peak_rss_mib() -> float:
     """This process's peak RSS (VmHWM). ``getrusage``'s ru_maxrss is not used: Linux carries it over from
     the parent through fork and exec, so a child would report its parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+    hwm = _proc_status_mib("VmHWM")
+    if hwm is not None:
+        return hwm
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # pragma: no cover - non-Linux
+
+
+def current_rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs); False if denied."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    hwm, rss = _proc_status_mib("VmHWM"), _proc_status_mib("VmRSS")
+    return hwm is not None and rss is not None and hwm <= rss + 1.0
+
+
+def peak_rss_during(fn: Callable[[], object]) -> tuple[float, float, str]:
+    """Run ``fn`` and return (baseline RSS before it, peak RSS while it ran, how the peak was taken), MiB.
+
+    The peak is the kernel's high-water mark reset to the baseline just before ``fn``; where the reset is
+    not allowed, a thread samples the RSS every 2 ms (it can miss a spike shorter than that)."""
+    gc.collect()
+    baseline = current_rss_mib()
+    if _reset_peak_rss():
+        fn()
+        return baseline, max(peak_rss_mib(), baseline), "VmHWM reset via /proc/self/clear_refs"
+    import psutil
+
+    proc, peak, stop = psutil.Process(), [baseline], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss / 2**20)
+            stop.wait(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        stop.set()
+        sampler.join()
+    return baseline, max(peak[0], current_rss_mib()), "psutil sampling every 2 ms"
+
+
+def rss_child(n: int, model_name: str, max_len: int, token_budget: int, threads: int) -> None:
+    """Load the model, then collect ``n`` prompts; print the post-load baseline and the peak RSS (MiB)."""
+    from activations.models import load_model
+
+    torch.set_num_threads(threads)
+    model = load_model(model_name)
+    ds = prompts(n, seed=1)
+    load_peak = peak_rss_mib()  # loading may peak above the baseline (de-quantization); read it first
+    with tempfile.TemporaryDirectory() as tmp:
+        baseline, peak, how = peak_rss_during(
+            lambda: time_collect(model, ds, Path(tmp) / "s", max_len, token_budget)
+        )
+    out = {
+        "n": n,
+        "baseline_rss_mib": baseline,
+        "peak_rss_mib": peak,
+        "load_peak_rss_mib": load_peak,
+        "how": how,
+    }
+    print(json.dumps(out))
+
+
+def rss_in_fresh_process(n: int, args: argparse.Namespace) -> dict[str, float | str]:
+    """:func:`rss_child` in a new interpreter, so that no collection sees another's memory."""
+    opts = {"--model": args.model, "--threads": args.threads, "--max-len": args.max_len}
+    opts["--token-budget"] = args.token_budget
+    cmd = [sys.executable, __file__, "--rss-child", str(n), *(str(x) for kv in opts.items() for x in kv)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(
+            f"RSS child ({n} prompts) failed with code {res.returncode}:\n{res.stderr[-3000:]}"
+        )
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -119,29 +208,38 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--token-budget", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (here and in RSS children)"
+    )
     ap.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--only-rss", action="store_true", help="measure only the memory growth")
     args = ap.parse_args()
     if args.rss_child is not None:
-        rss_child(args.rss_child, args.model, args.max_len, args.token_budget)
+        rss_child(args.rss_child, args.model, args.max_len, args.token_budget, args.threads)
+        return
+    torch.set_num_threads(args.threads)
+
+    # memory first, each collection in its own fresh process
+    small, big = rss_in_fresh_process(args.rss_n, args), rss_in_fresh_process(10 * args.rss_n, args)
+    grow_1x = float(small["peak_rss_mib"]) - float(small["baseline_rss_mib"])
+    grow_10x = float(big["peak_rss_mib"]) - float(big["baseline_rss_mib"])
+    for label, r, g in ((f"{args.rss_n}", small, grow_1x), (f"{10 * args.rss_n}", big, grow_10x)):
+        print(
+            f"collecting {label} prompts: post-load baseline {float(r['baseline_rss_mib']):.0f} MiB, peak "
+            f"{float(r['peak_rss_mib']):.0f} MiB: +{g:.1f} MiB ({r['how']})"
+        )
+    rss = {
+        "rss_growth_mib_10x": round(grow_10x, 1),
+        "rss_growth_mib_1x": round(grow_1x, 1),
+        "rss_baseline_mib": round(float(big["baseline_rss_mib"]), 1),
+        "rss_prompts": [args.rss_n, 10 * args.rss_n],
+    }
+    if args.only_rss:
+        print(json.dumps(rss))
         return
 
     from activations.models import load_model
 
-    def child(n: int) -> float:
-        res = subprocess.run(
-            [sys.executable, __file__, "--rss-child", str(n), "--model", args.model, "--max-len",
-             str(args.max_len), "--token-budget", str(args.token_budget)],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        return float(json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mib"])
-
-    # memory first, in fresh processes, before this one grows
-    small, big = child(args.rss_n), child(10 * args.rss_n)
-    print(f"peak RSS: {args.rss_n} prompts {small:.0f} MiB, {10 * args.rss_n} prompts {big:.0f} MiB")
-    if args.only_rss:
-        print(json.dumps({"rss_growth_10x": round(big / small - 1, 4)}))
-        return
     torch.manual_seed(0)
     model = load_model(args.model)
     n_layers = model.cfg.n_layers
@@ -158,43 +256,26 @@ def main() -> None:
             naive_dir.mkdir()
             naive.append(time_naive(model, batches, naive_dir))
     f, c, nv = min(fwd), min(col), min(naive)
+    # the spread: the same ratios within each interleaved round
+    vs_fwd = [a / b for a, b in zip(fwd, col, strict=True)]
+    vs_naive = [a / b for a, b in zip(naive, col, strict=True)]
     print(f"plain forward (stop_at_layer={n_layers}):      {n_tok / f:8.0f} tok/s  ({f:.2f} s; runs {fwd})")
     print(f"collect() into the store:                  {n_tok / c:8.0f} tok/s  ({c:.2f} s; runs {col})")
     print(f"naive run_with_cache(all hooks)+torch.save: {n_tok / nv:8.0f} tok/s  ({nv:.2f} s; runs {naive})")
-
-    def child(n: int) -> float:
-        res = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--rss-child",
-                str(n),
-                "--model",
-                args.model,
-                "--max-len",
-                str(args.max_len),
-                "--token-budget",
-                str(args.token_budget),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return float(json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mib"])
-
-    small, big = child(args.rss_n), child(10 * args.rss_n)
-    print(f"peak RSS: {args.rss_n} prompts {small:.0f} MiB, {10 * args.rss_n} prompts {big:.0f} MiB")
     print(
         json.dumps(
             {
                 "collect_vs_forward": round(f / c, 4),
                 "collect_vs_naive_cache": round(nv / c, 4),
-                "rss_growth_10x": round(big / small - 1, 4),
+                "collect_vs_forward_per_round": [round(v, 4) for v in vs_fwd],
+                "collect_vs_naive_cache_per_round": [round(v, 4) for v in vs_naive],
+                **rss,
                 "forward_tok_s": round(n_tok / f, 1),
                 "collect_tok_s": round(n_tok / c, 1),
                 "naive_tok_s": round(n_tok / nv, 1),
-                "peak_rss_mib_small": round(small, 1),
-                "peak_rss_mib_10x": round(big, 1),
+                "peak_rss_mib_small": round(float(small["peak_rss_mib"]), 1),
+                "peak_rss_mib_10x": round(float(big["peak_rss_mib"]), 1),
+                "threads": args.threads,
             }
         )
     )

@@ -1,26 +1,50 @@
-"""Benchmark: the batched logistic solver vs a Python loop of scikit-learn ``LogisticRegression(lbfgs)``.
+"""Benchmark: the batched logistic solver vs scikit-learn (as a user runs it, and tuned) vs probelab.
 
-    .venv/bin/python benchmarks/solver.py                 # p=90 problems, n=3000, d=576, 8 Cs
-    .venv/bin/python benchmarks/solver.py --p 12 --sklearn-p 6
+    python benchmarks/solver.py                        # 30 synthetic problems, n=3000, d=576, 8 Cs, 2 threads
+    python benchmarks/solver.py --p 12 --threads 1
 
-Synthetic features imitate pooled residual-stream activations: an anisotropic (power-law spectrum)
-Gaussian with a non-zero mean, one problem per (layer, pooling), labels shared by all problems, and a weak
-planted class-mean shift per problem (Mahalanobis distance 0.9-2.8, so test AUROCs land around 0.7-0.95).
-When scikit-learn would take long, it is timed on the first ``--sklearn-p`` problems and its time is
-extrapolated linearly to all ``p`` (the output says so). The last line printed is a JSON object with
-``speedup_vs_sklearn`` and ``max_auroc_diff``.
+:func:`compare_solvers` is the comparison that ``benchmarks/sweep.py`` runs on real pooled store features;
+this script runs it on synthetic ones. Every method fits every (problem, C) with the same L2 objective
+(scikit-learn's ``C Σ ℓ + ½‖w‖²`` on features standardized with the train-set mean and population std,
+unpenalized intercept, no class weights):
 
-:func:`compare_with_sklearn` is reusable on real pooled activations (``X`` ``[p, n, d]`` or ``[n, d]``).
+* ``sklearn``: scikit-learn as a user runs it: ``make_pipeline(StandardScaler(), LogisticRegression(C=C))``
+  with every default (lbfgs, ``tol=1e-4``, ``max_iter=100``) on float64 input, one cold fit per
+  (problem, C) in a Python loop; BLAS gets ``--threads`` threads.
+* ``sklearn_tuned``: ``StandardScaler`` once per problem, then ``LogisticRegression(warm_start=True)`` refit
+  along the C path from strong to weak regularization, on float32 input, problems in parallel over joblib
+  (loky) with ``n_jobs = --threads``; its tolerance is ours translated into its units (scikit-learn's lbfgs
+  stops on the gradient of the objective divided by ``C n``, ours on the gradient of ``C Σ ℓ + ½‖w‖²``,
+  so it gets ``tol / (C n)``), with ``max_iter`` 1000.
+* ``probelab``: ``probelab.probes.Logistic(C=C)`` (its own standardization, torch L-BFGS with its
+  defaults) on a float32 ``Activations`` per problem, one fit per (problem, C), torch on ``--threads``.
+* ``ours``: :func:`probes.linear.fit_logistic_batched` at its defaults (float32, ``tol=1e-4``, warm start
+  along the C path, ``--threads`` worker threads).
+
+The problems are split into blocks; each block is fitted by every method in turn (the order rotates from
+block to block), so drifts in the machine's load hit every method alike. Speedups are total time ratios;
+the per-block ratios give their spread. Nothing is extrapolated: every method fits every problem.
+
+Accuracy is measured against a *converged* reference, scikit-learn's ``newton-cholesky`` in float64 with
+``tol=1e-8`` (its own optimality is checked: the largest gradient of ``C Σ ℓ + ½‖w‖²`` over all fits is
+reported): per method, the largest |ΔAUROC| on the held-out set, relative objective gap and relative
+coefficient difference over every (problem, C). Needs the optional extra ``bench``
+(``pip install -e '.[bench]'``) for probelab; ``--methods`` can leave it out.
+
+Last line: one JSON object (``speedup_vs_sklearn``, ``speedup_vs_sklearn_tuned``, ``speedup_vs_probelab``,
+``max_auroc_diff``, ...).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +58,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from probes.linear import fit_logistic_batched
 
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-3, 2, 8))
+METHODS: tuple[str, ...] = ("sklearn", "sklearn_tuned", "probelab", "ours")
+PROBELAB_SPEC = "probelab>=0.1,<0.2"  # keep in step with the `bench` extra in pyproject.toml
+
+
+def require_probelab() -> None:
+    """Exit with a clear message when probelab (the ``bench`` extra) is not installed."""
+    try:
+        import probelab  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            "this benchmark compares against probelab, which is not installed: "
+            f"pip install -e '.[bench]' (or pip install '{PROBELAB_SPEC}'), "
+            "or leave it out with --methods sklearn,sklearn_tuned,ours"
+        ) from None
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or "ours" not in methods:
+        raise SystemExit(
+            f"--methods: a comma-separated subset of {','.join(METHODS)} with 'ours'; got {text!r}"
+        )
+    return tuple(m for m in METHODS if m in methods)
 
 
 def make_synthetic(
-    p: int = 90,
+    p: int = 30,
     n_train: int = 3000,
     n_test: int = 1000,
     d: int = 576,
     seed: int = 0,
 ) -> tuple[Float[Tensor, "p n d"], Float[Tensor, " n"], Float[Tensor, "p m d"], Float[Tensor, " m"]]:
-    """Synthetic pooled activations for ``p`` problems sharing labels (float32)."""
+    """Synthetic pooled activations for ``p`` problems sharing labels (float32).
+
+    An anisotropic (power-law spectrum) Gaussian with a non-zero mean per problem and a weak planted
+    class-mean shift (Mahalanobis distance 0.9-2.8, so test AUROCs land around 0.7-0.95)."""
     g = torch.Generator().manual_seed(seed)
     n = n_train + n_test
     y = (torch.rand(n, generator=g) < 0.4).to(torch.float32)
@@ -61,176 +112,427 @@ def make_synthetic(
     return X[:, :n_train], y[:n_train], X[:, n_train:], y[n_train:]
 
 
-def compare_with_sklearn(
-    X: Float[Tensor, "p n d"] | Float[Tensor, "n d"] | np.ndarray,
-    y: Float[Tensor, " n"] | np.ndarray,
-    X_test: Float[Tensor, "p m d"] | Float[Tensor, "m d"] | np.ndarray,
-    y_test: Float[Tensor, " m"] | np.ndarray,
-    Cs: Sequence[float] = DEFAULT_CS,
-    *,
-    sklearn_p: int | None = None,
-    sklearn_max_iter: int = 1000,
-    sklearn_tol: float = 1e-4,
-    solver_kwargs: dict[str, Any] | None = None,
-    verbose: bool = True,
-) -> dict[str, Any]:
-    """Fit every (problem, C) with :func:`fit_logistic_batched` and with a loop of scikit-learn lbfgs fits
-    (StandardScaler then ``LogisticRegression(C, solver="lbfgs")``), on the first ``sklearn_p`` problems
-    (default: all); compare wall time (scikit-learn's extrapolated linearly to all problems when it ran
-    on a subset), test AUROC and coefficients (on standardized features)."""
+# ----------------------------------------------------------------------------------------------------------
+# the methods: each fits problems `idx` × every C, returns its wall time, and records its fits
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fits:
+    """One method's fits: coefficients on standardized features plus the standardization it used."""
+
+    coef_std: np.ndarray  # [p, c, d]
+    intercept_std: np.ndarray  # [p, c]
+    mean: np.ndarray  # [p, c, d] (methods that refit the scaler per C may differ across C)
+    scale: np.ndarray  # [p, c, d]
+    hit_max_iter: np.ndarray | None  # [p, c] bool; None where the method does not say (probelab)
+
+    @classmethod
+    def empty(cls, p: int, c: int, d: int) -> Fits:
+        return cls(
+            np.zeros((p, c, d)),
+            np.zeros((p, c)),
+            np.zeros((p, c, d)),
+            np.ones((p, c, d)),
+            np.zeros((p, c), bool),
+        )
+
+    def raw(self, k: int, j: int) -> tuple[np.ndarray, float]:
+        """Coefficients and intercept on raw features (float64)."""
+        coef = self.coef_std[k, j] / self.scale[k, j]
+        return coef, float(self.intercept_std[k, j] - coef @ self.mean[k, j])
+
+
+@dataclass
+class Problems:
+    """``p`` problems sharing labels: float32 train / test features and 0/1 labels."""
+
+    X: Float[Tensor, "p n d"]
+    y: np.ndarray
+    X_test: Float[Tensor, "p m d"]
+    y_test: np.ndarray
+    Cs: tuple[float, ...]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        p, n, d = self.X.shape
+        return int(p), int(n), int(d)
+
+
+def _quiet_fit(est: Any, X: np.ndarray, y: np.ndarray) -> Any:
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return est.fit(X, y)
+
+
+def run_sklearn_default(P: Problems, idx: Sequence[int], fits: Fits, threads: int) -> float:
+    """A user's loop: a fresh StandardScaler + LogisticRegression pipeline per (problem, C), float64."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    X64 = P.X[list(idx)].double().numpy()  # the user's float64 features (not timed)
+    done = []
+    with threadpool_limits(threads):
+        t0 = time.perf_counter()
+        for i in range(len(idx)):
+            for C in P.Cs:
+                done.append(_quiet_fit(make_pipeline(StandardScaler(), LogisticRegression(C=C)), X64[i], P.y))
+        seconds = time.perf_counter() - t0
+    for t, pipe in enumerate(done):
+        k, j = idx[t // len(P.Cs)], t % len(P.Cs)
+        scaler, clf = pipe[0], pipe[1]
+        fits.coef_std[k, j], fits.intercept_std[k, j] = clf.coef_[0], clf.intercept_[0]
+        fits.mean[k, j], fits.scale[k, j] = scaler.mean_, scaler.scale_
+        fits.hit_max_iter[k, j] = clf.n_iter_[0] >= clf.max_iter  # type: ignore[index]
+    return seconds
+
+
+def _sklearn_tuned_path(
+    X: np.ndarray, y: np.ndarray, Cs: Sequence[float], tols: Sequence[float], max_iter: int
+) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, float, int]]]:
+    """One problem's C path (given in fitting order), warm-started; runs in a joblib worker."""
+    from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    Xt = torch.as_tensor(np.asarray(X) if isinstance(X, np.ndarray) else X)
-    Xe = torch.as_tensor(np.asarray(X_test) if isinstance(X_test, np.ndarray) else X_test)
+    scaler = StandardScaler().fit(X)
+    Xs = scaler.transform(X)
+    clf = LogisticRegression(warm_start=True, max_iter=max_iter)
+    out = []
+    for C, tol in zip(Cs, tols, strict=True):
+        _quiet_fit(clf.set_params(C=C, tol=tol), Xs, y)
+        out.append((clf.coef_[0].copy(), float(clf.intercept_[0]), int(clf.n_iter_[0])))
+    return scaler.mean_, scaler.scale_, out
+
+
+def sklearn_tuned_tols(Cs: Sequence[float], n: int, tol: float) -> list[float]:
+    """Our ``tol`` (on the gradient of ``C Σ ℓ + ½‖w‖²``) in lbfgs's units (that gradient over ``C n``)."""
+    return [tol / (C * n) for C in Cs]
+
+
+def run_sklearn_tuned(
+    P: Problems, idx: Sequence[int], fits: Fits, threads: int, tol: float, max_iter: int = 1000
+) -> float:
+    """Warm start along the C path (strong → weak), float32, problems in parallel (loky, n_jobs=threads)."""
+    from joblib import Parallel, delayed
+    from threadpoolctl import threadpool_limits
+
+    X32 = [np.ascontiguousarray(P.X[k].numpy(), dtype=np.float32) for k in idx]
+    y32 = P.y.astype(np.float32)
+    order = sorted(range(len(P.Cs)), key=lambda j: P.Cs[j])
+    Cs = [P.Cs[j] for j in order]
+    tols = sklearn_tuned_tols(Cs, len(P.y), tol)
+    with threadpool_limits(1):  # one BLAS thread per job (loky's workers get that by default too)
+        t0 = time.perf_counter()
+        res = Parallel(n_jobs=threads)(delayed(_sklearn_tuned_path)(x, y32, Cs, tols, max_iter) for x in X32)
+        seconds = time.perf_counter() - t0
+    for k, (mean, scale, path) in zip(idx, res, strict=True):
+        for j, (coef, icpt, n_iter) in zip(order, path, strict=True):
+            fits.coef_std[k, j], fits.intercept_std[k, j] = coef, icpt
+            fits.mean[k, j], fits.scale[k, j] = mean, scale
+            fits.hit_max_iter[k, j] = n_iter >= max_iter  # type: ignore[index]
+    return seconds
+
+
+def run_probelab(P: Problems, idx: Sequence[int], fits: Fits, threads: int) -> float:
+    """probelab's ``Logistic`` with its defaults, one fit per (problem, C); torch on ``threads`` threads."""
+    import probelab as pl
+
+    y = torch.as_tensor(P.y, dtype=torch.float32)
+    done = []
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t0 = time.perf_counter()
+        for k in idx:
+            acts = pl.Activations(P.X[k], dims="bh")
+            for C in P.Cs:
+                done.append(pl.probes.Logistic(C=C, seed=0).fit(acts, y))
+        seconds = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(prev)
+    for t, probe in enumerate(done):
+        k, j = idx[t // len(P.Cs)], t % len(P.Cs)
+        assert probe.linear is not None
+        fits.coef_std[k, j] = probe.linear.weight.detach()[0].double().numpy()
+        fits.intercept_std[k, j] = float(probe.linear.bias.detach()[0])
+        fits.mean[k, j] = probe.scaler_mean.double().numpy()
+        fits.scale[k, j] = probe.scaler_std.double().numpy()
+    fits.hit_max_iter = None  # its L-BFGS iteration count is not exposed
+    return seconds
+
+
+def run_ours(P: Problems, idx: Sequence[int], fits: Fits, threads: int, tol: float) -> float:
+    """:func:`fit_logistic_batched` on the block, ``threads`` worker threads."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)  # fit_logistic_batched's n_workers defaults to this
+    try:
+        Xb = P.X[list(idx)]  # (a copy; not timed, like the other methods' inputs)
+        y = torch.as_tensor(P.y, dtype=torch.float32)
+        t0 = time.perf_counter()
+        res = fit_logistic_batched(Xb, y, P.Cs, tol=tol, warn=False)
+        seconds = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(prev)
+    for i, k in enumerate(idx):
+        fits.coef_std[k] = res.coef_standardized[i].double().numpy()
+        fits.intercept_std[k] = res.intercept_standardized[i].double().numpy()
+        fits.mean[k] = res.mean[i].double().numpy()[None]
+        fits.scale[k] = res.scale[i].double().numpy()[None]
+        fits.hit_max_iter[k] = (~res.converged[i]).numpy()  # type: ignore[index]
+    return seconds
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the converged reference and the accuracy of every method against it
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _standardize64(X: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    X64 = X.double().numpy()
+    mean = X64.mean(0)
+    scale = X64.std(0)
+    scale[scale < 1e-12 * (1.0 + np.abs(mean))] = 1.0
+    return (X64 - mean) / scale, mean, scale
+
+
+def _objective(Xs: np.ndarray, y: np.ndarray, w: np.ndarray, b: float, C: float) -> float:
+    """scikit-learn's objective divided by ``C n``: mean log-loss + ‖w‖² / (2 C n), on standardized X."""
+    z = Xs @ w + b
+    return float(np.mean(np.logaddexp(0.0, z) - y * z) + (w @ w) / (2.0 * C * len(y)))
+
+
+def _sklearn_scale_grad(Xs: np.ndarray, y: np.ndarray, w: np.ndarray, b: float, C: float) -> float:
+    """‖∇(C Σ ℓ + ½‖w‖²)‖∞ over (w, b)."""
+    r = 1.0 / (1.0 + np.exp(-(Xs @ w + b))) - y
+    return float(max(np.abs(C * (r @ Xs) + w).max(), abs(C * r.sum())))
+
+
+def evaluate(P: Problems, fits: dict[str, Fits], verbose: bool = True) -> dict[str, Any]:
+    """Fit the converged float64 reference and compare every method's fits with it."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    p, _, _ = P.shape
+    nc = len(P.Cs)
+    y64 = P.y.astype(np.float64)
+    order = sorted(range(nc), key=lambda j: P.Cs[j])
+    names = list(fits)
+    au = {m: np.zeros((p, nc)) for m in [*names, "reference"]}
+    gap = {m: np.zeros((p, nc)) for m in names}
+    coef_rel = {m: np.zeros((p, nc)) for m in names}
+    ref_grad = np.zeros((p, nc))
+    t0 = time.perf_counter()
+    for k in range(p):
+        Xs, mean, scale = _standardize64(P.X[k])
+        Xe = P.X_test[k].double().numpy()
+        ref = LogisticRegression(solver="newton-cholesky", tol=1e-8, max_iter=1000, warm_start=True)
+        for j in order:
+            C = P.Cs[j]
+            _quiet_fit(ref.set_params(C=C), Xs, y64)
+            w_ref, b_ref = ref.coef_[0].copy(), float(ref.intercept_[0])
+            ref_grad[k, j] = _sklearn_scale_grad(Xs, y64, w_ref, b_ref, C)
+            f_ref = _objective(Xs, y64, w_ref, b_ref, C)
+            coef_raw = w_ref / scale
+            au["reference"][k, j] = roc_auc_score(P.y_test, Xe @ coef_raw + (b_ref - coef_raw @ mean))
+            for m in names:
+                c_raw, b_raw = fits[m].raw(k, j)
+                w, b = c_raw * scale, b_raw + c_raw @ mean  # in the reference's standardized frame
+                gap[m][k, j] = (_objective(Xs, y64, w, b, C) - f_ref) / f_ref
+                coef_rel[m][k, j] = np.linalg.norm(w - w_ref) / max(np.linalg.norm(w_ref), 1e-30)
+                au[m][k, j] = roc_auc_score(P.y_test, Xe @ c_raw + b_raw)
+        if verbose:
+            print(f"  reference + accuracy: problem {k + 1}/{p}", file=sys.stderr, flush=True)
+    out: dict[str, Any] = {
+        "reference": "sklearn newton-cholesky, float64, tol=1e-8, max_iter=1000, warm-started",
+        "reference_seconds": time.perf_counter() - t0,
+        "reference_max_grad": float(ref_grad.max()),
+        "auroc_reference_range": [float(au["reference"].min()), float(au["reference"].max())],
+    }
+    for m in names:
+        d_au = np.abs(au[m] - au["reference"])
+        out[m] = {
+            "max_auroc_diff": float(d_au.max()),
+            "mean_auroc_diff": float(d_au.mean()),
+            "max_auroc_diff_by_C": [float(v) for v in d_au.max(0)],
+            "max_objective_rel_gap": float(gap[m].max()),
+            "min_objective_rel_gap": float(gap[m].min()),
+            "max_coef_rel_diff": float(coef_rel[m].max()),
+            "max_coef_rel_diff_by_C": [float(v) for v in coef_rel[m].max(0)],
+            "not_converged": None if (h := fits[m].hit_max_iter) is None else int(h.sum()),
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the comparison
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _warm_up(P: Problems, methods: Sequence[str], runners: dict[str, Callable[..., float]]) -> None:
+    """One small untimed round (imports, the loky worker pool, first-call costs)."""
+    small = Problems(P.X[:1, :200], P.y[:200], P.X_test[:1, :10], P.y_test[:10], P.Cs[:2])
+    if len(np.unique(small.y)) < 2:
+        small = Problems(P.X[:1], P.y, P.X_test[:1], P.y_test, P.Cs[:2])
+    _, _, d = small.shape
+    for m in methods:
+        runners[m](small, [0], Fits.empty(1, len(small.Cs), d))
+
+
+def compare_solvers(
+    X: Float[Tensor, "p n d"] | np.ndarray,
+    y: np.ndarray | Tensor,
+    X_test: Float[Tensor, "p m d"] | np.ndarray,
+    y_test: np.ndarray | Tensor,
+    Cs: Sequence[float] = DEFAULT_CS,
+    *,
+    threads: int = 2,
+    block: int = 10,
+    tol: float = 1e-4,
+    methods: Sequence[str] = METHODS,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Time every method in ``methods`` on every problem × C (block by block, rotating the order within
+    each block) and measure each one's accuracy against a converged float64 reference.
+
+    ``X`` is ``[p, n, d]`` (or ``[n, d]``), converted to float32 (the store's pooled features are float32);
+    ``y`` holds 0/1 labels shared by all problems. ``tol`` is ours (``fit_logistic_batched``'s), also
+    given to the tuned scikit-learn in its units. Returns times, speedups (``t_method / t_ours``, in total
+    and per block) and accuracy figures."""
+    methods = tuple(m for m in METHODS if m in methods)
+    if "ours" not in methods:
+        raise ValueError(f"methods must include 'ours', got {methods}")
+    if "probelab" in methods:
+        require_probelab()
+    Xt = torch.as_tensor(np.asarray(X) if isinstance(X, np.ndarray) else X).to(torch.float32)
+    Xe = torch.as_tensor(np.asarray(X_test) if isinstance(X_test, np.ndarray) else X_test).to(torch.float32)
     if Xt.ndim == 2:
         Xt, Xe = Xt[None], Xe[None]
-    yt = torch.as_tensor(np.asarray(y, dtype=np.float32))
-    ye = np.asarray(y_test, dtype=np.float64)
-    p, n, d = Xt.shape
-    Cs = [float(c) for c in Cs]
-    sk_p = p if sklearn_p is None else max(1, min(p, sklearn_p))
-
-    t0 = time.perf_counter()
-    res = fit_logistic_batched(Xt, yt, Cs, warn=False, **(solver_kwargs or {}))
-    t_batched = time.perf_counter() - t0
-    scores = res.decision_function(Xe.to(res.coef.dtype)).cpu().numpy()  # [p, c, m]
-    au_b = np.array([[roc_auc_score(ye, scores[k, j]) for j in range(len(Cs))] for k in range(p)])
-
-    y_np = yt.numpy()
-    au_s = np.zeros((sk_p, len(Cs)))
-    coef_rel = np.zeros((sk_p, len(Cs)))
-    sk_not_conv = 0
-    sk_time = 0.0
-    for k in range(sk_p):
-        Xk = Xt[k].double().numpy()
-        Xek = Xe[k].double().numpy()
-        t0 = time.perf_counter()
-        scaler = StandardScaler().fit(Xk)
-        Xs = scaler.transform(Xk)
-        fits = []
-        for C in Cs:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                clf = LogisticRegression(C=C, solver="lbfgs", max_iter=sklearn_max_iter, tol=sklearn_tol)
-                clf.fit(Xs, y_np)
-            fits.append(clf)
-        sk_time += time.perf_counter() - t0
-        Xes = scaler.transform(Xek)
-        for j, clf in enumerate(fits):
-            sk_not_conv += int(clf.n_iter_[0] >= sklearn_max_iter)
-            au_s[k, j] = roc_auc_score(ye, clf.decision_function(Xes))
-            w_ref = clf.coef_[0]
-            w_ours = res.coef_standardized[k, j].double().cpu().numpy()
-            coef_rel[k, j] = np.linalg.norm(w_ours - w_ref) / max(np.linalg.norm(w_ref), 1e-30)
+    y_np = np.asarray(y, dtype=np.float64)
+    ye_np = np.asarray(y_test, dtype=np.float64)
+    if set(np.unique(y_np)) != {0.0, 1.0} or set(np.unique(ye_np)) != {0.0, 1.0}:
+        raise ValueError("y and y_test must hold both labels 0 and 1 (and nothing else)")
+    P = Problems(Xt.contiguous(), y_np, Xe.contiguous(), ye_np, tuple(float(c) for c in Cs))
+    p, n, d = P.shape
+    runners: dict[str, Callable[..., float]] = {
+        "sklearn": lambda P, idx, f: run_sklearn_default(P, idx, f, threads),
+        "sklearn_tuned": lambda P, idx, f: run_sklearn_tuned(P, idx, f, threads, tol),
+        "probelab": lambda P, idx, f: run_probelab(P, idx, f, threads),
+        "ours": lambda P, idx, f: run_ours(P, idx, f, threads, tol),
+    }
+    _warm_up(P, methods, runners)
+    fits = {m: Fits.empty(p, len(P.Cs), d) for m in methods}
+    blocks = [list(range(lo, min(p, lo + block))) for lo in range(0, p, block)]
+    times = {m: np.zeros(len(blocks)) for m in methods}
+    load = [os.getloadavg()[0]]
+    for b, idx in enumerate(blocks):
+        rot = b % len(methods)
+        for m in methods[rot:] + methods[:rot]:
+            times[m][b] = runners[m](P, idx, fits[m])
         if verbose:
-            print(f"  sklearn problem {k + 1}/{sk_p}: {sk_time:.1f}s so far", file=sys.stderr, flush=True)
-
-    sk_time_all = sk_time * p / sk_p
-    diff = np.abs(au_b[:sk_p] - au_s)
-    out = {
+            done = ", ".join(f"{m} {times[m][: b + 1].sum():.1f}s" for m in methods)
+            print(f"  block {b + 1}/{len(blocks)} (problems {idx[0]}-{idx[-1]}): {done}", file=sys.stderr)
+    load.append(os.getloadavg()[0])
+    out: dict[str, Any] = {
         "p": p,
         "n": n,
+        "n_test": int(Xe.shape[1]),
         "d": d,
-        "n_C": len(Cs),
-        "Cs": Cs,
-        "batched_seconds": t_batched,
-        "batched_newton_iters_mean": float(res.n_iter.double().mean()),
-        "batched_not_converged": int((~res.converged).sum()),
-        "sklearn_problems_timed": sk_p,
-        "sklearn_seconds_measured": sk_time,
-        "sklearn_seconds": sk_time_all,
-        "sklearn_extrapolated": sk_p < p,
-        "sklearn_max_iter": sklearn_max_iter,
-        "sklearn_not_converged": sk_not_conv,
-        "speedup_vs_sklearn": sk_time_all / t_batched,
-        "max_auroc_diff": float(diff.max()),
-        "mean_auroc_diff": float(diff.mean()),
-        "max_coef_rel_diff": float(coef_rel.max()),
-        "median_coef_rel_diff": float(np.median(coef_rel)),
-        "coef_rel_diff_by_C": [float(v) for v in coef_rel.max(0)],
-        "auroc_batched_range": [float(au_b.min()), float(au_b.max())],
-        "auroc_batched": au_b.tolist(),
-        "auroc_sklearn": au_s.tolist(),
+        "n_C": len(P.Cs),
+        "Cs": list(P.Cs),
+        "n_fits": p * len(P.Cs),
+        "threads": threads,
+        "blocks": len(blocks),
+        "tol": tol,
+        "methods": list(methods),
+        "loadavg_1min_before_after": load,
+        "seconds": {m: float(times[m].sum()) for m in methods},
+        "seconds_per_block": {m: [float(t) for t in times[m]] for m in methods},
     }
+    for m in methods:
+        if m == "ours":
+            continue
+        per_block = times[m] / times["ours"]
+        out[f"speedup_vs_{m}"] = float(times[m].sum() / times["ours"].sum())
+        out[f"speedup_vs_{m}_per_block"] = [float(np.min(per_block)), float(np.median(per_block)),
+                                            float(np.max(per_block))]  # fmt: skip
+    out["accuracy"] = evaluate(P, fits, verbose=verbose)
+    out["max_auroc_diff"] = out["accuracy"]["ours"]["max_auroc_diff"]
     return out
+
+
+def summary(r: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """Printable lines and the JSON figures of a :func:`compare_solvers` result."""
+    load = ", ".join(f"{v:.1f}" for v in r["loadavg_1min_before_after"])
+    lines = [
+        f"{r['p']} problems × {r['n_C']} C = {r['n_fits']} fits per method (n={r['n']}, d={r['d']}), "
+        f"{r['threads']} threads, {r['blocks']} interleaved blocks; 1-min load average before/after {load}"
+    ]
+    acc = r["accuracy"]
+    for m in r["methods"]:
+        a = acc[m]
+        speed = ""
+        if m != "ours":
+            lo, med, hi = r[f"speedup_vs_{m}_per_block"]
+            speed = (
+                f"; ours {r[f'speedup_vs_{m}']:.1f}x faster (per block {lo:.1f}-{hi:.1f}, median {med:.1f})"
+            )
+        lines.append(
+            f"{m:14s} {r['seconds'][m]:8.1f}s{speed}; vs reference: max |ΔAUROC| {a['max_auroc_diff']:.2e}, "
+            f"objective gap ≤ {a['max_objective_rel_gap']:.1e}, "
+            f"coef rel diff ≤ {a['max_coef_rel_diff']:.1e}, "
+            f"{'?' if a['not_converged'] is None else a['not_converged']} fits not converged"
+        )
+    lines.append(
+        f"reference: {acc['reference']} (largest gradient of C Σ ℓ + ½‖w‖²: {acc['reference_max_grad']:.1e}; "
+        f"{acc['reference_seconds']:.0f}s); test AUROC {acc['auroc_reference_range'][0]:.3f}-"
+        f"{acc['auroc_reference_range'][1]:.3f}"
+    )
+    figures: dict[str, Any] = {}
+    for m in ("sklearn", "sklearn_tuned", "probelab"):
+        if f"speedup_vs_{m}" in r:
+            figures[f"speedup_vs_{m}"] = round(r[f"speedup_vs_{m}"], 2)
+            figures[f"speedup_vs_{m}_per_block"] = [round(v, 2) for v in r[f"speedup_vs_{m}_per_block"]]
+    figures["max_auroc_diff"] = float(f"{r['max_auroc_diff']:.3g}")
+    for m in r["methods"]:
+        figures[f"max_auroc_diff_{m}"] = float(f"{acc[m]['max_auroc_diff']:.3g}")
+        figures[f"max_objective_rel_gap_{m}"] = float(f"{acc[m]['max_objective_rel_gap']:.3g}")
+    figures["max_coef_rel_diff_ours"] = float(f"{acc['ours']['max_coef_rel_diff']:.3g}")
+    figures["reference_max_grad"] = float(f"{acc['reference_max_grad']:.3g}")
+    figures["seconds"] = {m: round(v, 2) for m, v in r["seconds"].items()}
+    for key in ("p", "n_fits", "n", "n_test", "d", "threads", "blocks", "tol"):
+        figures[key] = r[key]
+    return lines, figures
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--p", type=int, default=90, help="number of problems (layers × poolings)")
+    ap.add_argument("--p", type=int, default=30, help="number of problems (every method fits all of them)")
     ap.add_argument("--n", type=int, default=3000, help="training examples")
     ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--d", type=int, default=576)
-    ap.add_argument("--sklearn-p", type=int, default=None, help="time sklearn on this many problems only")
-    ap.add_argument("--sklearn-max-iter", type=int, default=1000)
-    ap.add_argument("--sklearn-tol", type=float, default=1e-4, help="scikit-learn's tol (its default: 1e-4)")
-    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--tol", type=float, default=1e-4, help="tol of fit_logistic_batched")
-    ap.add_argument("--chunk-size", type=int, default=None)
-    ap.add_argument("--store", default=None, help="an ActivationStore directory (not wired up yet)")
+    ap.add_argument("--threads", type=int, default=2, help="threads / joblib jobs for every method")
+    ap.add_argument("--block", type=int, default=5, help="problems per interleaved block")
+    ap.add_argument("--tol", type=float, default=1e-4, help="tol of fit_logistic_batched (its default)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset, with 'ours'")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.store is not None:
-        raise SystemExit(
-            "--store: running on a store's pooled activations is not wired up yet; call "
-            "compare_with_sklearn() on pooled [p, n, d] features instead"
-        )
+    methods = parse_methods(args.methods)
+    if "probelab" in methods:
+        require_probelab()
 
-    torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     X, y, Xe, ye = make_synthetic(args.p, args.n, args.n_test, args.d, seed=args.seed)
-    dt = getattr(torch, args.dtype)
-    X, Xe = X.to(device=args.device, dtype=dt), Xe.to(device=args.device, dtype=dt)
-    y = y.to(args.device)
     print(f"data: p={args.p} n={args.n} n_test={args.n_test} d={args.d} ({time.perf_counter() - t0:.1f}s)")
-    sk_p = args.sklearn_p
-    if sk_p is None:
-        sk_p = min(args.p, 10)
-    r = compare_with_sklearn(
-        X,
-        y.cpu(),
-        Xe.cpu(),
-        ye,
-        DEFAULT_CS,
-        sklearn_p=sk_p,
-        sklearn_max_iter=args.sklearn_max_iter,
-        sklearn_tol=args.sklearn_tol,
-        solver_kwargs={"tol": args.tol, "chunk_size": args.chunk_size},
+    r = compare_solvers(
+        X, y, Xe, ye, DEFAULT_CS, threads=args.threads, block=args.block, tol=args.tol, methods=methods
     )
-    print(f"Cs: {', '.join(f'{c:.3g}' for c in r['Cs'])} (on standardized features)")
-    print(
-        f"batched torch solver ({args.device}, {args.dtype}): {r['batched_seconds']:.2f}s for "
-        f"{r['p']}×{r['n_C']} fits, mean {r['batched_newton_iters_mean']:.1f} Newton steps per fit, "
-        f"{r['batched_not_converged']} not converged"
-    )
-    extra = ""
-    if r["sklearn_extrapolated"]:
-        extra = (
-            f" (measured {r['sklearn_seconds_measured']:.1f}s on {r['sklearn_problems_timed']} problems, "
-            f"extrapolated linearly to {r['p']})"
-        )
-    print(
-        f"sklearn lbfgs loop (tol={args.sklearn_tol:g}, max_iter={r['sklearn_max_iter']}): "
-        f"{r['sklearn_seconds']:.1f}s{extra}; "
-        f"{r['sklearn_not_converged']} fits hit max_iter"
-    )
-    print(
-        f"test AUROC range {r['auroc_batched_range'][0]:.3f}–{r['auroc_batched_range'][1]:.3f}; "
-        f"|ΔAUROC| max {r['max_auroc_diff']:.2e} mean {r['mean_auroc_diff']:.2e} over "
-        f"{r['sklearn_problems_timed']}×{r['n_C']} fits"
-    )
-    print("coef ‖Δw‖/‖w_sklearn‖ max by C: " + ", ".join(f"{v:.1e}" for v in r["coef_rel_diff_by_C"]))
-    print(
-        json.dumps(
-            {
-                "speedup_vs_sklearn": round(r["speedup_vs_sklearn"], 2),
-                "max_auroc_diff": float(f"{r['max_auroc_diff']:.3g}"),
-            }
-        )
-    )
+    lines, figures = summary(r)
+    print("\n".join(lines))
+    print(json.dumps(figures))
     return r
 
 
