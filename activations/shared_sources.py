@@ -707,8 +707,7 @@ def dedup_sources(
     of the groups it does not own (``dealt`` in the report); each source is capped (``caps``,
     :func:`cap_spread`) and finished (``finish``); then, in ``precedence`` order (default
     :data:`PRECEDENCE`, then the order given), each source is decontaminated against all sources before it
-    (reasons ``text``, ``group``,
-    ``near_duplicate``: :func:`activations.decontam.decontaminate`)."""
+    (reasons ``text``, ``group``, ``near_duplicate``: :func:`activations.decontam.decontaminate`)."""
     cfg = cfg or DecontamConfig()
     if not cfg.by_group:
         raise ValueError(
