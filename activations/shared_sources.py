@@ -333,6 +333,13 @@ def _wrap(ds: PromptDataset, seed: int) -> PromptDataset:
     return wrap_each(ds, WRAPPERS, seed=seed, name=ds.name)
 
 
+def _contrast_split(split: str) -> Callable[[Example], bool]:
+    def keep(e: Example) -> bool:
+        return e.kind == "contrast" and e.split == split
+
+    return keep
+
+
 def _not_copyright(e: Example) -> bool:
     return not (e.category or "").startswith("copyright")
 
@@ -414,7 +421,7 @@ def _register_defaults() -> None:
                 "contrast",
                 (0,),
                 desc,
-                _plain("coconot", n, lambda e, s=split: e.kind == "contrast" and e.split == s),
+                _plain("coconot", n, _contrast_split(split)),
                 files=(coconot,),
             )
         )
@@ -663,14 +670,14 @@ def deal_groups(
             by_claimants.setdefault(tuple(n for n in order if n in who), []).append(g)
     owners: dict[str, str] = {}
     report: dict[str, Any] = {"policy": policy, "n_shared": 0, "claimants": {}}
-    for cl, groups in sorted(by_claimants.items()):
+    for cl, shared in sorted(by_claimants.items()):
         if policy == "precedence":
-            seq = sorted(groups)
+            seq = sorted(shared)
             picks = [cl[0]] * len(seq)
         else:
             rng = random.Random(f"deal:{seed}:{'+'.join(cl)}")
             strata: dict[str, list[str]] = {}
-            for g in sorted(groups):
+            for g in sorted(shared):
                 strata.setdefault(claims[g][cl[0]], []).append(g)
             seq = []
             for cat in sorted(strata):
