@@ -964,9 +964,7 @@ def leave_one_source_out(
     report = {
         "held_out": held_out,
         "eval": _counts(eval_ds),
-        "eval_negatives": ("own" if (ev.labels < 0.5).any() else None)
-        if neg is None
-        else (neg_src or neg.name),
+        "eval_negatives": _negatives_label(ev, neg, neg_src),
         "train": _by_source(train),
         "val": _by_source(val),
         "n_train": len(train),
@@ -977,6 +975,15 @@ def leave_one_source_out(
         "val_fraction": val_fraction,
     }
     return SourceSplit(train, val, eval_ds, report)
+
+
+def _negatives_label(ev: PromptDataset, neg: PromptDataset | None, neg_src: str | None) -> str | None:
+    """Where an evaluation set's harmless examples come from: a named source, a given dataset, ``own`` (a
+    source with both labels), or None (a single-class source and no negatives asked for)."""
+    if neg is not None:
+        return neg_src or neg.name
+    hard = ev.labels >= 0.5
+    return "own" if hard.any() and (~hard).any() else None
 
 
 def _by_source(ds: PromptDataset) -> dict[str, dict[str, int]]:

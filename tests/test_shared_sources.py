@@ -356,6 +356,8 @@ def test_loso_on_the_corpus_and_with_named_negatives() -> None:
     assert not set(ev.ids) & (set(train.ids) | set(val.ids))
     assert rep["eval_negatives"] == "benign" and rep["eval"]["harmless"] == 4
     assert len([e for e in [*train, *val] if e.source == "benign"]) == len(corpus["benign"]) - 4
+    assert leave_one_source_out(corpus, "gen").report["eval_negatives"] == "own"  # both labels
+    assert leave_one_source_out(corpus, "twins").report["eval_negatives"] is None  # look-alikes only
     with pytest.raises(DataError, match="no source"):
         leave_one_source_out(corpus, "nope")
     with pytest.raises(DataError, match="cannot come from"):
