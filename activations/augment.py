@@ -447,3 +447,35 @@ def augment_dataset(
                 out.append(replace(t, id=f"{t.id}#{c}") if copies > 1 else t)
     label = ",".join(str(n) if isinstance(n, str) else getattr(n, "transform_name", "fn") for n in names)
     return PromptDataset(out, name=name or f"{ds.name}[{label}]")
+
+
+def wrap_each(
+    ds: PromptDataset,
+    names: Sequence[str | Callable[..., Example]],
+    seed: int = 0,
+    *,
+    name: str | None = None,
+) -> PromptDataset:
+    """Every example of ``ds`` through exactly *one* of the transforms ``names`` (``a+b`` composes).
+
+    Transforms are dealt round robin within each (label, kind) stratum, in a seeded order of the examples,
+    so every transform wraps harmful, look-alike and everyday examples in the same proportions (a wrapper
+    carries no label signal). Labels, groups and splits are kept; ``meta`` records the transform (see
+    :func:`_finish`). Deterministic under ``seed``; order of ``ds`` preserved."""
+    if not names:
+        raise ValueError("wrap_each needs at least one transform")
+    fns = [get_transform(n) if isinstance(n, str) else n for n in names]
+    strata: dict[tuple[float, str], list[int]] = {}
+    for i, ex in enumerate(ds):
+        strata.setdefault((float(ex.label), ex.kind), []).append(i)
+    pick: dict[int, int] = {}
+    for key in sorted(strata):
+        idx = list(strata[key])
+        rng = random.Random(f"wrap_each:{seed}:{key[0]}:{key[1]}")
+        rng.shuffle(idx)
+        offset = rng.randrange(len(fns))
+        for r, i in enumerate(idx):
+            pick[i] = (offset + r) % len(fns)
+    out = [fns[pick[i]](ex, seed) for i, ex in enumerate(ds)]
+    label = ",".join(str(n) if isinstance(n, str) else getattr(n, "transform_name", "fn") for n in names)
+    return PromptDataset(out, name=name or f"{ds.name}[one of {label}]")

@@ -1,8 +1,9 @@
 """The built-in labelled dataset: a small balanced set from the shipped ``general`` constitution, and a
-built-in benign control set.
+built-in benign control set; a *rich* set (every look-alike, every surface form) and its jailbreak-wrapped
+variant.
 
 Offline and deterministic; used by the demo, the notebooks and the tests (``load_dataset("builtin")``,
-``load_dataset("builtin:control")``).
+``load_dataset("builtin:control")``, ``load_dataset("builtin:rich")``, ``load_dataset("builtin:wrapped")``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from activations.augment import wrap_each
 from activations.constitution import TEMPLATES, _render, _Topic, generate_prompts, load_constitution
 from activations.data import DataError, Example, PromptDataset
 
@@ -75,3 +77,57 @@ def benign_control(n: int = 1100, seed: int = 0) -> PromptDataset:
     return PromptDataset(
         out, name="builtin_control" if (n, seed) == (1100, 0) else f"builtin_control-{n}-s{seed}"
     )
+
+
+#: the jailbreak wrappers of the generated wrapped sets (:mod:`activations.augment`), one per example
+WRAPPERS: tuple[str, ...] = (
+    "roleplay",
+    "hypothetical",
+    "prefix_injection",
+    "refusal_suppression",
+    "many_shot",
+    "leetspeak",
+    "random_caps",
+    "base64",
+)
+
+
+@functools.lru_cache(maxsize=4)
+def rich_dataset(n: int = 1920, seed: int = 0) -> PromptDataset:
+    """``n`` prompts from the shipped constitution with *every* look-alike and every surface form
+    (questions, imperatives, stories, role-play, lists, quoted requests, multi-turn conversations): half
+    harmful, a quarter look-alikes (``contrast``), a quarter permitted, spread over topics, with
+    train/val/test splits by group (a topic with all its look-alikes and forms)."""
+    ds = generate_prompts(load_constitution("general"), n=n, seed=seed, lookalikes="all", forms="all")
+    return PromptDataset(ds, name="builtin_rich" if (n, seed) == (1920, 0) else f"builtin_rich-{n}-s{seed}")
+
+
+@functools.lru_cache(maxsize=4)
+def wrapped_dataset(n: int = 1920, seed: int = 0) -> PromptDataset:
+    """:func:`rich_dataset` (same ``n`` and ``seed``, so the same groups and splits) with every example in one
+    of the jailbreak wrappers :data:`WRAPPERS`, dealt evenly over harmful, look-alike and permitted
+    prompts (harmful ones become kind ``jailbreak``; the others keep theirs)."""
+    name = "builtin_wrapped" if (n, seed) == (1920, 0) else f"builtin_wrapped-{n}-s{seed}"
+    return wrap_each(rich_dataset(n, seed), WRAPPERS, seed=seed, name=name)
+
+
+_BUILTIN_REFS = "builtin, builtin:N, builtin:control[:N], builtin:rich[:N] or builtin:wrapped[:N]"
+
+
+def load_builtin(ref: str) -> PromptDataset:
+    """A built-in set by reference: ``builtin`` (480 prompts; ``builtin:N``), ``builtin:control[:N]``,
+    ``builtin:rich[:N]`` or ``builtin:wrapped[:N]``."""
+    parts = ref.split(":")
+    if parts[0] != "builtin" or len(parts) > 3:
+        raise DataError(f"{ref!r}: expected {_BUILTIN_REFS}")
+    named = {"control": benign_control, "rich": rich_dataset, "wrapped": wrapped_dataset}
+    try:
+        if len(parts) == 1:
+            return builtin_dataset()
+        if parts[1] in named:
+            return named[parts[1]](int(parts[2])) if len(parts) == 3 else named[parts[1]]()
+        if len(parts) == 2:
+            return builtin_dataset(int(parts[1]))
+    except ValueError as e:
+        raise DataError(f"{ref!r}: expected {_BUILTIN_REFS} ({e})") from None
+    raise DataError(f"{ref!r}: expected {_BUILTIN_REFS}")

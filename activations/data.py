@@ -224,7 +224,9 @@ def canonical_group(ex: Example) -> str | None:
       ``jbb_artifacts`` jailbreak of that goal share ``jbb:<index>`` (split them together).
     * The GPTFuzz question: a plain question and every template wrapping it share ``gptfuzz_q:<index>``.
     * Any other explicit ``group`` is namespaced by its source (``<source>|<group>``): a constitution topic
-      and its look-alike share one group; groups of unrelated sources never collide.
+      and its look-alike share one group; groups of unrelated sources never collide. A group that is already
+      namespaced (it contains ``|``, e.g. set from this function's own result) is kept as it is, so an example
+      moved to another source (:mod:`activations.shared_sources`) keeps its cross-source group.
     Transformed copies (ids with a ``:<transform>`` suffix, or a group that is such an id) keep the group.
     """
     for ref in (ex.id, ex.group):
@@ -236,7 +238,9 @@ def canonical_group(ex: Example) -> str | None:
             m = pat.match(ref)
             if m:
                 return f"{prefix}:{int(m.group(1))}"
-    return None if ex.group is None else f"{ex.source}|{ex.group}"
+    if ex.group is None:
+        return None
+    return ex.group if "|" in ex.group else f"{ex.source}|{ex.group}"
 
 
 def with_canonical_groups(ds: PromptDataset) -> PromptDataset:
@@ -548,20 +552,18 @@ def load_hf(
 def load_dataset(ref: str | Path, **kwargs: Any) -> PromptDataset:
     """Load by reference: a JSONL path, ``builtin`` (the project's own labelled set; ``builtin:N`` for ``N``
     prompts), ``builtin:control`` (1,100 harmless everyday requests in the same templates, for thresholds;
-    ``builtin:control:N``), or ``hf:NAME``."""
+    ``builtin:control:N``), ``builtin:rich[:N]`` / ``builtin:wrapped[:N]`` (every look-alike and surface
+    form, plain or in jailbreak wrappers), ``source:NAME[:CAP]`` (a named source of
+    :mod:`activations.shared_sources`), or ``hf:NAME``."""
     s = str(ref)
     if s == "builtin" or s.startswith("builtin:"):
-        from activations.builtin import benign_control, builtin_dataset
+        from activations.builtin import load_builtin
 
-        parts = s.split(":")[1:]
-        try:
-            if parts and parts[0] == "control":  # builtin:control[:N]
-                return benign_control(int(parts[1])) if len(parts) > 1 else benign_control()
-            return builtin_dataset(int(parts[0])) if parts else builtin_dataset()  # builtin[:N]
-        except ValueError as e:
-            raise DataError(
-                f"{s!r}: expected builtin, builtin:N, builtin:control or builtin:control:N ({e})"
-            ) from None
+        return load_builtin(s)
+    if s.startswith("source:"):
+        from activations.shared_sources import load_source_ref
+
+        return load_source_ref(s)
     if s.startswith("hf:"):
         return load_hf(s[3:], **kwargs)
     return load_jsonl(s, **kwargs)

@@ -129,6 +129,28 @@ class Reference:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @classmethod
+    def merge(cls, refs: Sequence[Reference], cfg: DecontamConfig | None = None) -> Reference:
+        """One reference holding every example of ``refs`` (in order), without shingling anything again: the
+        same as ``Reference([every dataset of refs])`` when all of them share ``cfg``."""
+        cfg = cfg or (refs[0].cfg if refs else DecontamConfig())
+        if any(r.cfg != cfg for r in refs):
+            raise ValueError("Reference.merge: the references were built with different configurations")
+        out = cls([], cfg)
+        if not refs:
+            return out
+        for r in refs:
+            out.names += r.names
+            out.ids += r.ids
+            for g, rid in r.groups.items():
+                out.groups.setdefault(g, rid)
+            for key, rid in r.exact.items():
+                out.exact.setdefault(key, rid)
+        out.req = sp.csr_matrix(sp.vstack([r.req for r in refs], format="csr"), dtype=np.float32)
+        out.full = sp.csr_matrix(sp.vstack([r.full for r in refs], format="csr"), dtype=np.float32)
+        out.req_size = np.concatenate([r.req_size for r in refs])
+        return out
+
 
 def _near_duplicates(ds: PromptDataset, ref: Reference, todo: np.ndarray) -> dict[int, str]:
     """Index (into ``ds``) -> matching reference id, for the near-duplicate rule, over rows ``todo``."""
