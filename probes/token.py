@@ -72,6 +72,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from activations.pooling import Pooling, ragged_to_padded
+from activations.pooling.softmax import online_softmax_step
+from activations.pooling.window import Window
 from probes.base import ArrayLike, Probe, as_tensor, check_sample_weight, check_y, register_probe
 
 __all__ = [
@@ -200,24 +202,11 @@ def ragged_from_store(
 def window_means(
     logits: Float[Tensor, "b s"], mask: Bool[Tensor, "b s"], window: int
 ) -> tuple[Float[Tensor, "b s"], Bool[Tensor, "b s"]]:
-    """Sliding-window means of left-aligned per-token values and which windows count.
-
-    ``means[:, t]`` is the mean of the (up to ``window``) values ending at ``t``; a window counts when it is
-    full, or, for a sequence shorter than ``window``, when it spans the whole sequence (as in
-    :class:`~activations.pooling.Pooling`'s ``window`` kind, whose max over counted windows it reproduces).
-    """
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    s = logits.shape[1]
-    lengths = mask.sum(1)
-    x = torch.where(mask, logits, torch.zeros((), dtype=logits.dtype))
-    c = torch.cat([torch.zeros_like(x[:, :1]), torch.cumsum(x, 1)], 1)
-    t = torch.arange(s, device=logits.device)
-    start = (t - window + 1).clamp(min=0)
-    means = (c[:, t + 1] - c[:, start]) / (t - start + 1).to(logits.dtype)
-    need = torch.minimum(lengths, torch.full_like(lengths, window))
-    valid = (t[None, :] < lengths[:, None]) & (t[None, :] + 1 >= need[:, None])
-    return means, valid
+    """Sliding-window means of left-aligned per-token values and which windows count: the
+    :class:`~activations.pooling.window.Window` pooling's own (``means[:, t]`` is the mean of the up to
+    ``window`` values ending at ``t``; a window counts when it is full, or, for a sequence shorter than
+    ``window``, when it spans the whole sequence), whose max over counted windows is that pooling."""
+    return Window(window).window_means(logits, mask.sum(1))
 
 
 def softmax_weighted_bce(
@@ -365,104 +354,37 @@ class Streamer:
         return torch.fmax(self.peak, self.finish())
 
 
-def _online_softmax_step(
-    m: Tensor, S: Tensor, N: Tensor, a: Tensor, v: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One token of a running ``Σ_t softmax_t(a_t)·v_t = N / S`` (max-shifted by ``m``; ``m = -inf`` and
-    ``S = N = 0`` before the first token), element-wise."""
-    m_new = torch.maximum(m, a)
-    r_old, r_new = torch.exp(m - m_new), torch.exp(a - m_new)
-    return m_new, S * r_old + r_new, N * r_old + r_new * v
-
-
 class _PoolStreamer(Streamer):
-    """Running pooled value of a scalar per-token logit ``l_t = w·x_t + b``, for every :class:`Pooling` kind
-    (``window<M>``: running max over full windows, NaN before the first; the whole-sequence window of a
-    stream shorter than ``M`` at :meth:`finish`)."""
+    """Running pooled value of a scalar per-token logit ``l_t = w·x_t + b``: the read-out pooling's own
+    streaming form (:meth:`~activations.pooling.Pooling.step`; ``window<M>``: running max over full
+    windows, NaN before the first; the whole-sequence window of a stream shorter than ``M`` at
+    :meth:`finish`)."""
 
     def __init__(self, coef: Float[Tensor, " d"], intercept: Float[Tensor, ""], pooling: Pooling) -> None:
         super().__init__()
         self.coef = coef.detach().to(torch.float32)
         self.intercept = intercept.detach().to(torch.float32).reshape(())
         self.pool = pooling
-        self.min_tokens = pooling.window if pooling.kind == "window" else 1
+        self.min_tokens = pooling.min_stream_tokens
         self.reset(1)
 
     def _to(self, device: torch.device) -> None:
         self.coef, self.intercept = self.coef.to(device), self.intercept.to(device)
 
     def _init_state(self, batch: int) -> dict[str, Tensor]:
-        def z() -> Tensor:
-            return torch.zeros(batch, device=self.device)
-
-        def ninf() -> Tensor:
-            return torch.full((batch,), -math.inf, device=self.device)
-
-        kind = self.pool.kind
-        if kind == "mean":
-            return {"sum": z()}
-        if kind == "max":
-            return {"max": ninf()}
-        if kind == "last":
-            return {"last": z()}
-        if kind == "ema":
-            return {"e": z(), "best": ninf()}
-        if kind == "window":
-            return {"buf": torch.zeros(batch, self.pool.window, device=self.device), "best": ninf()}
-        if kind == "softmax":
-            return {"m": ninf(), "S": z(), "N": z()}
-        raise ValueError(f"unknown pooling {kind!r}")  # pragma: no cover
+        return self.pool.init(batch, self.device)
 
     def _step(
         self, state: dict[str, Tensor], x: Float[Tensor, "b d"], n: Int[Tensor, " b"], low: int
     ) -> tuple[dict[str, Tensor], Float[Tensor, " b"]]:
         logit = torch.addmv(self.intercept, x, self.coef)
-        kind = self.pool.kind
-        if kind == "mean":
-            return {"sum": state["sum"] + logit}, logit
-        if kind == "max":
-            return {"max": torch.maximum(state["max"], logit)}, logit
-        if kind == "last":
-            return {"last": logit}, logit
-        if kind == "ema":  # e_1 = l_1, e_t = a·l_t + (1-a)·e_{t-1}
-            a = self.pool.alpha
-            if low >= 1:
-                e = torch.lerp(state["e"], logit, a)
-            else:
-                e = torch.where(n == 1, logit, torch.lerp(state["e"], logit, a))
-            return {"e": e, "best": torch.maximum(state["best"], e)}, logit
-        if kind == "window":  # a ring buffer of the last M logits; a full window updates the best mean
-            w = self.pool.window
-            buf = state["buf"].scatter(1, ((n - 1) % w)[:, None], logit[:, None])
-            mean = buf.sum(1) / w
-            best = torch.maximum(state["best"], mean)
-            if low + 1 < w:  # some window may not be full yet
-                best = torch.where(n >= w, best, state["best"])
-            return {"buf": buf, "best": best}, logit
-        if kind == "softmax":
-            m, S, N = _online_softmax_step(
-                state["m"], state["S"], state["N"], logit / self.pool.temperature, logit
-            )
-            return {"m": m, "S": S, "N": N}, logit
-        raise ValueError(f"unknown pooling {kind!r}")  # pragma: no cover
+        return self.pool.step(state, logit, n, low), logit
 
     def _score(self, state: dict[str, Tensor], n: Int[Tensor, " b"]) -> Float[Tensor, " b"]:
-        kind = self.pool.kind
-        if kind == "mean":
-            return state["sum"] / n.clamp(min=1)
-        if kind == "max":
-            return state["max"]
-        if kind == "last":
-            return state["last"]
-        if kind in ("ema", "window"):
-            return state["best"]
-        return state["N"] / state["S"]
+        return self.pool.read(state, n)
 
     def _final(self, state: dict[str, Tensor], n: Int[Tensor, " b"]) -> Float[Tensor, " b"]:
-        if self.pool.kind == "window":  # a stream shorter than the window: its one whole-sequence window
-            whole = state["buf"].sum(1) / n.clamp(min=1)
-            return torch.where(n < self.pool.window, whole, state["best"])
-        return self._score(state, n)
+        return self.pool.finish(state, n)
 
 
 @dataclass(frozen=True)
@@ -512,7 +434,7 @@ class _AttentionStreamer(_HeadsStreamer):
         p = self.p
         a = einsum(x, p["q"], "b d, h d -> b h")
         v = einsum(x, p["v"], "b d, h d -> b h") + p["bv"]
-        m, S, N = _online_softmax_step(state["m"], state["S"], state["N"], a, v)
+        m, S, N = online_softmax_step(state["m"], state["S"], state["N"], a, v)
         return {"m": m, "S": S, "N": N}, v.sum(1) + p["b"][0]
 
     def _score(self, state: dict[str, Tensor], n: Int[Tensor, " b"]) -> Float[Tensor, " b"]:
@@ -794,7 +716,7 @@ class TokenProbe(TokenProbeBase):
         self.read_pooling = Pooling.parse(read_pool if read_pool is not None else train_pool)
         if loss not in ("bce", "softmax_weighted"):
             raise ValueError(f"loss must be 'bce' or 'softmax_weighted', got {loss!r}")
-        if loss == "softmax_weighted" and self.train_pooling.kind != "window":
+        if loss == "softmax_weighted" and not isinstance(self.train_pooling, Window):
             raise ValueError("the softmax-weighted loss is defined over windows: use train_pool='window<M>'")
         if not (tau > 0):
             raise ValueError(f"tau must be > 0, got {tau}")
@@ -817,7 +739,7 @@ class TokenProbe(TokenProbeBase):
     @property
     def aggregation(self) -> str:
         """A short name of the probe's aggregation, e.g. ``swim16-tau1``, ``mean->ema0.5``, ``max``."""
-        if self.loss == "softmax_weighted":
+        if isinstance(self.train_pooling, Window) and self.loss == "softmax_weighted":
             return f"swim{self.train_pooling.window}-tau{self.tau:g}"
         if self.train_pooling == self.read_pooling:
             return self.read_pooling.name
@@ -838,8 +760,8 @@ class TokenProbe(TokenProbeBase):
 
     def _train_loss(self, p: dict[str, Tensor], Z: Tensor, mask: Tensor, y: Tensor, w: Tensor) -> Tensor:
         logits = einsum(Z, p["w"], "b s d, d -> b s") + p["b"]
-        if self.loss == "softmax_weighted":
-            z, valid = window_means(logits, mask, self.train_pooling.window)
+        if isinstance(self.train_pooling, Window) and self.loss == "softmax_weighted":
+            z, valid = self.train_pooling.window_means(logits, mask.sum(1))
             return softmax_weighted_bce(z, valid, y, self.tau, w, self.weights_for)
         seq = self.train_pooling(logits, mask)
         return (F.binary_cross_entropy_with_logits(seq, y, reduction="none") * w).sum() / w.sum()
@@ -871,7 +793,7 @@ class TokenProbe(TokenProbeBase):
 
     @property
     def min_stream_tokens(self) -> int:
-        return self.read_pooling.window if self.read_pooling.kind == "window" else 1
+        return self.read_pooling.min_stream_tokens
 
     def streamer(self) -> Streamer:
         self._check_fitted()
@@ -880,9 +802,7 @@ class TokenProbe(TokenProbeBase):
     def flops_per_token(self) -> float:
         self._check_fitted()
         assert self.n_features_in_ is not None
-        from probes.cost import POOLING_FLOPS_PER_ELEMENT
-
-        return 2.0 * self.n_features_in_ + 1.0 + POOLING_FLOPS_PER_ELEMENT[self.read_pooling.kind]
+        return 2.0 * self.n_features_in_ + 1.0 + self.read_pooling.flops_per_element
 
 
 class _HeadsProbe(TokenProbeBase):

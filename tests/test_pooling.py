@@ -48,17 +48,17 @@ def test_ragged_equals_padded_for_any_padding(
 def test_known_answers() -> None:
     x = torch.tensor([[1.0, 3.0, 2.0, 0.0]]).unsqueeze(-1)  # [1, 4, 1]
     m = torch.ones(1, 4, dtype=torch.bool)
-    assert Pooling("mean")(x, m).item() == pytest.approx(1.5)
-    assert Pooling("max")(x, m).item() == 3.0
-    assert Pooling("last")(x, m).item() == 0.0
+    assert Pooling.make("mean")(x, m).item() == pytest.approx(1.5)
+    assert Pooling.make("max")(x, m).item() == 3.0
+    assert Pooling.make("last")(x, m).item() == 0.0
     # EMA a=0.5: e = 1, 2, 2, 1 -> max 2
-    assert Pooling("ema", alpha=0.5)(x, m).item() == pytest.approx(2.0)
+    assert Pooling.make("ema", alpha=0.5)(x, m).item() == pytest.approx(2.0)
     # window 2 means: 2, 2.5, 1 -> max 2.5
-    assert Pooling("window", window=2)(x, m).item() == pytest.approx(2.5)
+    assert Pooling.make("window", window=2)(x, m).item() == pytest.approx(2.5)
     # window longer than the sequence: the whole mean
-    assert Pooling("window", window=16)(x, m).item() == pytest.approx(1.5)
+    assert Pooling.make("window", window=16)(x, m).item() == pytest.approx(1.5)
     w = torch.softmax(torch.tensor([1.0, 3.0, 2.0, 0.0]), 0)
-    assert Pooling("softmax", temperature=1.0)(x, m).item() == pytest.approx(
+    assert Pooling.make("softmax", temperature=1.0)(x, m).item() == pytest.approx(
         float((w * x[0, :, 0]).sum()), rel=1e-6
     )
 
@@ -66,13 +66,20 @@ def test_known_answers() -> None:
 def test_softmax_limits_and_ema_alpha_one() -> None:
     v, off = _ragged([5, 9], 4, 0)
     torch.testing.assert_close(
-        Pooling("softmax", temperature=1e6).ragged(v, off), Pooling("mean").ragged(v, off), atol=1e-4, rtol=0
+        Pooling.make("softmax", temperature=1e6).ragged(v, off),
+        Pooling.make("mean").ragged(v, off),
+        atol=1e-4,
+        rtol=0,
     )
     torch.testing.assert_close(
-        Pooling("softmax", temperature=1e-4).ragged(v, off), Pooling("max").ragged(v, off)
+        Pooling.make("softmax", temperature=1e-4).ragged(v, off), Pooling.make("max").ragged(v, off)
     )
-    torch.testing.assert_close(Pooling("ema", alpha=1.0).ragged(v, off), Pooling("max").ragged(v, off))
-    torch.testing.assert_close(Pooling("window", window=1).ragged(v, off), Pooling("max").ragged(v, off))
+    torch.testing.assert_close(
+        Pooling.make("ema", alpha=1.0).ragged(v, off), Pooling.make("max").ragged(v, off)
+    )
+    torch.testing.assert_close(
+        Pooling.make("window", window=1).ragged(v, off), Pooling.make("max").ragged(v, off)
+    )
 
 
 def test_scores_1d_and_chunked_memmap(tmp_path) -> None:
@@ -92,18 +99,18 @@ def test_scores_1d_and_chunked_memmap(tmp_path) -> None:
 
 
 def test_parse_and_errors() -> None:
-    assert Pooling.parse("ema0.25") == Pooling("ema", alpha=0.25)
+    assert Pooling.parse("ema0.25") == Pooling.make("ema", alpha=0.25)
     assert Pooling.parse("window:8").window == 8
     assert Pooling.parse({"kind": "softmax", "temperature": 2}).temperature == 2
     assert {Pooling.parse(k).kind for k in POOL_KINDS} == set(POOL_KINDS)
     with pytest.raises(PoolingError, match="unknown pooling"):
         Pooling.parse("median")
     with pytest.raises(PoolingError, match="alpha"):
-        Pooling("ema", alpha=0.0)
+        Pooling.make("ema", alpha=0.0)
     with pytest.raises(PoolingError, match="no scored tokens"):
-        Pooling("mean")(torch.zeros(2, 3, 1), torch.tensor([[1, 1, 0], [0, 0, 0]], dtype=torch.bool))
+        Pooling.make("mean")(torch.zeros(2, 3, 1), torch.tensor([[1, 1, 0], [0, 0, 0]], dtype=torch.bool))
     with pytest.raises(PoolingError, match="offsets"):
-        Pooling("mean").ragged(torch.zeros(5, 2), np.array([0, 2, 4]))
+        Pooling.make("mean").ragged(torch.zeros(5, 2), np.array([0, 2, 4]))
     with pytest.raises(PoolingError, match="unknown key"):
         Pooling.parse({"kind": "ema", "beta": 1})
 

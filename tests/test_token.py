@@ -189,7 +189,7 @@ def test_softmax_weighted_loss_limits_and_windows() -> None:
     from activations.pooling import Pooling
 
     torch.testing.assert_close(
-        torch.where(valid, z, -torch.inf).amax(1), Pooling("window", window=4)(logits, mask)
+        torch.where(valid, z, -torch.inf).amax(1), Pooling.make("window", window=4)(logits, mask)
     )
     y = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
     bce = torch.nn.functional.softplus(z) - y[:, None] * z
