@@ -10,11 +10,12 @@ from __future__ import annotations
 import functools
 import random
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from activations.constitution import TEMPLATES, _render, _Topic, generate_prompts, load_constitution
-from activations.data import DataError, Example, PromptDataset
+from activations.data import DataError, Example, PromptDataset, register_source
 
 EVERYDAY = Path(__file__).resolve().parent / "constitutions" / "everyday.yaml"
 
@@ -75,3 +76,18 @@ def benign_control(n: int = 1100, seed: int = 0) -> PromptDataset:
     return PromptDataset(
         out, name="builtin_control" if (n, seed) == (1100, 0) else f"builtin_control-{n}-s{seed}"
     )
+
+
+@register_source("builtin")
+def _builtin_source(arg: str | None, **_kwargs: Any) -> PromptDataset:
+    """``builtin``, ``builtin:N``, ``builtin:control`` or ``builtin:control:N``."""
+    parts = arg.split(":") if arg is not None else []
+    try:
+        if parts and parts[0] == "control":  # builtin:control[:N]
+            return benign_control(int(parts[1])) if len(parts) > 1 else benign_control()
+        return builtin_dataset(int(parts[0])) if parts else builtin_dataset()  # builtin[:N]
+    except ValueError as e:
+        ref = "builtin" + (f":{arg}" if arg is not None else "")
+        raise DataError(
+            f"{ref!r}: expected builtin, builtin:N, builtin:control or builtin:control:N ({e})"
+        ) from None
