@@ -126,7 +126,8 @@ def test_streaming_shares_the_pooling_definition(lengths: list[int], kind: str, 
     score is the pooled value of the whole sequence for every kind, and the stopping statistic (max over the
     stream, end-of-stream step included) is the pooled value for max / EMA / window, also for sequences
     shorter than the window (scored at the end only)."""
-    from probes.token import Ragged, TokenProbe
+    from probes.ragged import Ragged
+    from probes.token import TokenProbe
 
     v, off = _ragged(lengths, 1, seed)
     v = v.float()
