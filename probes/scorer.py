@@ -25,7 +25,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from probes.cost import CostModel, ProbeCost
 from probes.io import ProbeLoadError, TensorSpec, check_config, load_scorer, save_scorer
 
 __all__ = ["Grid", "Probe", "Scorer"]
+
+S = TypeVar("S", bound="Scorer")
+P = TypeVar("P", bound="Probe")
 
 
 class Grid:
@@ -84,7 +87,7 @@ class Scorer(abc.ABC):
 
     # -- the protocol --------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def fit(self, X: Any, y: Any, *args: Any, **kwargs: Any) -> Self:
+    def fit(self: S, X: Any, y: Any, *args: Any, **kwargs: Any) -> S:
         """Fit on the training view ``X`` and labels ``y`` in [0, 1] (``val`` / ``val_y``: the validation
         view and labels, for families that choose something on validation)."""
 
@@ -160,11 +163,11 @@ class Probe(Scorer):
     # -- fitting / scoring ---------------------------------------------------------------------------------
 
     def fit(
-        self,
+        self: P,
         X: ArrayLike,
         y: ArrayLike,
         sample_weight: ArrayLike | None = None,
-    ) -> Self:
+    ) -> P:
         """Fit on features ``X`` (``[n, d]``) and labels ``y`` in {0, 1} (soft labels allowed). A probe
         chooses nothing on validation: the sweep picks its C (:meth:`Scorer.fit_grid`)."""
         Xt, yt, wt = check_Xy(X, y, sample_weight, ndim=self.input_ndim)
@@ -233,7 +236,7 @@ class Probe(Scorer):
         """Restore the fitted tensors written by :meth:`state_dict` (sets ``n_features_in_``)."""
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], state: Mapping[str, Tensor] | None = None) -> Self:
+    def from_config(cls: type[P], config: Mapping[str, Any], state: Mapping[str, Tensor] | None = None) -> P:
         probe = cls(**dict(config))
         if state is not None:
             probe.load_state_dict(state)

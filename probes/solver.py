@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import einops
 import torch
@@ -42,8 +42,10 @@ from probes.base import as_tensor, check_y
 
 __all__ = ["ClassWeight", "ConvergenceWarning", "LogisticPathResult", "Penalty", "fit_logistic_batched"]
 
-Penalty = Literal["l2", "l1", "elasticnet"]
-ClassWeight = Literal["balanced"] | Mapping[Any, float] | None
+#: ``"l2"``, ``"l1"`` or ``"elasticnet"`` (checked when used: a bad name is a ValueError that says so)
+Penalty = str
+#: ``"balanced"``, ``{0: w0, 1: w1}`` or None (checked when used)
+ClassWeight = str | Mapping[Any, float] | None
 
 
 class ConvergenceWarning(UserWarning):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -46,6 +46,8 @@ __all__ = [
 
 DEFAULT_CS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
 
+T = TypeVar("T", bound="TextClassifier")
+
 
 # ----------------------------------------------------------------------------------------------------------
 # text of an example, input validation
@@ -67,7 +69,7 @@ def example_text(ex: Example) -> str:
     return "\n\n".join(f"{m.role.capitalize()}: {m.content}" for m in msgs)
 
 
-def check_texts(texts: Sequence[str], name: str = "texts") -> list[str]:
+def check_texts(texts: Sequence[Any], name: str = "texts") -> list[str]:
     if isinstance(texts, str | bytes):
         raise TypeError(f"{name} must be a sequence of strings, not a single {type(texts).__name__}")
     try:
@@ -88,7 +90,7 @@ def check_labels(y: ArrayLike | Sequence[float], n: int, name: str = "y", texts:
 
 
 def check_val(
-    val_texts: Sequence[str] | None, val_y: ArrayLike | None
+    val_texts: Sequence[Any] | None, val_y: ArrayLike | Sequence[float] | None
 ) -> tuple[list[str], np.ndarray] | None:
     if (val_texts is None) != (val_y is None):
         raise ValueError("give both val_texts and val_y, or neither")
@@ -127,15 +129,15 @@ class TextClassifier(Scorer):
     # -- fitting / scoring ---------------------------------------------------------------------------------
 
     def fit(
-        self,
-        texts: Sequence[str],
+        self: T,
+        texts: Sequence[Any],
         y: ArrayLike | Sequence[float],
         *,
-        val: Sequence[str] | None = None,
+        val: Sequence[Any] | None = None,
         val_y: ArrayLike | Sequence[float] | None = None,
         progress: bool = False,
         select_metric: str = DEFAULT_SELECT,
-    ) -> Self:
+    ) -> T:
         """Fit on ``texts`` and labels ``y`` in [0, 1] (1 = harmful); model selection (C, epoch) on the
         validation texts ``val`` and labels ``val_y`` when given, by the rule of :mod:`probes.selection`
         with ``select_metric`` as the primary metric."""
@@ -148,7 +150,7 @@ class TextClassifier(Scorer):
         self._fitted = True
         return self
 
-    def decision_function(self, texts: Sequence[str]) -> Float[np.ndarray, " n"]:
+    def decision_function(self, texts: Sequence[Any]) -> Float[np.ndarray, " n"]:
         """Logits (float64), one per text."""
         if self.needs_fit and not self._fitted:
             raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit() first")
@@ -157,7 +159,7 @@ class TextClassifier(Scorer):
         assert out.shape == (len(tx),), out.shape
         return out
 
-    def predict_proba(self, texts: Sequence[str]) -> Float[np.ndarray, " n"]:
+    def predict_proba(self, texts: Sequence[Any]) -> Float[np.ndarray, " n"]:
         """P(harmful | text) = sigmoid(logit)."""
         s = self.decision_function(texts)
         return 0.5 * (1.0 + np.tanh(0.5 * s))

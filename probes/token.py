@@ -64,7 +64,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -93,6 +93,7 @@ __all__ = [
 ]
 
 WeightsFor = Literal["both", "harmful"]
+TP = TypeVar("TP", bound="TokenProbeBase")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -459,11 +460,11 @@ class TokenProbeBase(Probe):
 
     # -- fitting --------------------------------------------------------------------------------------------
     def fit(  # type: ignore[override]
-        self,
+        self: TP,
         X: Ragged | tuple[Any, Any] | Sequence[ArrayLike],
         y: ArrayLike,
         sample_weight: ArrayLike | None = None,
-    ) -> Self:
+    ) -> TP:
         """Fit on ragged per-token features ``X`` and one label per sequence."""
         R = Ragged.of(X)
         yt = check_y(y, R.n_sequences).to(torch.float32)

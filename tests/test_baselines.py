@@ -341,6 +341,7 @@ def test_prompted_fit_flops_and_persistence(chat_model, tmp_path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.usefixtures("unchecked")
 def test_bad_input_errors(chat_model, tmp_path) -> None:
     tr, ytr, _, _ = _split(20)
     clf = TfidfClassifier()

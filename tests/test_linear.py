@@ -428,6 +428,7 @@ def test_bad_inputs(make: type[Probe]) -> None:
         make().decision_function(X)
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_bad_hyperparameters() -> None:
     X, y, _, _ = make_data(n=60, d=5)
     with pytest.raises(ValueError, match="penalty"):

@@ -35,7 +35,7 @@ class Window(Pooling):
 
     def window_means(
         self, x: Float[Tensor, "b s *d"], lengths: Int[Tensor, " b"]
-    ) -> tuple[Float[Tensor, "b s *d"], Bool[Tensor, "b s *d"]]:
+    ) -> tuple[Float[Tensor, "b s *d"], Bool[Tensor, "b s ..."]]:
         """Sliding-window means of left-aligned ``x`` (``means[:, t]``: the mean of the up to ``M`` values
         ending at ``t``) and which windows count (full ones, or the whole of a sequence shorter than ``M``).
         Computed in float32 (float64 for float64 inputs)."""

@@ -24,6 +24,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -170,7 +171,7 @@ def _custom_columns(best: pd.DataFrame) -> np.ndarray:
     return np.stack([best["C"].map(_fmt_c), best["n_seeds"], run, ci], axis=1)
 
 
-def _series_name(row: Mapping, keys: Sequence[str]) -> str:
+def _series_name(row: Mapping[str, Any] | pd.Series, keys: Sequence[str]) -> str:
     return " · ".join(str(row[k]) for k in keys)
 
 
