@@ -8,7 +8,19 @@ from hypothesis import strategies as st
 
 from activations.pooling import POOL_KINDS, Pooling, PoolingError, pool_ragged, ragged_to_padded
 
-ALL = ["mean", "max", "last", "ema0.5", "ema0.2", "window1", "window3", "window16", "softmax0.5", "softmax4"]
+STREAMABLE = [
+    "mean",
+    "max",
+    "last",
+    "ema0.5",
+    "ema0.2",
+    "window1",
+    "window3",
+    "window16",
+    "softmax0.5",
+    "softmax4",
+]
+ALL = [*STREAMABLE, "median"]
 
 
 def _ragged(lengths: list[int], d: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -104,7 +116,7 @@ def test_parse_and_errors() -> None:
     assert Pooling.parse({"kind": "softmax", "temperature": 2}).temperature == 2
     assert {Pooling.parse(k).kind for k in POOL_KINDS} == set(POOL_KINDS)
     with pytest.raises(PoolingError, match="unknown pooling"):
-        Pooling.parse("median")
+        Pooling.parse("mode")
     with pytest.raises(PoolingError, match="alpha"):
         Pooling.make("ema", alpha=0.0)
     with pytest.raises(PoolingError, match="no scored tokens"):
@@ -118,7 +130,7 @@ def test_parse_and_errors() -> None:
 @settings(max_examples=30, deadline=None)
 @given(
     lengths=st.lists(st.integers(1, 24), min_size=1, max_size=5),
-    kind=st.sampled_from(ALL),
+    kind=st.sampled_from(STREAMABLE),
     seed=st.integers(0, 1000),
 )
 def test_streaming_shares_the_pooling_definition(lengths: list[int], kind: str, seed: int) -> None:
@@ -144,3 +156,22 @@ def test_streaming_shares_the_pooling_definition(lengths: list[int], kind: str, 
     if p.kind == "window":  # no running score before the first full window
         for r in rep.running:
             assert np.isnan(r[: p.window - 1]).all() and not np.isnan(r[p.window - 1 :]).any()
+
+
+def test_median_pooling() -> None:
+    """The median of the scored tokens (the mean of the two middle values for an even count), element-wise,
+    padded and ragged alike; costed at 3 FLOPs per element; no streaming form."""
+    x = torch.tensor([[4.0, 1.0, 3.0, 2.0, 9.0], [5.0, -1.0, 7.0, 0.0, 0.0]]).unsqueeze(-1)
+    m = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 1]], dtype=torch.bool)
+    med = Pooling.parse("median")
+    assert med.name == "median" and med.params() == {"kind": "median"}
+    torch.testing.assert_close(med(x, m)[:, 0], torch.tensor([3.0, 2.5]))  # odd count; 5, -1, 7, 0 -> 2.5
+    v, off = _ragged([1, 2, 7, 8], 3, 5)
+    expect = np.stack([np.median(v[off[i] : off[i + 1]].numpy(), 0) for i in range(4)])
+    np.testing.assert_allclose(med.ragged(v, off).numpy(), expect)
+    assert med.flops_per_element == 3.0 and not med.streamable
+    with pytest.raises(PoolingError, match="no streaming form"):
+        med.init(2)
+    from probes.cost import CostModel
+
+    assert CostModel.pooling_flops("median", 4) == 12.0
