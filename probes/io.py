@@ -926,7 +926,8 @@ def load_ensemble(path: str | os.PathLike[str]) -> Any:
     doc = read_json_file(file, what=ENSEMBLE_JSON)
     if not isinstance(doc, dict):
         raise ProbeLoadError(f"{file}: not a JSON object")
-    check_json_tree(doc, file)
+    check_json_tree({k: v for k, v in doc.items() if k != "metadata"}, file)
+    check_json_tree(doc.get("metadata"), file, "metadata", allow_nonfinite=True)  # a NaN validation metric
     try:
         cls = scorer_class("ensemble")
     except ValueError as e:
