@@ -1,5 +1,5 @@
 """The ``probe-atlas`` command line (``probe-atlas = "experiments.cli:app"``): :data:`app` and the
-:func:`~experiments.cli.app.command` decorator live in :mod:`.app`; every other module of this package adds
+:func:`~experiments.cli.main.command` decorator live in :mod:`.main`; every other module of this package adds
 its commands, and all are imported here."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from experiments.cli.app import app, command
+from experiments.cli.main import app, command
 
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name != "__main__":

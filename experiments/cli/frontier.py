@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from experiments.analysis.frontier import claims_table, frontier_summary
-from experiments.cli.app import command, console, fail
+from experiments.cli.main import command, console, fail
 from experiments.sweep.results import read_results
 
 

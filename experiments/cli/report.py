@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from experiments.cli.app import command, console
+from experiments.cli.main import command, console
 from experiments.viz.report import build_report
 
 

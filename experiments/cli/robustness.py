@@ -18,7 +18,7 @@ from experiments.analysis.robustness import (
     run_robustness,
     summary_table,
 )
-from experiments.cli.app import command, console
+from experiments.cli.main import command, console
 
 
 @command("robustness")

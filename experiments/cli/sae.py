@@ -12,7 +12,7 @@ from rich.console import Console
 
 from activations.models import load_model
 from activations.store import ActivationStore
-from experiments.cli.app import command
+from experiments.cli.main import command
 from experiments.viz.sae import latent_figure
 from experiments.viz.save import save_figure
 from probes.io import load_probe

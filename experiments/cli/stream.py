@@ -16,7 +16,7 @@ from rich.text import Text
 from activations.data import load_dataset
 from activations.models import load_model
 from experiments.analysis.generation import generate_exchanges, write_exchanges
-from experiments.cli.app import command, console
+from experiments.cli.main import command, console
 from experiments.viz.stream import token_figure
 from probes.stream import MonitorError, StreamingMonitor, ThresholdPositionWarning
 

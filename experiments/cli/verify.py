@@ -19,7 +19,7 @@ import typer
 from rich.markup import escape
 
 from activations.store import ActivationStore, StoreError, verify_store
-from experiments.cli.app import command, console
+from experiments.cli.main import command, console
 
 
 def find_stores(path: Path) -> list[Path]:
