@@ -19,11 +19,12 @@ import random
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from activations.data import Example, Message, PromptDataset
 
 
+@runtime_checkable
 class Transform(Protocol):
     __name__: str
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import functools
 import random
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from activations.augment import wrap_each
 from activations.constitution import TEMPLATES, _render, _Topic, generate_prompts, load_constitution
-from activations.data import DataError, Example, PromptDataset
+from activations.data import DataError, Example, PromptDataset, register_source
 
 EVERYDAY = Path(__file__).resolve().parent / "constitutions" / "everyday.yaml"
 
@@ -131,3 +132,9 @@ def load_builtin(ref: str) -> PromptDataset:
     except ValueError as e:
         raise DataError(f"{ref!r}: expected {_BUILTIN_REFS} ({e})") from None
     raise DataError(f"{ref!r}: expected {_BUILTIN_REFS}")
+
+
+@register_source("builtin")
+def _builtin_source(arg: str | None, **_kwargs: Any) -> PromptDataset:
+    """``builtin[:N]``, ``builtin:control[:N]``, ``builtin:rich[:N]`` or ``builtin:wrapped[:N]``."""
+    return load_builtin("builtin" + (f":{arg}" if arg is not None else ""))

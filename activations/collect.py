@@ -15,7 +15,7 @@ import json
 import re
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,10 +210,17 @@ def model_fingerprint(model: HookedTransformer) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------- planning
-def plan_batches(lengths: Sequence[int], token_budget: int, max_batch: int = 256) -> list[list[int]]:
-    """Length-sorted batches whose padded size (n × longest) stays within ``token_budget``."""
+def plan_batches(
+    lengths: Sequence[int] | np.ndarray,
+    token_budget: int,
+    max_batch: int = 256,
+    *,
+    longest_first: bool = True,
+) -> list[list[int]]:
+    """Length-sorted batches whose padded size (n × longest) stays within ``token_budget`` (at most
+    ``max_batch`` sequences each): longest first (collection), or shortest first (training batches)."""
     lens = np.asarray(lengths)
-    order = np.argsort(-lens, kind="stable")
+    order = np.argsort(-lens if longest_first else lens, kind="stable")
     batches: list[list[int]] = []
     cur: list[int] = []
     cur_max = 0
@@ -274,6 +281,7 @@ def collect(
     durable: bool = False,
     checksums: bool = True,
     check_space: bool = True,
+    run_batches: BatchRunner | None = None,
     _stop_after_batches: int | None = None,
 ) -> ActivationStore:
     """Collect ``hooks`` for ``dataset`` into the store at ``out`` (created, resumed or reused).
@@ -287,6 +295,9 @@ def collect(
     ``probe-atlas verify --deep``). ``check_space`` refuses up front (``InsufficientSpaceError``) when the
     disk has less free space than the store still needs; a disk that fills anyway is a
     :class:`~activations.store.DiskFullError`, and the batch being written stays not done.
+
+    ``run_batches`` runs the remaining batches elsewhere (e.g. on Ray actors: :class:`BatchRunner`); by
+    default they run here, in this process.
     """
     req = _request(model, dataset, hooks, layers, positions, keep, max_len, use_chat_template)
     hook_names, positions, keep, max_len, tpl = req
@@ -307,14 +318,21 @@ def collect(
     if store.complete:
         return store
     try:
-        _run(
-            model,
-            store,
-            progress=progress,
-            durable=durable,
-            checksums=checksums,
-            stop_after=_stop_after_batches,
-        )
+        if run_batches is None:
+            _run(
+                model,
+                store,
+                progress=progress,
+                durable=durable,
+                checksums=checksums,
+                stop_after=_stop_after_batches,
+            )
+        else:
+            done = set(store.manifest["done_batches"])
+            todo = [b for b in range(int(store.manifest["n_batches"])) if b not in done]
+            t0 = time.perf_counter()
+            info = run_batches(store, todo, progress)
+            store.mark_complete(collect_seconds=time.perf_counter() - t0, **(info or {}))
     except BaseException as e:
         if created and not store.manifest["done_batches"] and not isinstance(e, _Interrupted):
             store.delete()
@@ -610,6 +628,70 @@ def _layout(
     )
 
 
+class BatchWriter:
+    """Runs batches of a store's collection plan: one forward pass each that keeps only the needed hooks'
+    scored rows, written into the store's files (hashed on the way when asked). The manifest is not touched:
+    whoever runs the batches marks them done."""
+
+    def __init__(self, model: HookedTransformer, store: ActivationStore) -> None:
+        tokenizer = model.tokenizer
+        if tokenizer is None:
+            raise CollectError("the model has no tokenizer")
+        self.model, self.store = model, store
+        self.hook_names = sorted(store.hooks, key=hook_sort_key)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.n_layers_needed = max(hook_layer(h) for h in self.hook_names) + 1
+        self.offsets = np.asarray(store.offsets)
+        self.positions = np.asarray(store.positions)
+        self.full_ids = _FullIds(store)
+        self.examples = store.examples()
+        self.writers = {h: store.writer(h) for h in self.hook_names}
+
+    def write(self, b: int, hashers: dict[str, Any] | None = None) -> tuple[list[int], int]:
+        """Collect batch ``b`` and write its rows; returns its sequences and its (unpadded) token count."""
+        device = self.model.cfg.device
+        seqs = [int(s) for s in self.store.batch_sequences(b)]
+        if not seqs:
+            raise StoreError(f"{self.store.path}: batch {b} is not in the collection plan")
+        tokens, attn, bi, pi, dest = batch_inputs(
+            self.full_ids, seqs, self.offsets, self.positions, self.pad_id
+        )
+        captured = _forward_capture(
+            self.model,
+            tokens.to(device),
+            attn.to(device),
+            self.hook_names,
+            self.hook_names[-1],
+            self.n_layers_needed,
+            torch.from_numpy(bi).to(device),
+            torch.from_numpy(pi).to(device),
+        )
+        for h, x in captured.items():
+            arr = x.numpy()
+            if not np.isfinite(arr).all():
+                bad_row = int(np.nonzero(~np.isfinite(arr).all(axis=1))[0][0])
+                seq = seqs[int(bi[bad_row])]
+                raise StoreError(
+                    f"non-finite activations (NaN/inf, or beyond the fp16 range) at hook {h} for example "
+                    f"{self.examples[seq]['id']!r} (token position {int(pi[bad_row])})"
+                )
+            self.writers[h].write_rows(dest, arr, hasher=(hashers or {}).get(h))
+        return seqs, int(attn.sum())
+
+    def sync(self) -> None:
+        for w in self.writers.values():
+            w.sync()
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+
+
+#: runs a store's remaining batches elsewhere and marks them done: ``(store, batches, progress)``; may
+#: return extra manifest fields (e.g. how many workers ran them)
+BatchRunner = Callable[[ActivationStore, list[int], bool], "dict[str, Any] | None"]
+
+
 def _run(
     model: HookedTransformer,
     store: ActivationStore,
@@ -623,16 +705,7 @@ def _run(
 
     Each batch's rows are written, then (with ``checksums``) its checksums go into the manifest as it is
     marked done; an error while writing leaves the batch not done."""
-    tokenizer = model.tokenizer
-    assert tokenizer is not None
-    hook_names = sorted(store.hooks, key=hook_sort_key)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = model.cfg.device
-    n_layers_needed = max(hook_layer(h) for h in hook_names) + 1
-    last_hook = hook_names[-1]
-    offsets = np.asarray(store.offsets)
-    positions = np.asarray(store.positions)
-    examples_meta = store.examples()
+    assert model.tokenizer is not None
     done = set(store.manifest["done_batches"])
     n_batches = int(store.manifest["n_batches"])
     todo = [b for b in range(n_batches) if b not in done]
@@ -642,8 +715,7 @@ def _run(
     checksums = checksums and store.checksums_enabled
     fields = store.checksum_fields
     algo = store.checksum_algo
-    full_ids = _FullIds(store)
-    writers = {h: store.writer(h) for h in hook_names}
+    writer = BatchWriter(model, store)
     bar = tqdm(
         total=len(todo),
         desc=f"collect {store.manifest['key']['dataset_name']}",
@@ -655,47 +727,23 @@ def _run(
         for step, b in enumerate(todo):
             if stop_after is not None and step >= stop_after:
                 raise _Interrupted(f"stopped after {stop_after} batches")
-            seqs = [int(s) for s in store.batch_sequences(b)]
-            tokens, attn, bi, pi, dest = batch_inputs(full_ids, seqs, offsets, positions, pad_id)
-            captured = _forward_capture(
-                model,
-                tokens.to(device),
-                attn.to(device),
-                hook_names,
-                last_hook,
-                n_layers_needed,
-                torch.from_numpy(bi).to(device),
-                torch.from_numpy(pi).to(device),
-            )
-            hashers = {h: new_hasher(algo) for h in hook_names} if checksums and algo else {}
-            for h, x in captured.items():
-                arr = x.numpy()
-                if not np.isfinite(arr).all():
-                    bad_row = int(np.nonzero(~np.isfinite(arr).all(axis=1))[0][0])
-                    seq = seqs[int(bi[bad_row])]
-                    raise StoreError(
-                        f"non-finite activations (NaN/inf, or beyond the fp16 range) at hook {h} for example "
-                        f"{examples_meta[seq]['id']!r} (token position {int(pi[bad_row])})"
-                    )
-                writers[h].write_rows(dest, arr, hasher=hashers.get(h))
+            hashers = {h: new_hasher(algo) for h in writer.hook_names} if checksums and algo else {}
+            seqs, n = writer.write(b, hashers)
             if durable:
-                for w in writers.values():
-                    w.sync()
+                writer.sync()
             if hashers:
                 meta = store.meta_digest(np.asarray(seqs, dtype=np.int64))
                 digests = [meta if f == "meta" else hashers[f].hexdigest() for f in fields]
                 store.mark_done([b], {b: digests})
             else:
                 store.mark_done([b], compute=False)
-            n_tok += int(attn.sum())
+            n_tok += n
             bar.update(1)
             bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.0f}")
-        for w in writers.values():
-            w.sync()
+        writer.sync()
     finally:
         bar.close()
-        for w in writers.values():
-            w.close()
+        writer.close()
     store.mark_complete(collect_seconds=time.perf_counter() - t0)
 
 

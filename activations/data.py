@@ -15,10 +15,10 @@ import math
 import random
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -549,21 +549,42 @@ def load_hf(
     return PromptDataset(out, name=name.replace("/", "_"))
 
 
+#: a source prefix (``builtin``, ``hf``) -> its loader ``(argument after the colon or None, **kwargs)``;
+#: filled by :func:`register_source` in the module that defines the source
+DATASET_SOURCES: dict[str, Callable[..., PromptDataset]] = {}
+
+F = TypeVar("F", bound=Callable[..., PromptDataset])
+
+
+def register_source(prefix: str) -> Callable[[F], F]:
+    """Decorator: make ``load_dataset("<prefix>")`` / ``load_dataset("<prefix>:<arg>")`` call the loader
+    with ``arg`` (None without a colon) and the caller's keyword arguments."""
+
+    def deco(fn: F) -> F:
+        if prefix in DATASET_SOURCES and DATASET_SOURCES[prefix].__qualname__ != fn.__qualname__:
+            raise ValueError(f"dataset source {prefix!r} is already registered")
+        DATASET_SOURCES[prefix] = fn
+        return fn
+
+    return deco
+
+
+@register_source("hf")
+def _hf_source(arg: str | None, **kwargs: Any) -> PromptDataset:
+    if not arg:
+        raise DataError("a Hugging Face dataset is named hf:NAME")
+    return load_hf(arg, **kwargs)
+
+
 def load_dataset(ref: str | Path, **kwargs: Any) -> PromptDataset:
-    """Load by reference: a JSONL path, ``builtin`` (the project's own labelled set; ``builtin:N`` for ``N``
-    prompts), ``builtin:control`` (1,100 harmless everyday requests in the same templates, for thresholds;
-    ``builtin:control:N``), ``builtin:rich[:N]`` / ``builtin:wrapped[:N]`` (every look-alike and surface
-    form, plain or in jailbreak wrappers), ``source:NAME[:CAP]`` (a named source of
-    :mod:`activations.shared_sources`), or ``hf:NAME``."""
+    """Load by reference: a JSONL path, or a registered source: ``builtin`` (the project's own labelled
+    set; ``builtin:N`` for ``N`` prompts), ``builtin:control`` (1,100 harmless everyday requests in the same
+    templates, for thresholds; ``builtin:control:N``), ``builtin:rich[:N]`` / ``builtin:wrapped[:N]`` (every
+    look-alike and surface form, plain or in jailbreak wrappers), ``source:NAME[:CAP]`` (a named source of
+    :mod:`activations.shared_sources`) or ``hf:NAME`` (:data:`DATASET_SOURCES`)."""
     s = str(ref)
-    if s == "builtin" or s.startswith("builtin:"):
-        from activations.builtin import load_builtin
-
-        return load_builtin(s)
-    if s.startswith("source:"):
-        from activations.shared_sources import load_source_ref
-
-        return load_source_ref(s)
-    if s.startswith("hf:"):
-        return load_hf(s[3:], **kwargs)
+    head, colon, rest = s.partition(":")
+    source = DATASET_SOURCES.get(head)
+    if source is not None:
+        return source(rest if colon else None, **kwargs)
     return load_jsonl(s, **kwargs)

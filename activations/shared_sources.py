@@ -71,6 +71,7 @@ from activations.data import (
     load_jsonl,
     with_canonical_groups,
 )
+from activations.data import register_source as register_dataset_source
 from activations.decontam import REASONS, DecontamConfig, Reference, decontaminate
 
 __all__ = [
@@ -560,6 +561,12 @@ def load_source(
     ds = _load_full(name, root, seed)
     ds = cap_spread(ds, src.cap if cap == "default" else cap, seed)
     return src.finish(ds, seed) if src.finish is not None else ds
+
+
+@register_dataset_source("source")
+def _source_source(arg: str | None, **_kwargs: Any) -> PromptDataset:
+    """``source:NAME[:CAP]``: a named source of :data:`SOURCES`."""
+    return load_source_ref("source" + (f":{arg}" if arg is not None else ""))
 
 
 def load_source_ref(ref: str) -> PromptDataset:

@@ -46,7 +46,7 @@ import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -281,6 +281,7 @@ def _check_manifest_fields(m: Mapping[str, Any]) -> None:
         raise ValueError("done_batches")
 
 
+@runtime_checkable
 class _Hasher(Protocol):
     def update(self, data: Any, /) -> None: ...
     def hexdigest(self) -> str: ...

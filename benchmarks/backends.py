@@ -30,9 +30,9 @@ def main() -> None:
     import ray
 
     from activations.models import load_model
-    from experiments.ray_backend import default_model_factory, run_sweep_ray
-    from experiments.run import run_sweep
-    from experiments.spec import parse_spec
+    from experiments.backends.ray import default_model_factory
+    from experiments.sweep.engine import run_sweep
+    from experiments.sweep.spec import parse_spec
 
     n = args.n_train
     spec = parse_spec(
@@ -63,18 +63,19 @@ def main() -> None:
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     t_init = time.perf_counter() - t0
     t0 = time.perf_counter()
-    remote = run_sweep_ray(
+    remote = run_sweep(
         spec,
         tmp / "ray",
         model=model,
+        backend="ray",
         model_factory=default_model_factory(args.model, device="cpu"),
         n_collectors=args.actors,
         progress=False,
     )
     t_ray = time.perf_counter() - t0
     t0 = time.perf_counter()
-    fits_only = run_sweep_ray(
-        spec, tmp / "ray-fits", model=model, store_root=tmp / "ray" / "stores", progress=False
+    fits_only = run_sweep(
+        spec, tmp / "ray-fits", model=model, store_root=tmp / "ray" / "stores", progress=False, backend="ray"
     )
     t_ray_fits = time.perf_counter() - t0
     ray.shutdown()

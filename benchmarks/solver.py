@@ -18,7 +18,7 @@ unpenalized intercept, no class weights):
   so it gets ``tol / (C n)``), with ``max_iter`` 1000.
 * ``probelab``: ``probelab.probes.Logistic(C=C)`` (its own standardization, torch L-BFGS with its
   defaults) on a float32 ``Activations`` per problem, one fit per (problem, C), torch on ``--threads``.
-* ``ours``: :func:`probes.linear.fit_logistic_batched` at its defaults (float32, ``tol=1e-4``, warm start
+* ``ours``: :func:`probes.solver.fit_logistic_batched` at its defaults (float32, ``tol=1e-4``, warm start
   along the C path, ``--threads`` worker threads).
 
 The problems are split into blocks; each block is fitted by every method in turn (the order rotates from
@@ -55,7 +55,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from probes.linear import fit_logistic_batched
+from probes.solver import fit_logistic_batched
 
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-3, 2, 8))
 METHODS: tuple[str, ...] = ("sklearn", "sklearn_tuned", "probelab", "ours")

@@ -41,7 +41,7 @@ def main() -> None:
     from activations.constitution import generate_prompts, load_constitution
     from activations.models import load_model
     from probes.cost import CostModel
-    from probes.linear import LogisticProbe
+    from probes.logistic import LogisticProbe
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=2400)

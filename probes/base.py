@@ -1,18 +1,26 @@
-"""The :class:`Probe` base type, input validation and the registry of probe families.
+"""The floor of ``probes/``: what a scorer family declares, the one registry of families, and input
+validation.
 
-A probe maps activations ``X`` (``[n, d]`` for single-layer probes) to one logit per row. Every family
-subclasses :class:`Probe`, sets a unique ``kind`` and decorates itself with :func:`register_probe` so that
-:func:`probes.io.load_probe` can rebuild it from the ``kind`` written in ``probe.json``.
+Everything that scores a sequence is a *scorer* (:class:`probes.scorer.Scorer`): it fits on a training view,
+scores a view, states its cost under a :class:`~probes.cost.CostModel` and is saved and loaded through
+:mod:`probes.io`. A family is one class in its own module, decorated with :func:`register_scorer`:
 
-Saving is split in two: :meth:`Probe.get_config` (JSON-able hyper-parameters, enough to call the
-constructor) and :meth:`Probe.state_dict` (named tensors, written with safetensors). No pickle.
+* ``kind`` -- the name saved in its folder (``probe.json`` / ``classifier.json``), the registry key;
+* ``view`` -- what it reads (:data:`VIEWS`): pooled activations of one hook (``pooled``) or of several layers
+  (``pooled_layers``), per-token activations (``tokens``), every token's residual stream at one layer
+  (``residual``), the model's input token ids (``token_ids``), the raw text (``text``), pooled SAE latents
+  (``sae_latents``) or other scorers' scores (``scores``);
+* ``sweep_kinds`` -- the names a sweep spec may use for it (:class:`SweepKind`: per layer or not, whether it
+  uses the spec's C grid, the ``params`` it accepts, and how a spec entry becomes constructor arguments).
+
+The sweep reads these declarations; it has no per-family switch.
 """
 
 from __future__ import annotations
 
-import abc
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, Self, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -20,68 +28,124 @@ from jaxtyping import Float
 from torch import Tensor
 
 __all__ = [
-    "PROBE_REGISTRY",
+    "POOLED",
+    "POOLED_LAYERS",
+    "POOLING_VIEWS",
+    "RESIDUAL",
+    "SAE_LATENTS",
+    "SCORERS",
+    "SCORES",
+    "SWEEP_KINDS",
+    "TEXT",
+    "TOKENS",
+    "TOKEN_IDS",
+    "VIEWS",
     "ArrayLike",
-    "Probe",
+    "SweepKind",
     "as_tensor",
     "check_X",
     "check_Xy",
-    "get_probe_class",
-    "register_probe",
+    "check_sample_weight",
+    "check_y",
+    "register_scorer",
+    "scorer_class",
+    "sweep_kind",
 ]
 
 ArrayLike = Tensor | np.ndarray
 
-PROBE_REGISTRY: dict[str, type[Probe]] = {}
+# ----------------------------------------------------------------------------------------------------------
+# views: what a scorer reads
+# ----------------------------------------------------------------------------------------------------------
 
-P = TypeVar("P", bound="type[Probe]")
+POOLED = "pooled"  #: ``[n, d]`` pooled activations of one hook (a layer, or the token embeddings)
+POOLED_LAYERS = "pooled_layers"  #: ``[n, layers, d]`` pooled activations of several layers
+TOKENS = "tokens"  #: per-token activations of one or several layers (:class:`probes.ragged.Ragged`)
+RESIDUAL = "residual"  #: every token's residual stream at one layer (:class:`probes.finetune.Sequences`)
+TOKEN_IDS = "token_ids"  #: the model's whole input, token ids (:class:`probes.finetune.Sequences`)
+TEXT = "text"  #: the raw text of each example
+SAE_LATENTS = "sae_latents"  #: pooled SAE latents of one layer
+SCORES = "scores"  #: other scorers' scores (ensembles, cascades)
+VIEWS: tuple[str, ...] = (POOLED, POOLED_LAYERS, TOKENS, RESIDUAL, TOKEN_IDS, TEXT, SAE_LATENTS, SCORES)
+#: the views that depend on the sweep's pooling: other scorers bring their own read-out and run once
+POOLING_VIEWS: frozenset[str] = frozenset({POOLED, POOLED_LAYERS, SAE_LATENTS})
 
 
-#: modules whose import registers probe families (searched in order by :func:`get_probe_class`)
-PROBE_MODULES: list[str] = [
-    "probes.linear",
-    "probes.token",
-    "sae.probe",
-    "probes.finetune",
-    "probes.ensemble",
-    "probes.cascade",
-    "probes.baselines",
-]
+# ----------------------------------------------------------------------------------------------------------
+# the registry
+# ----------------------------------------------------------------------------------------------------------
 
 
-def register_probe(cls: P) -> P:
-    """Class decorator: register a probe family under its ``kind`` (must be unique)."""
+@dataclass(frozen=True)
+class SweepKind:
+    """A name a sweep spec may use (the ``probe`` column of the results) for a scorer family.
+
+    ``build(entry)`` turns the spec's probe entry (``kind``, ``params``, ``class_weight``, ``penalty``,
+    ``l1_ratio``, ``shrinkage``, ``layers``, and ``seed``) into ``(scorer class, constructor keyword
+    arguments)``; ``per_layer`` kinds run once per collected layer, the others once; ``uses_C`` kinds are
+    fitted for every C of the spec's grid (``C`` is passed to the constructor) and the C is chosen on
+    validation; ``params`` are the keys of ``params`` the kind accepts. ``hook`` fixes the hook it reads
+    (the token embeddings of the surface baseline) and ``hook_label`` names it in the results."""
+
+    name: str
+    build: Callable[[Mapping[str, Any]], tuple[type, dict[str, Any]]]
+    per_layer: bool = True
+    uses_C: bool = True
+    params: frozenset[str] = field(default_factory=frozenset)
+    description: str = ""
+    hook: str | None = None
+    hook_label: str | None = None
+
+    def make(self, entry: Mapping[str, Any], **extra: Any) -> Any:
+        """An unfitted scorer for a spec entry (``extra``: e.g. ``C``)."""
+        cls, kw = self.build(entry)
+        return cls(**kw, **extra)
+
+
+#: saved kind -> scorer class, filled by :func:`register_scorer`
+SCORERS: dict[str, type] = {}
+#: sweep kind name -> :class:`SweepKind`, filled by :func:`register_scorer` from each class's ``sweep_kinds``
+SWEEP_KINDS: dict[str, SweepKind] = {}
+
+C = TypeVar("C", bound=type)
+
+
+def register_scorer(cls: C) -> C:
+    """Class decorator: register a scorer family under its ``kind`` (unique) and its ``sweep_kinds``."""
     kind = getattr(cls, "kind", None)
     if not isinstance(kind, str) or not kind:
         raise TypeError(f"{cls.__name__} must define a non-empty class attribute `kind`")
-    existing = PROBE_REGISTRY.get(kind)
+    existing = SCORERS.get(kind)
     if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
         raise ValueError(f"probe kind {kind!r} is already registered by {existing.__qualname__}")
-    PROBE_REGISTRY[kind] = cls
+    SCORERS[kind] = cls
+    for sk in cls.__dict__.get("sweep_kinds", ()):
+        other = SWEEP_KINDS.get(sk.name)
+        if other is not None and other.build.__qualname__ != sk.build.__qualname__:
+            raise ValueError(f"sweep kind {sk.name!r} is already registered")
+        SWEEP_KINDS[sk.name] = sk
     return cls
 
 
-def get_probe_class(kind: str) -> type[Probe]:
-    """The registered class for ``kind`` (importing the built-in and plug-in families first).
-
-    ``kind`` comes from a saved file and is only ever a key of :data:`PROBE_REGISTRY`: the modules imported
-    are the fixed list :data:`PROBE_MODULES`, never a name taken from the file."""
+def scorer_class(kind: str) -> type:
+    """The registered class of a saved ``kind`` (only ever a key of :data:`SCORERS`: nothing is imported by
+    a name read from a file). Families register when their module is imported: ``import probes`` imports
+    every family of this package, ``import sae`` the SAE-feature probe."""
     if not isinstance(kind, str):
         raise ValueError(f"a probe kind is a string, got {type(kind).__name__}")
-    if kind not in PROBE_REGISTRY:
-        import importlib
-        import importlib.util
-
-        for module in PROBE_MODULES:
-            if kind in PROBE_REGISTRY:
-                break
-            if importlib.util.find_spec(module.split(".")[0]) and importlib.util.find_spec(module):
-                importlib.import_module(module)  # registers its families
     try:
-        return PROBE_REGISTRY[kind]
+        return SCORERS[kind]
     except KeyError:
-        known = ", ".join(sorted(PROBE_REGISTRY)) or "none"
+        known = ", ".join(sorted(SCORERS)) or "none"
         raise ValueError(f"unknown probe kind {kind!r} (registered kinds: {known})") from None
+
+
+def sweep_kind(name: str) -> SweepKind:
+    """The registered sweep kind ``name``."""
+    try:
+        return SWEEP_KINDS[name]
+    except KeyError:
+        raise ValueError(f"unknown probe kind {name!r}; known kinds: {sorted(SWEEP_KINDS)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -185,104 +249,3 @@ def check_Xy(
     Xt = check_X(Xt, ndim=ndim)
     yt = check_y(yt, Xt.shape[0])
     return Xt, yt, check_sample_weight(sample_weight, Xt.shape[0])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the base class
-# ----------------------------------------------------------------------------------------------------------
-
-
-class Probe(abc.ABC):
-    """A binary classifier on activations. Subclasses implement ``_fit``, ``_decision_function``,
-    ``get_config``, ``state_dict`` and ``load_state_dict``; the public methods validate inputs."""
-
-    kind: ClassVar[str] = ""
-    #: number of input dimensions per example (2 for ``[n, d]``; multi-layer probes use 3)
-    input_ndim: ClassVar[int] = 2
-
-    n_features_in_: int | None = None
-
-    # -- fitting / scoring ---------------------------------------------------------------------------------
-
-    def fit(self, X: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None) -> Self:
-        """Fit on features ``X`` (``[n, d]``) and labels ``y`` in {0, 1} (soft labels allowed)."""
-        Xt, yt, wt = check_Xy(X, y, sample_weight, ndim=self.input_ndim)
-        self.n_features_in_ = int(np.prod(Xt.shape[1:]))
-        self._fit(Xt, yt, wt)
-        return self
-
-    def decision_function(self, X: ArrayLike) -> Float[Tensor, " n"]:
-        """Logits, one per row of ``X``."""
-        self._check_fitted()
-        Xt = check_X(X, ndim=self.input_ndim, n_features=self.n_features_in_)
-        return self._decision_function(Xt)
-
-    def predict_proba(self, X: ArrayLike) -> Float[Tensor, " n"]:
-        """P(harmful | x) = sigmoid(logit)."""
-        return torch.sigmoid(self.decision_function(X))
-
-    def predict(self, X: ArrayLike, threshold: float = 0.5) -> Float[Tensor, " n"]:
-        """Hard 0/1 predictions at a probability threshold."""
-        return (self.predict_proba(X) >= threshold).to(torch.float32)
-
-    def flops_per_token(self) -> float:
-        """FLOPs to score one token's activation: a dot product (2·d_in) plus the bias add."""
-        self._check_fitted()
-        assert self.n_features_in_ is not None
-        return 2.0 * self.n_features_in_ + 1.0
-
-    @property
-    def is_fitted(self) -> bool:
-        return self.n_features_in_ is not None
-
-    def _check_fitted(self) -> None:
-        if not self.is_fitted:
-            raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit() first")
-
-    @abc.abstractmethod
-    def _fit(self, X: Tensor, y: Float[Tensor, " n"], sample_weight: Float[Tensor, " n"] | None) -> None: ...
-
-    @abc.abstractmethod
-    def _decision_function(self, X: Tensor) -> Float[Tensor, " n"]: ...
-
-    # -- persistence ---------------------------------------------------------------------------------------
-
-    @abc.abstractmethod
-    def get_config(self) -> dict[str, Any]:
-        """JSON-able constructor arguments (``type(self)(**get_config())`` rebuilds an unfitted twin)."""
-
-    @abc.abstractmethod
-    def state_dict(self) -> dict[str, Tensor]:
-        """The fitted tensors (contiguous, CPU)."""
-
-    @abc.abstractmethod
-    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        """Restore the fitted tensors written by :meth:`state_dict` (sets ``n_features_in_``)."""
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], state: Mapping[str, Tensor] | None = None) -> Self:
-        probe = cls(**dict(config))
-        if state is not None:
-            probe.load_state_dict(state)
-        return probe
-
-    def save(self, path: Any, metadata: Mapping[str, Any] | None = None) -> None:
-        from probes.io import save_probe
-
-        save_probe(self, path, dict(metadata or {}))
-
-    @classmethod
-    def load(cls, path: Any, *, expect: Mapping[str, Any] | None = None) -> Probe:
-        from probes.io import load_probe
-
-        probe = load_probe(path, expect=dict(expect) if expect is not None else None)
-        if not isinstance(probe, cls):
-            raise ValueError(f"probe at {path} is a {type(probe).__name__}, not a {cls.__name__}")
-        return probe
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
-
-
-ProbeFactory = Callable[..., Probe]

@@ -22,12 +22,17 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from activations.pooling import Pooling
+from probes.base import SCORES, SweepKind, register_scorer
 from probes.cost import cascade_expected_flops
+from probes.scorer import Scorer
 
 __all__ = [
+    "Cascade",
     "CascadeError",
     "ZRef",
     "cascade_scores",
@@ -154,3 +159,71 @@ def cheapest_matching(
     """The cheapest point of a cascade curve whose ``metric`` is at least ``target − tol`` (None if none)."""
     ok = [p for p in curve if np.isfinite(p[metric]) and p[metric] >= target - tol]
     return min(ok, key=lambda p: p[cost]) if ok else None
+
+
+def _build(entry: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+    p = entry.get("params") or {}
+    return Cascade, {
+        "block_rate": float(p.get("block_rate", 0.0)),
+        "combine": str(p.get("combine", "stage2")),
+        "weight": float(p.get("weight", 0.55)),
+    }
+
+
+@register_scorer
+class Cascade(Scorer):
+    """A two-stage cascade read from its stages' scores ``[s1, s2]``: fitted on a reference set's scores
+    (thresholds for ``escalation_rate`` and ``block_rate``; each stage's z-scoring), it scores by
+    :func:`cascade_scores`. Not saved: its stages are runs of their own."""
+
+    kind = "cascade"
+    view = SCORES
+    layout = ""
+    sweep_kinds = (
+        SweepKind(
+            "cascade",
+            _build,
+            per_layer=False,
+            uses_C=False,
+            params=frozenset(("stage1", "stage2", "rates", "block_rate", "combine", "weight", "label")),
+            description="two-stage cascade: a cheap stage 1 escalates to an expensive stage 2",
+        ),
+    )
+
+    def __init__(
+        self,
+        escalation_rate: float = 0.0,
+        block_rate: float = 0.0,
+        combine: str = "stage2",
+        weight: float = 0.55,
+    ) -> None:
+        self.escalation_rate, self.block_rate = float(escalation_rate), float(block_rate)
+        self.combine, self.weight = combine, float(weight)
+
+    def fit(self, X: Sequence[np.ndarray], y: Any = None, **_: Any) -> Cascade:
+        """Thresholds and z-scoring from the stages' scores of a reference set (``[s1, s2]``)."""
+        s1, s2 = X
+        self.z1_, self.z2_ = ZRef.of(s1), ZRef.of(s2)
+        self.lo_, self.hi_ = thresholds_for_rate(s1, self.escalation_rate, self.block_rate)
+        return self
+
+    def scores_and_escalation(self, X: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """``(final score, escalated mask)`` of the stages' scores ``[s1, s2]``."""
+        s1, s2 = X
+        return cascade_scores(
+            s1, s2, self.lo_, self.hi_, z1=self.z1_, z2=self.z2_, combine=self.combine, weight=self.weight
+        )
+
+    def decision_function(self, X: Sequence[np.ndarray]) -> np.ndarray:
+        return self.scores_and_escalation(X)[0]
+
+    def pooling_label(self, pooling: Pooling) -> str:
+        return self.combine
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "escalation_rate": self.escalation_rate,
+            "block_rate": self.block_rate,
+            "combine": self.combine,
+            "weight": self.weight,
+        }

@@ -38,10 +38,11 @@ KV cache). Two accountings:
 ``attended_positions(layer, position=...)`` gives the per-position figure instead of the average.
 
 Probe costs (per token, see the methods): a linear probe is ``2·d`` per read layer ``+ 1`` (bias); pooling
-costs ``d`` (mean: adds), ``d`` (max: compares), ``3·d`` (EMA update: two multiplies and an add),
-``2·d`` (sliding-window mean: add the new value, subtract the one leaving the window), ``≈ 4·d`` (softmax
-weighting: exp, multiply, two running sums), ``0`` (last); the running-max read-out of EMA / window pooling
-(``d`` compares) is not included. Overhead is reported as a percentage of the policy model's full forward pass
+``d`` values costs the pooling's own ``flops_per_element`` (:mod:`activations.pooling`) times ``d``: ``d``
+for mean (adds) and max (compares), ``3·d`` for EMA (two multiplies and an add), ``2·d`` for a sliding
+window (add the new value, subtract the one leaving the window), ``≈ 4·d`` for softmax weighting (exp,
+multiply, two running sums), ``0`` for last; the running-max read-out of EMA / window pooling (``d``
+compares) is not included. Overhead is reported as a percentage of the policy model's full forward pass
 per token, in two views:
 
 * ``marginal``: the probe reads activations of a forward pass that happens anyway (the policy model is
@@ -50,9 +51,10 @@ per token, in two views:
   probe.
 """
 
+import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from transformer_lens import HookedTransformerConfig
@@ -61,7 +63,6 @@ from activations.pooling import Pooling
 
 __all__ = [
     "NORM_FLOPS_PER_ELEMENT",
-    "POOLING_FLOPS_PER_ELEMENT",
     "BlockFlops",
     "CostModel",
     "ProbeCost",
@@ -74,17 +75,6 @@ Order = Literal["probe_then_pool", "pool_then_probe"]
 
 #: FLOPs per element of the normalized vector, by TransformerLens ``normalization_type``.
 NORM_FLOPS_PER_ELEMENT: dict[str | None, int] = {"LN": 7, "LNPre": 5, "RMS": 4, "RMSPre": 3, None: 0}
-#: Per-token pooling FLOPs per pooled element, by pooling kind (see the module docstring).
-POOLING_FLOPS_PER_ELEMENT: dict[str, float] = {
-    "mean": 1.0,
-    "max": 1.0,
-    "ema": 3.0,
-    "window": 2.0,
-    "softmax": 4.0,
-    "last": 0.0,
-}
-_POOL_ALIASES = {"sliding_window": "window", "sliding": "window", "exp": "ema", "attention": "softmax"}
-
 _SOFTMAX_FLOPS_PER_SCORE = 5.0  # scale, max, subtract, exp, sum, divide (≈)
 _ACT_FLOPS_PER_ELEMENT = 4.0  # gelu / silu, approximate
 _ROTARY_FLOPS_PER_ELEMENT = 3.0  # x·cos + rot(x)·sin
@@ -369,21 +359,20 @@ class CostModel:
 
     @staticmethod
     def pooling_flops(kind: str | Pooling, d: int = 1, **params: Any) -> float:
-        """Per-token FLOPs of pooling ``d`` values (``d=1``: pooling per-token probe scores).
-
-        ``kind``: ``mean`` (``d`` adds), ``max`` (``d`` compares), ``ema`` (``3·d``), ``window`` /
-        ``sliding_window`` (``2·d``), ``softmax`` (``≈ 4·d``), ``last`` (0), or a :class:`Pooling` / spec
-        such as ``"ema0.5"``. ``params`` (``alpha``, ``window``, ``temperature``) are accepted for symmetry
-        with :class:`Pooling`; they do not change the per-token cost.
+        """Per-token FLOPs of pooling ``d`` values (``d=1``: pooling per-token probe scores): the pooling's
+        own ``flops_per_element`` times ``d`` (:mod:`activations.pooling`: ``mean`` and ``max`` 1,
+        ``ema`` 3, ``window`` 2, ``softmax`` ≈ 4, ``last`` 0, ...). ``kind`` is a :class:`Pooling`, a spec
+        such as ``"ema0.5"`` or an alias (``sliding_window``, ``exp``, ``attention``). ``params``
+        (``alpha``, ``window``, ``temperature``) are accepted for symmetry with :class:`Pooling`; they do not
+        change the per-token cost.
         """
-        if isinstance(kind, str):
-            kind = _POOL_ALIASES.get(kind.strip().lower(), kind)
-        pool = Pooling.parse(kind)
+        pool = Pooling.parse(kind, aliases=True)
+        own = {f.name for f in dataclasses.fields(pool)}
         if params:
-            pool = replace(pool, **params)
+            pool = dataclasses.replace(pool, **{k: v for k, v in params.items() if k in own})
         if d < 1:
             raise ValueError(f"d must be >= 1, got {d}")
-        return POOLING_FLOPS_PER_ELEMENT[pool.kind] * d
+        return pool.flops_per_element * d
 
     def sae_encoder_flops(self, d: int | None, d_sae: int, k_selected: int | None = None) -> float:
         """An SAE encoder read ``2·d·d_sae`` (or ``2·d·k`` when only ``k_selected`` latents are computed)."""
@@ -473,7 +462,7 @@ class CostModel:
         ls = tuple(self._layer(x) for x in ls)
         dd = self.d_model if d is None else int(d)
         head = self.linear_probe_flops(dd, len(ls)) if head_flops is None else float(head_flops)
-        pool = Pooling.parse(_POOL_ALIASES.get(pooling, pooling) if isinstance(pooling, str) else pooling)
+        pool = Pooling.parse(pooling, aliases=True)
         if order == "probe_then_pool":
             probe, pool_f = head, self.pooling_flops(pool, 1)
         else:

@@ -15,15 +15,22 @@ work.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from activations.pooling import Pooling
+from probes.base import SCORES, SweepKind, register_scorer
 from probes.cost import CostModel, ProbeCost
+from probes.io import ProbeLoadError
+from probes.logistic import LogisticProbe
+from probes.scorer import Scorer
 
-__all__ = ["EnsembleError", "StackingEnsemble", "ZScoreEnsemble", "ensemble_cost"]
+__all__ = ["Ensemble", "EnsembleError", "StackingEnsemble", "ZScoreEnsemble", "ensemble_cost"]
 
 
 class EnsembleError(ValueError):
@@ -81,8 +88,6 @@ class StackingEnsemble:
     seed: int = 0
 
     def _fit_lr(self, Z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
-        from probes.linear import LogisticProbe
-
         lp = LogisticProbe(C=self.C, class_weight="balanced", standardize=False).fit(
             torch.as_tensor(Z), torch.as_tensor(y)
         )
@@ -118,6 +123,8 @@ class StackingEnsemble:
         return self
 
     def combine(self, scores: Sequence[np.ndarray]) -> np.ndarray:
+        if not hasattr(self, "_z"):
+            raise EnsembleError("this stacking ensemble was saved without its z-scoring reference")
         return self._z.zscores(scores) @ self.coef_ + self.intercept_
 
 
@@ -136,3 +143,131 @@ def ensemble_cost(
     shared = max(float(m[2]) for m in members)
     own = float(sum(m[1] - m[2] for m in members))
     return cm.cost_views(marginal, own + shared, shared, (), "ensemble")
+
+
+def _build(entry: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+    p = entry.get("params") or {}
+    return Ensemble, {
+        "method": str(p.get("method", "zscore")),
+        "weights": p.get("weights"),
+        "C": float(p.get("C", 1.0)),
+        "seed": int(entry.get("seed", 0)),
+    }
+
+
+@register_scorer
+class Ensemble(Scorer):
+    """An ensemble of scorers, read from their scores (one array per member): ``method="zscore"``
+    (:class:`ZScoreEnsemble`: ``weights`` of z-scored logits, z-scored on the fitting scores) or ``"stack"``
+    (:class:`StackingEnsemble`, ``C``, with cross-fitted scores of its own fitting set in ``oof_scores_``).
+    ``members`` / ``labels`` record what it combines (run ids and names); saved as ``ensemble.json``."""
+
+    kind = "ensemble"
+    view = SCORES
+    layout = "ensemble"
+    sweep_kinds = (
+        SweepKind(
+            "ensemble",
+            _build,
+            per_layer=False,
+            uses_C=False,
+            params=frozenset(("members", "weights", "method", "C", "label")),
+            description="z-scored logit average (or stacking) of components",
+        ),
+    )
+
+    def __init__(
+        self,
+        method: str = "zscore",
+        weights: Sequence[float] | None = None,
+        C: float = 1.0,
+        seed: int = 0,
+        members: Sequence[str] = (),
+        labels: Sequence[str] = (),
+    ) -> None:
+        if method not in ("zscore", "stack"):
+            raise EnsembleError(f"method: 'zscore' or 'stack', got {method!r}")
+        self.method, self.weights, self.C, self.seed = method, weights, float(C), int(seed)
+        self.members, self.labels = list(members), list(labels)
+        self.combiner_: ZScoreEnsemble | StackingEnsemble | None = None
+
+    def fit(self, X: Sequence[np.ndarray], y: Any = None, **_: Any) -> Ensemble:
+        """Fit on the members' scores of one set (the validation set in a sweep)."""
+        if self.method == "zscore":
+            self.combiner_ = ZScoreEnsemble(self.weights).fit(X)
+        else:
+            self.combiner_ = StackingEnsemble(C=self.C, seed=self.seed).fit(X, np.asarray(y))
+        return self
+
+    def decision_function(self, X: Sequence[np.ndarray]) -> np.ndarray:
+        if self.combiner_ is None:
+            raise EnsembleError("fit the ensemble first")
+        return self.combiner_.combine(X)
+
+    def fitted_scores(self, X: Sequence[np.ndarray]) -> np.ndarray:
+        """Scores of the fitting set: cross-fitted for stacking (its own validation metric is then not
+        in-sample), else :meth:`decision_function`."""
+        if isinstance(self.combiner_, StackingEnsemble):
+            return self.combiner_.oof_scores_
+        return self.decision_function(X)
+
+    def pooling_label(self, pooling: Pooling) -> str:
+        return self.method
+
+    def get_config(self) -> dict[str, Any]:
+        return {"method": self.method, "weights": self.weights, "C": self.C, "seed": self.seed}
+
+    def saved_state(self) -> dict[str, Any]:
+        """``ensemble.json``: method, members, labels and the fitted combination."""
+        c = self.combiner_
+        state: dict[str, Any]
+        if isinstance(c, ZScoreEnsemble):
+            state = {"mean": c.mean_.tolist(), "std": c.std_.tolist(), "weights": c.weights_.tolist()}
+        elif isinstance(c, StackingEnsemble):
+            state = {
+                "coef": c.coef_.tolist(),
+                "intercept": c.intercept_,
+                "z_mean": c._z.mean_.tolist(),
+                "z_std": c._z.std_.tolist(),
+            }
+        else:
+            raise EnsembleError("fit the ensemble before saving it")
+        return {"method": self.method, "members": self.members, "labels": self.labels, **state}
+
+    @classmethod
+    def from_saved(cls, doc: Mapping[str, Any], file: Path) -> Ensemble:
+        """Rebuild from a saved ``ensemble.json`` (checked: its method, member lists and numbers)."""
+        method = doc.get("method")
+        members, labels = doc.get("members"), doc.get("labels")
+        if method not in ("zscore", "stack"):
+            raise ProbeLoadError(f"{file}: method must be zscore or stack, got {str(method)[:40]!r}")
+        for key, v in (("members", members), ("labels", labels)):
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise ProbeLoadError(f"{file}: {key} must be a list of strings")
+        keys = ("mean", "std", "weights") if method == "zscore" else ("coef",)
+        arrays = {}
+        for key in keys:
+            v = doc.get(key)
+            if not isinstance(v, list) or len(v) != len(members or []) or not all(_number(x) for x in v):
+                raise ProbeLoadError(f"{file}: {key} must be one number per member")
+            arrays[key] = np.asarray(v, dtype=np.float64)
+        ens = cls(method=method, members=members or [], labels=labels or [])
+        if method == "zscore":
+            z = ZScoreEnsemble(arrays["weights"].tolist())
+            z.mean_, z.std_, z.weights_ = arrays["mean"], arrays["std"], arrays["weights"]
+            ens.combiner_ = z
+        else:
+            if not _number(doc.get("intercept")):
+                raise ProbeLoadError(f"{file}: intercept must be a number")
+            st = StackingEnsemble()
+            st.coef_, st.intercept_ = arrays["coef"], float(doc["intercept"])
+            z = doc.get("z_mean"), doc.get("z_std")
+            if all(isinstance(v, list) and len(v) == len(members or []) and all(map(_number, v)) for v in z):
+                st._z = ZScoreEnsemble()
+                st._z.mean_, st._z.std_ = np.asarray(z[0], np.float64), np.asarray(z[1], np.float64)
+            ens.combiner_ = st
+        return ens
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)

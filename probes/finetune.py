@@ -30,34 +30,37 @@ fingerprint is checked by the caller through the metadata).
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import einops
 import numpy as np
 import torch
 import torch.nn.utils.parametrize as parametrize
 from jaxtyping import Bool, Float
-from safetensors.torch import save_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from probes.base import check_y
+from activations.collect import plan_batches
+from activations.pooling import Pooling
+from probes.base import RESIDUAL, TOKEN_IDS, SweepKind, check_y, register_scorer, scorer_class
 from probes.cost import CostModel, ProbeCost
-from probes.io import ProbeLoadError, atomic_dir, check_config, check_json_tree, read_json_file, read_tensors
+from probes.io import load_sequence
+from probes.logistic import LogisticProbe
+from probes.scorer import Scorer
 from probes.selection import DEFAULT_SELECT, selection_key, val_metrics
 
 __all__ = [
     "FinetuneError",
     "FinetunedLayers",
     "HeadPooling",
+    "LayerStack",
     "LowRankDelta",
-    "SequenceClassifier",
     "Sequences",
     "TruncatedModelClassifier",
     "add_lora",
@@ -69,8 +72,6 @@ __all__ = [
 
 HeadPooling = Literal["mean", "last", "max"]
 Mode = Literal["full", "lora", "head"]
-JSON_FILE = "classifier.json"
-TENSORS_FILE = "classifier.safetensors"
 
 
 class FinetuneError(ValueError):
@@ -168,22 +169,9 @@ def token_sequences_from_store(store: Any) -> Sequences:
     return Sequences(tokens, full_off, torch.from_numpy(scored))
 
 
-def plan_batches(lengths: np.ndarray, token_budget: int, max_batch: int = 64) -> list[np.ndarray]:
-    """Length-sorted batches of sequence indices with at most ``token_budget`` padded tokens each."""
-    order = np.argsort(lengths, kind="stable")
-    batches: list[np.ndarray] = []
-    cur: list[int] = []
-    longest = 0
-    for i in order:
-        n = int(lengths[i])
-        if cur and (max(longest, n) * (len(cur) + 1) > token_budget or len(cur) >= max_batch):
-            batches.append(np.array(cur))
-            cur, longest = [], 0
-        cur.append(int(i))
-        longest = max(longest, n)
-    if cur:
-        batches.append(np.array(cur))
-    return batches
+def _batches(lengths: np.ndarray, token_budget: int) -> list[np.ndarray]:
+    """Length-sorted batches (shortest first, at most 64 sequences) within ``token_budget`` padded tokens."""
+    return [np.array(b) for b in plan_batches(lengths, token_budget, 64, longest_first=False)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -295,40 +283,76 @@ class _Stack(nn.Module):
             x = blk(x)
         return self.ln_final(x)
 
-    @staticmethod
-    def pool(h: Float[Tensor, "b p d"], scored: Bool[Tensor, "b p"], how: str) -> Float[Tensor, "b d"]:
-        if how == "last":
-            pos = torch.arange(h.shape[1], device=h.device).expand_as(scored)
-            last = torch.where(scored, pos, -1).amax(dim=1)
-            return h[torch.arange(h.shape[0], device=h.device), last]
-        w = scored.to(h.dtype)
-        return einops.einsum(h, w, "b p d, b p -> b d") / w.sum(1, keepdim=True).clamp_min(1)
-
     def features(self, x: Tensor, scored: Bool[Tensor, "b p"]) -> Float[Tensor, "b d"]:
         """Pooled normalized outputs (``max`` pooling: their mean, used to initialize the head)."""
         h = self.hidden(x)
-        return self.pool(h, scored, "last" if self.pooling == "last" else "mean")
+        return Pooling.parse("last" if self.pooling == "last" else "mean").padded(h, scored)
 
     def forward(self, x: Tensor, scored: Bool[Tensor, "b p"]) -> Float[Tensor, " b"]:
         h = self.hidden(x)
-        if self.pooling == "max":
-            logits = self.head(h).squeeze(-1)
-            return logits.masked_fill(~scored, float("-inf")).amax(dim=1)
-        return self.head(self.pool(h, scored, self.pooling)).squeeze(-1)
+        if self.pooling == "max":  # probe, then pool: the max of the per-token logits
+            return Pooling.parse("max").padded(self.head(h).squeeze(-1), scored)
+        return self.head(Pooling.parse(self.pooling).padded(h, scored)).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # classifiers
 # ----------------------------------------------------------------------------------------------------------
-class SequenceClassifier:
-    """Shared training, scoring and saving of :class:`FinetunedLayers` and
-    :class:`TruncatedModelClassifier` (see the module docstring)."""
+TRAIN_PARAMS = (
+    "mode",
+    "rank",
+    "alpha",
+    "head_pooling",
+    "epochs",
+    "lr",
+    "head_lr",
+    "weight_decay",
+    "token_budget",
+    "head_C",
+)
+MINILM_PARAMS = ("train_layers", "batch_size", "max_len", "warmup_frac", "normalize", "Cs", "C")
 
-    kind: ClassVar[str] = ""
+
+def _train_kw(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A spec entry's training options (``head_pooling`` is the constructor's ``pooling``) and seed."""
+    p = entry.get("params") or {}
+    kw: dict[str, Any] = {k: p[k] for k in TRAIN_PARAMS if k in p and k != "head_pooling"}
+    if "head_pooling" in p:
+        kw["pooling"] = p["head_pooling"]
+    return {**kw, "seed": int(entry.get("seed", 0))}
+
+
+def _finetune_kind(entry: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+    return FinetunedLayers, {"k": int((entry.get("params") or {}).get("k", 1)), **_train_kw(entry)}
+
+
+def _standalone_kind(entry: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+    """``model: policy`` (the first ``n_layers`` blocks of the sweep's model) or ``model: minilm``."""
+    p = dict(entry.get("params") or {})
+    which = str(p.pop("model", "policy"))
+    if which == "minilm":
+        return scorer_class("minilm"), {**p, "seed": int(entry.get("seed", 0))}
+    if which != "policy":
+        raise ValueError(f"probes.standalone: model must be 'policy' or 'minilm', got {which!r}")
+    bad = set(p) - set(TRAIN_PARAMS) - {"n_layers"}
+    if bad:
+        raise ValueError(f"probes.standalone (model: policy): unknown params {sorted(bad)}")
+    n = p.get("n_layers")
+    return TruncatedModelClassifier, {"n_layers": None if n is None else int(n), **_train_kw(entry)}
+
+
+class LayerStack(Scorer):
+    """Shared training, scoring and saving of :class:`FinetunedLayers` and :class:`TruncatedModelClassifier`
+    (see the module docstring). Built on the policy ``model`` (copies of its layers); saved by
+    :mod:`probes.io` in the ``sequence`` layout (the trained tensors only) and rebuilt on the same model."""
+
+    layout = "sequence"
+    needs_model = True
     module_: _Stack
 
     def __init__(
         self,
+        model: HookedTransformer | None = None,
         *,
         mode: Mode = "full",
         rank: int = 8,
@@ -356,6 +380,15 @@ class SequenceClassifier:
         self.seed = int(seed)
         self.history_: list[dict[str, float]] = []
         self.fitted_ = False
+        self.model = model
+        self._fresh = False  # the copied layers are the model's own (not yet trained)
+
+    def _ready(self) -> None:
+        """Build the copy from the model (once; again before each new fit)."""
+        if self.model is None:
+            raise FinetuneError(f"{type(self).__name__} needs the model: {type(self).__name__}(model, ...)")
+        self._setup(self.model)
+        self._fresh = True
 
     # -------------------------------------------------------------------------------- to be specialised
     def _build(self, model: HookedTransformer) -> _Stack:
@@ -363,10 +396,6 @@ class SequenceClassifier:
 
     def input_hook(self) -> str | None:
         """The hook whose activations the classifier reads (None: token ids)."""
-        raise NotImplementedError
-
-    def cost(self, cm: CostModel) -> tuple[ProbeCost, ProbeCost]:
-        """(marginal, standalone) per-token cost."""
         raise NotImplementedError
 
     def _extra_config(self) -> dict[str, Any]:
@@ -405,7 +434,7 @@ class SequenceClassifier:
         idx_all = []
         self.module_.eval()
         with torch.inference_mode():
-            for idx in plan_batches(seqs.lengths, self.token_budget * 2):
+            for idx in _batches(seqs.lengths, self.token_budget * 2):
                 x, m = seqs.batch(idx.tolist())
                 out.append(self.module_.features(x, m) if features else self.module_(x, m))
                 idx_all.append(idx)
@@ -433,8 +462,6 @@ class SequenceClassifier:
             )
 
     def _init_head(self, X: Tensor, y: np.ndarray) -> None:
-        from probes.linear import LogisticProbe
-
         lp = LogisticProbe(C=self.head_C, class_weight="balanced").fit(X.double(), torch.as_tensor(y))
         assert lp.coef_ is not None and lp.intercept_ is not None
         with torch.no_grad():
@@ -443,7 +470,6 @@ class SequenceClassifier:
 
     def fit(
         self,
-        model: HookedTransformer,
         train: Sequences,
         y: Any,
         *,
@@ -451,8 +477,8 @@ class SequenceClassifier:
         val_y: Any = None,
         progress: bool = False,
         select_metric: str = DEFAULT_SELECT,
-    ) -> SequenceClassifier:
-        """Copy the layers from ``model``, fit the head as a linear probe, then fine-tune (see module doc).
+    ) -> LayerStack:
+        """Copy the layers from the model, fit the head as a linear probe, then fine-tune (module doc).
 
         The kept epoch (0 = the linear-probe start) is chosen on validation by the rule of
         :mod:`probes.selection` (``select_metric`` first, then the other validation metrics), with the lower
@@ -463,46 +489,63 @@ class SequenceClassifier:
             yy = check_y(y, len(train), rows="sequences", unit="sequences").double().numpy()
         except ValueError as e:
             raise FinetuneError(str(e)) from None
-        hard = yy >= 0.5
         if val is not None and (val_y is None or len(np.asarray(val_y)) != len(val)):
             raise FinetuneError("val_y must give one label per validation sequence")
-        self._setup(model)
+        if not self._fresh:
+            self._ready()
+        self._fresh = False
         self._check_input(train)
         t0 = time.perf_counter()
         self._init_head(self._scores(train, features=True), yy)
         self.fitted_ = True
         vy = None if val is None else (np.asarray(val_y, dtype=np.float64) >= 0.5).astype(int)
-
-        def evaluate_val(rec: dict[str, float]) -> tuple[float, ...]:
-            """The validation metrics of the selection rule and the class-balanced BCE; states are ranked by
-            the rule, then by the lower loss (early stopping among equally separating states)."""
-            assert val is not None and vy is not None
-            s = self._scores(val).double()
-            t = torch.as_tensor(vy, dtype=torch.float64)
-            w = torch.where(t > 0.5, len(vy) / (2 * max(vy.sum(), 1)), len(vy) / (2 * max((1 - vy).sum(), 1)))
-            vm = val_metrics(vy, s.numpy())
-            rec.update({f"val_{k}": v for k, v in vm.items()})
-            rec["val_loss"] = float(nn.functional.binary_cross_entropy_with_logits(s, t, weight=w))
-            return (*selection_key(vm, select_metric), -rec["val_loss"])
-
         rec0 = {"epoch": 0, "train_loss": float("nan"), "val_auroc": float("nan"), "val_loss": float("nan")}
         best_state, best_key = None, (-math.inf,) * 5
-        if val is not None:
-            best_key, best_state = evaluate_val(rec0), self._trained_state()
+        if val is not None and vy is not None:
+            best_key, best_state = self._evaluate_val(val, vy, select_metric, rec0), self.trained_state()
         self.history_ = [rec0]
         self.best_epoch_ = 0 if val is not None else self.epochs
+        self._train_epochs(train, yy, val, vy, select_metric, best_key, best_state, progress)
+        self.fit_seconds_ = time.perf_counter() - t0
+        self.module_.eval()
+        return self
+
+    def _evaluate_val(
+        self, val: Sequences, vy: np.ndarray, select_metric: str, rec: dict[str, float]
+    ) -> tuple[float, ...]:
+        """The validation metrics of the selection rule and the class-balanced BCE; states are ranked by the
+        rule, then by the lower loss (early stopping among equally separating states)."""
+        s = self._scores(val).double()
+        t = torch.as_tensor(vy, dtype=torch.float64)
+        w = torch.where(t > 0.5, len(vy) / (2 * max(vy.sum(), 1)), len(vy) / (2 * max((1 - vy).sum(), 1)))
+        vm = val_metrics(vy, s.numpy())
+        rec.update({f"val_{k}": v for k, v in vm.items()})
+        rec["val_loss"] = float(nn.functional.binary_cross_entropy_with_logits(s, t, weight=w))
+        return (*selection_key(vm, select_metric), -rec["val_loss"])
+
+    def _train_epochs(
+        self,
+        train: Sequences,
+        yy: np.ndarray,
+        val: Sequences | None,
+        vy: np.ndarray | None,
+        select_metric: str,
+        best_key: tuple[float, ...],
+        best_state: dict[str, Tensor] | None,
+        progress: bool,
+    ) -> None:
+        """AdamW epochs on a class-balanced BCE; the best validation state (the start included) is kept."""
         head_params = list(self.module_.head.parameters())
         groups: list[dict[str, Any]] = [{"params": head_params, "lr": self.head_lr, "weight_decay": 0.0}]
         if self._body_params:
             groups.append({"params": self._body_params, "lr": self.lr, "weight_decay": self.weight_decay})
         opt = torch.optim.AdamW(groups)
         trainable = head_params + self._body_params
+        hard = yy >= 0.5
         n_pos, n_neg = float(hard.sum()), float((~hard).sum())
         w_pos, w_neg = len(yy) / (2 * n_pos), len(yy) / (2 * n_neg)
-        batches = plan_batches(train.lengths, self.token_budget)
+        batches = _batches(train.lengths, self.token_budget)
         gen = np.random.default_rng(self.seed)
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=self.epochs * len(batches), desc=f"{self.kind} fine-tune", disable=not progress)
         yt = torch.as_tensor(yy, dtype=torch.float32)
         for epoch in range(1, self.epochs + 1):
@@ -524,29 +567,37 @@ class SequenceClassifier:
                 bar.update(1)
             rec = {"epoch": epoch, "train_loss": total / max(n_seen, 1), "val_auroc": float("nan")}
             rec["val_loss"] = float("nan")
-            if val is not None:
-                key = evaluate_val(rec)
+            if val is not None and vy is not None:
+                key = self._evaluate_val(val, vy, select_metric, rec)
                 if key > best_key:  # strictly better: ties keep the earlier epoch
-                    best_key, best_state, self.best_epoch_ = key, self._trained_state(), epoch
+                    best_key, best_state, self.best_epoch_ = key, self.trained_state(), epoch
             self.history_.append(rec)
         bar.close()
         if best_state is not None:
-            self._load_trained_state(best_state)
-        self.fit_seconds_ = time.perf_counter() - t0
-        self.module_.eval()
-        return self
+            self.load_trained_state(best_state)
+
+    # ------------------------------------------------------------------------------- the sweep's view
+    def pooling_label(self, pooling: Pooling) -> str:
+        return self.pooling
+
+    def row_extras(self, model_name: str, n_layers: int) -> dict[str, Any]:
+        return {
+            "n_trainable": self.n_trainable(),
+            "clf_params": self.n_params(),
+            "best_epoch": getattr(self, "best_epoch_", -1),
+        }
 
     # ------------------------------------------------------------------------------------ persistence
-    def _trained_state(self) -> dict[str, Tensor]:
+    def trained_state(self) -> dict[str, Tensor]:
         """The tensors training changes (LoRA factors, or copied blocks + norm; and the head)."""
         keep = {n for n, p in self.module_.named_parameters() if p.requires_grad}
         return {k: v.detach().clone() for k, v in self.module_.state_dict().items() if k in keep}
 
-    def _load_trained_state(self, state: dict[str, Tensor]) -> None:
-        missing = set(self._trained_state()) - set(state)
+    def load_trained_state(self, state: Mapping[str, Tensor]) -> None:
+        missing = set(self.trained_state()) - set(state)
         if missing:
             raise FinetuneError(f"saved classifier lacks tensors {sorted(missing)[:4]}")
-        self.module_.load_state_dict(state, strict=False)
+        self.module_.load_state_dict(dict(state), strict=False)
 
     def get_config(self) -> dict[str, Any]:
         return {
@@ -565,24 +616,6 @@ class SequenceClassifier:
             **self._extra_config(),
         }
 
-    def save(self, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
-        """``path/classifier.safetensors`` (trained tensors) + ``path/classifier.json``, atomically."""
-        if not self.fitted_:
-            raise FinetuneError("fit the classifier before saving it")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_dir(path) as tmp:
-            state = {k: v.contiguous() for k, v in self._trained_state().items()}
-            save_file(state, str(tmp / TENSORS_FILE))
-            info = {
-                "kind": self.kind,
-                "config": self.get_config(),
-                "input_hook": self.input_hook(),
-                "history": self.history_,
-                "metadata": metadata or {},
-            }
-            (tmp / JSON_FILE).write_text(json.dumps(info, indent=1, default=str))
-
 
 def finetune_input_hook(k: int, n_layers: int) -> str:
     """The cached residual stream the last ``k`` of ``n_layers`` blocks start from:
@@ -596,17 +629,36 @@ def finetune_input_hook(k: int, n_layers: int) -> str:
     return f"blocks.{n_layers - k - 1}.hook_resid_post"
 
 
-class FinetunedLayers(SequenceClassifier):
+@register_scorer
+class FinetunedLayers(LayerStack):
     """The model's last ``k`` blocks + final norm + a head, trained on cached ``blocks.{L-k-1}`` residuals."""
 
     kind = "finetune"
+    view = RESIDUAL
+    sweep_kinds = (
+        SweepKind(
+            "finetune",
+            _finetune_kind,
+            per_layer=False,
+            uses_C=False,
+            params=frozenset(("k", *TRAIN_PARAMS)),
+            description="fine-tuned last k layers",
+        ),
+    )
 
-    def __init__(self, k: int = 1, **kw: Any) -> None:
+    def __init__(self, model: HookedTransformer | None = None, k: int = 1, **kw: Any) -> None:
         if k < 1:
             raise FinetuneError(f"k must be >= 1, got {k}")
-        super().__init__(**kw)
+        super().__init__(model, **kw)
         self.k = int(k)
         self.n_layers_: int | None = None
+        if model is not None:
+            self._ready()
+
+    @classmethod
+    def input_hooks(cls, entry: Mapping[str, Any], n_layers: int) -> list[str]:
+        """The residual stream a spec entry reads (every token of it: a ``keep: all`` store)."""
+        return [finetune_input_hook(int((entry.get("params") or {}).get("k", 1)), n_layers)]
 
     def _extra_config(self) -> dict[str, Any]:
         return {"k": self.k}
@@ -625,7 +677,18 @@ class FinetunedLayers(SequenceClassifier):
             return "resid"  # activations, layer not yet known
         return finetune_input_hook(self.k, L)
 
-    def cost(self, cm: CostModel) -> tuple[ProbeCost, ProbeCost]:
+    def row_layers(self, n_layers: int) -> list[int]:
+        return [n_layers - self.k - 1]
+
+    def row_extras(self, model_name: str, n_layers: int) -> dict[str, Any]:
+        return {"variant": f"k={self.k} {self.mode}", "k": self.k, "mode": self.mode} | super().row_extras(
+            model_name, n_layers
+        )
+
+    def cost(
+        self, cm: CostModel, *, layers: Sequence[int] = (), pooling: Pooling | None = None
+    ) -> tuple[ProbeCost, ProbeCost]:
+        """``k`` blocks + final norm + head per token (and the frozen forward pass in the standalone view)."""
         layer = cm.n_layers - self.k - 1
         head = cm.finetuned_layers_flops(self.k) + cm.pooling_flops(
             "last" if self.pooling == "last" else "mean", 1
@@ -634,16 +697,35 @@ class FinetunedLayers(SequenceClassifier):
         return cm.cost_views(head, head + fwd, fwd, (layer,), f"finetune_k{self.k}")
 
 
-class TruncatedModelClassifier(SequenceClassifier):
-    """A standalone classifier: the model's (frozen) embeddings, first ``m`` blocks, final norm and a head."""
+@register_scorer
+class TruncatedModelClassifier(LayerStack):
+    """A standalone classifier: the model's (frozen) embeddings, first ``m`` blocks, final norm and a head
+    (``n_layers=None``: a quarter of the model's blocks)."""
 
     kind = "truncated"
+    view = TOKEN_IDS
+    sweep_kinds = (
+        SweepKind(
+            "standalone",
+            _standalone_kind,
+            per_layer=False,
+            uses_C=False,
+            params=frozenset(("model", "n_layers", *TRAIN_PARAMS, *MINILM_PARAMS)),
+            description="a separate classifier (first layers of the model, or MiniLM)",
+        ),
+    )
 
-    def __init__(self, n_layers: int = 4, **kw: Any) -> None:
+    def __init__(self, model: HookedTransformer | None = None, n_layers: int | None = 4, **kw: Any) -> None:
+        if n_layers is None:
+            if model is None:
+                raise FinetuneError("n_layers=None (a quarter of the model) needs the model")
+            n_layers = max(1, model.cfg.n_layers // 4)
         if n_layers < 1:
             raise FinetuneError(f"n_layers must be >= 1, got {n_layers}")
-        super().__init__(**kw)
+        super().__init__(model, **kw)
         self.m = int(n_layers)
+        if model is not None:
+            self._ready()
 
     def _extra_config(self) -> dict[str, Any]:
         return {"n_layers": self.m}
@@ -665,65 +747,28 @@ class TruncatedModelClassifier(SequenceClassifier):
     def input_hook(self) -> str | None:
         return None
 
-    def cost(self, cm: CostModel) -> tuple[ProbeCost, ProbeCost]:
+    def row_layers(self, n_layers: int) -> list[int]:
+        return [self.m - 1]
+
+    def row_extras(self, model_name: str, n_layers: int) -> dict[str, Any]:
+        return {"variant": f"{model_name}[:{self.m}]", "n_layers_model": n_layers} | super().row_extras(
+            model_name, n_layers
+        )
+
+    def cost(
+        self, cm: CostModel, *, layers: Sequence[int] = (), pooling: Pooling | None = None
+    ) -> tuple[ProbeCost, ProbeCost]:
+        """A full forward pass of an ``m``-layer model (its own, so both views are equal)."""
         body = cm.forward_flops_per_token(self.m - 1, include_unembed=False)
         head = cm.final_norm + cm.linear_probe_flops() + cm.pooling_flops("mean", 1)
         return cm.cost_views(body + head, body + head, 0.0, (self.m - 1,), f"truncated_{self.m}")
 
 
-_KINDS: dict[str, type[SequenceClassifier]] = {
-    "finetune": FinetunedLayers,
-    "truncated": TruncatedModelClassifier,
-}
-
-
-def load_sequence_classifier(path: str | Path, model: HookedTransformer) -> SequenceClassifier:
-    """Rebuild a saved :class:`FinetunedLayers` / :class:`TruncatedModelClassifier` on ``model``.
-
-    The folder is untrusted input: ``classifier.json`` is checked against the schema (a known kind, the
-    class's constructor parameters and types, bounded size and nesting), and the tensors must be exactly the
-    ones the rebuilt classifier trains, with their shapes and dtypes, and finite. Anything else is a
-    :class:`~probes.io.ProbeLoadError` naming the file and field."""
-    path = Path(path)
-    jf = path / JSON_FILE
-    if not jf.exists():
-        raise FinetuneError(f"{path}: no {JSON_FILE} (not a saved fine-tuned classifier)")
-    info = read_json_file(jf, what=JSON_FILE)
-    if not isinstance(info, dict):
-        raise ProbeLoadError(f"{jf}: not a JSON object")
-    check_json_tree({k: v for k, v in info.items() if k != "history"}, jf)
-    check_json_tree(info.get("history"), jf, "history", allow_nonfinite=True)
-    extra = sorted(set(info) - {"kind", "config", "input_hook", "history", "metadata"})
-    if extra or "config" not in info:
-        raise ProbeLoadError(f"{jf}: unknown field(s) {extra}" if extra else f"{jf}: missing field 'config'")
-    kind = info.get("kind")
-    if not isinstance(kind, str) or kind not in _KINDS:
-        raise ProbeLoadError(f"{jf}: unknown classifier kind {str(kind)[:40]!r}; known: {sorted(_KINDS)}")
-    cls = _KINDS[kind]
-    config = check_config(cls, info["config"], jf)
-    history = info.get("history", [])
-    if not isinstance(history, list) or not all(
-        isinstance(h, dict)
-        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in h.values())
-        for h in history
-    ):
-        raise ProbeLoadError(f"{jf}: history must be a list of objects of numbers")
-    if not isinstance(info.get("metadata", {}), dict):
-        raise ProbeLoadError(f"{jf}: metadata must be an object")
-    try:
-        clf = cls(**config)
-        clf._setup(model)
-    except Exception as e:  # the constructor judges values of the right types (ranges, k vs the model)
-        raise ProbeLoadError(f"{jf}: config rejected by {cls.__name__} on this model: {e}") from e
-    hook = info.get("input_hook")
-    if hook is not None and hook != clf.input_hook():
-        raise ProbeLoadError(
-            f"{jf}: input_hook {str(hook)[:60]!r} is not {clf.input_hook()!r} for this config"
-        )
-    want = {k: (tuple(v.shape), frozenset({v.dtype})) for k, v in clf._trained_state().items()}
-    state = read_tensors(path / TENSORS_FILE, want)
-    clf._load_trained_state(state)
-    clf.history_ = history
-    clf.fitted_ = True
-    clf.module_.eval()
+def load_sequence_classifier(path: Any, model: HookedTransformer) -> LayerStack:
+    """Rebuild saved :class:`FinetunedLayers` / :class:`TruncatedModelClassifier` on ``model``
+    (:func:`probes.io.load_sequence`: the folder is checked as untrusted input)."""
+    if not (Path(path) / "classifier.json").exists():
+        raise FinetuneError(f"{path}: no classifier.json (not a saved fine-tuned classifier)")
+    clf = load_sequence(path, model=model)
+    assert isinstance(clf, LayerStack)
     return clf

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from probes.base import Probe, get_probe_class
+from probes.base import SCORERS, scorer_class
 
 __all__ = [
     "FORMAT_VERSION",
@@ -101,7 +101,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
-def save_probe(probe: Probe, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None) -> Path:
+def save_probe(probe: Any, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None) -> Path:
     """Write a fitted probe to directory ``path`` atomically; returns the path."""
     if not probe.is_fitted:
         raise ValueError(f"cannot save an unfitted {type(probe).__name__}")
@@ -258,7 +258,7 @@ def read_json_file(file: Path, *, max_bytes: int | None = None, what: str = "fil
         raise ProbeLoadError(f"{file} is not valid JSON: {e}") from e
 
 
-def _check_keys(
+def check_keys(
     doc: Mapping[str, Any], allowed: set[str], required: set[str], file: Path, field: str = ""
 ) -> None:
     where = f"{file}: {field + ': ' if field else ''}"
@@ -511,8 +511,9 @@ def check_config(
     return dict(config)
 
 
-# -- probe families --------------------------------------------------------------------------------------
-def _affine_specs(d: Dim, names: Iterable[str], prefix: str = "") -> dict[str, TensorSpec]:
+# -- tensor specs shared by families ------------------------------------------------------------------
+def affine_specs(d: Dim, names: Iterable[str], prefix: str = "") -> dict[str, TensorSpec]:
+    """``coef [d]`` and ``intercept [1]`` (and ``mean`` / ``scale [d]`` when saved) under ``prefix``."""
     specs: dict[str, TensorSpec] = {f"{prefix}coef": ((d,), FLOATS), f"{prefix}intercept": ((1,), FLOATS)}
     if {f"{prefix}mean", f"{prefix}scale"} & set(names):
         specs[f"{prefix}mean"] = ((d,), FLOATS)
@@ -520,81 +521,12 @@ def _affine_specs(d: Dim, names: Iterable[str], prefix: str = "") -> dict[str, T
     return specs
 
 
-_AFFINE_KINDS = ("logistic", "diff_means", "lda", "token_linear")
-
-
-def probe_tensor_specs(
-    kind: str, config: Mapping[str, Any], n_in: int, names: Iterable[str], file: Path
-) -> dict[str, TensorSpec] | None:
-    """The tensors a saved probe of ``kind`` must hold, from its config and ``n_features_in`` (None for a
-    plug-in family this module does not know: then only the generic checks apply)."""
-    names = list(names)
-    if kind in _AFFINE_KINDS:
-        return _affine_specs(n_in, names if kind == "logistic" else [])
-    if kind == "multi_layer":
-        base = config.get("base_kind")
-        if base not in ("logistic", "diff_means", "lda"):
-            raise ProbeLoadError(
-                f"{file}: config.base_kind must be logistic, diff_means or lda, got {base!r}"
-            )
-        layers = config.get("layers")
-        if not isinstance(layers, list) or not layers or len(layers) > 4096 or n_in % len(layers):
-            raise ProbeLoadError(
-                f"{file}: config.layers must be a non-empty list whose length divides n_features_in ({n_in})"
-            )
-        return _affine_specs(n_in, names if base == "logistic" else [], "base.")
-    if kind in ("token_attention", "token_multimax"):
-        h = config.get("heads", 4)
-        if not isinstance(h, int) or isinstance(h, bool) or not 1 <= h <= LIMITS.max_dim:
-            raise ProbeLoadError(f"{file}: config.heads must be a positive integer, got {h!r}")
-        if kind == "token_attention":
-            return {
-                "q": ((h, n_in), FLOATS),
-                "v": ((h, n_in), FLOATS),
-                "bv": ((h,), FLOATS),
-                "b": ((1,), FLOATS),
-            }
-        return {"W": ((h, n_in), FLOATS), "c": ((h,), FLOATS), "u": ((h,), FLOATS), "b": ((1,), FLOATS)}
-    if kind == "sae_feature":
-        act = config.get("activation", "relu")
-        m: Dim = n_in if act in ("relu", "jumprelu") else "m"
-        specs: dict[str, TensorSpec] = {
-            "encoder.W": (("d_in", m), FLOATS),
-            "encoder.b": ((m,), FLOATS),
-            "encoder.b_in": (("d_in",), FLOATS),
-            "encoder.ids": ((n_in,), INTS),
-        }
-        if act == "jumprelu":
-            specs["encoder.threshold"] = ((m,), FLOATS)
-        elif act == "topk":
-            specs["encoder.select"] = ((n_in,), INTS)
-            if "encoder.scale" in names:
-                specs["encoder.scale"] = ((m,), FLOATS)
-        elif act != "relu":
-            raise ProbeLoadError(f"{file}: config.activation must be relu, jumprelu or topk, got {act!r}")
-        specs.update(_affine_specs(n_in, names, "head."))
-        return specs
-    return None
-
-
-def _check_index_values(
-    kind: str, config: Mapping[str, Any], state: Mapping[str, Tensor], file: Path
-) -> None:
-    """Integer tensors that index something must stay in range."""
-    if kind != "sae_feature":
-        return
-    d_sae = config.get("d_sae", 0)
-    ids, m = state["encoder.ids"], int(state["encoder.W"].shape[1])
-    if ids.numel() and (
-        int(ids.min()) < 0 or (isinstance(d_sae, int) and d_sae > 0 and int(ids.max()) >= d_sae)
-    ):
-        raise ProbeLoadError(f"{file}: tensor encoder.ids: latent indices outside [0, d_sae={d_sae})")
-    sel = state.get("encoder.select")
-    if sel is not None and sel.numel() and (int(sel.min()) < 0 or int(sel.max()) >= m):
-        raise ProbeLoadError(f"{file}: tensor encoder.select: indices outside [0, {m})")
-    topk = config.get("topk", 0)
-    if config.get("activation") == "topk" and not (isinstance(topk, int) and 0 < topk <= m):
-        raise ProbeLoadError(f"{file}: config.topk must be in [1, {m}] for a top-k encoder, got {topk!r}")
+def positive_int(config: Mapping[str, Any], key: str, default: int, file: Path) -> int:
+    """``config[key]`` (default ``default``) as a positive integer of at most ``LIMITS.max_dim``."""
+    v = config.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= LIMITS.max_dim:
+        raise ProbeLoadError(f"{file}: config.{key} must be a positive integer, got {v!r}")
+    return v
 
 
 _PROBE_FIELDS = {
@@ -624,9 +556,9 @@ def read_probe_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     return doc
 
 
-def validate_probe_doc(doc: Mapping[str, Any], file: Path) -> type[Probe]:
+def validate_probe_doc(doc: Mapping[str, Any], file: Path) -> Any:
     """Check a ``probe.json`` against the schema; returns the registered class of its ``kind``."""
-    _check_keys(doc, _PROBE_FIELDS, {"kind", "config", "n_features_in"}, file)
+    check_keys(doc, _PROBE_FIELDS, {"kind", "config", "n_features_in"}, file)
     version = doc.get("format_version", 1)
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ProbeLoadError(f"{file}: format_version must be a positive integer, got {version!r}")
@@ -634,9 +566,11 @@ def validate_probe_doc(doc: Mapping[str, Any], file: Path) -> type[Probe]:
         raise ProbeLoadError(f"{file}: format version {version}; this code reads <= {FORMAT_VERSION}")
     kind = doc["kind"]
     try:
-        cls = get_probe_class(kind)
+        cls = scorer_class(kind)
     except ValueError as e:
         raise ProbeLoadError(f"{file}: kind: {e}") from None
+    if getattr(cls, "layout", None) != "probe":
+        raise ProbeLoadError(f"{file}: kind {kind!r} is not saved as a probe ({JSON_FILE})")
     if "class" in doc and doc["class"] != cls.__qualname__:
         raise ProbeLoadError(
             f"{file}: class {str(doc['class'])[:60]!r} does not match kind {kind!r} ({cls.__qualname__})"
@@ -647,24 +581,7 @@ def validate_probe_doc(doc: Mapping[str, Any], file: Path) -> type[Probe]:
         raise ProbeLoadError(f"{file}: flops_per_token must be a non-negative number, got {fpt!r}")
     if "metadata" in doc and not isinstance(doc["metadata"], dict | None):
         raise ProbeLoadError(f"{file}: metadata must be an object")
-    config = doc["config"]
-    if kind == "multi_layer":
-        if not isinstance(config, dict):
-            raise ProbeLoadError(f"{file}: config must be an object")
-        want = {"layers", "base_kind", "base_config"}
-        _check_keys(config, want, want, file, "config")
-        layers = config["layers"]
-        if not isinstance(layers, list) or not layers or len(layers) > 4096:
-            raise ProbeLoadError(f"{file}: config.layers must be a non-empty list of layer indices")
-        if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 20 for x in layers):
-            raise ProbeLoadError(f"{file}: config.layers must be layer indices")
-        if config["base_kind"] not in ("logistic", "diff_means", "lda"):
-            raise ProbeLoadError(f"{file}: config.base_kind must be logistic, diff_means or lda")
-        check_config(
-            get_probe_class(config["base_kind"]), config["base_config"], file, field="config.base_config"
-        )
-    else:
-        check_config(cls, config, file)
+    cls.check_saved_config(doc["config"], file)
     tensors = doc.get("tensors")
     if tensors is not None:
         if not isinstance(tensors, dict) or len(tensors) > LIMITS.max_tensors:
@@ -682,7 +599,7 @@ def validate_probe_doc(doc: Mapping[str, Any], file: Path) -> type[Probe]:
     return cls
 
 
-def load_probe(path: str | os.PathLike[str], *, expect: Mapping[str, Any] | None = None) -> Probe:
+def load_probe(path: str | os.PathLike[str], *, expect: Mapping[str, Any] | None = None) -> Any:
     """Rebuild a saved probe (class from its ``kind``, looked up in the registry); check ``expect`` against
     its metadata first.
 
@@ -697,7 +614,7 @@ def load_probe(path: str | os.PathLike[str], *, expect: Mapping[str, Any] | None
     cls = validate_probe_doc(doc, file)
     if expect:
         check_expectations(doc, expect, file)
-    kind, config, n_in = doc["kind"], doc["config"], int(doc["n_features_in"])
+    config, n_in = doc["config"], int(doc["n_features_in"])
     tensor_file = path / TENSORS_FILE
     if not tensor_file.is_file():
         raise FileNotFoundError(f"no saved probe tensors at {tensor_file}")
@@ -708,9 +625,9 @@ def load_probe(path: str | os.PathLike[str], *, expect: Mapping[str, Any] | None
         if listed != have:
             diff = sorted(set(listed.items()) ^ set(have.items()))[:3]
             raise ProbeLoadError(f"{file}: tensors disagree with {TENSORS_FILE}: {diff}")
-    specs = probe_tensor_specs(kind, config, n_in, found, file)
+    specs = cls.tensor_specs(config, n_in, list(found), file)
     state = read_tensors(tensor_file, specs)
-    _check_index_values(kind, config, state, tensor_file)
+    cls.check_state(config, state, tensor_file)
     try:
         probe = cls.from_config(config, state)
     except Exception as e:  # the constructor / state loader of the family judged the (schema-valid) content
@@ -723,3 +640,296 @@ def load_probe(path: str | os.PathLike[str], *, expect: Mapping[str, Any] | None
         )
     probe.metadata_ = dict(doc.get("metadata", {}) or {})  # type: ignore[attr-defined]
     return probe
+
+
+# ----------------------------------------------------------------------------------------------------------
+# every scorer: one entry point per direction
+# ----------------------------------------------------------------------------------------------------------
+
+#: a text classifier's / fine-tuned layers' folder: ``classifier.json`` + ``classifier.safetensors``
+CLASSIFIER_JSON = "classifier.json"
+CLASSIFIER_TENSORS = "classifier.safetensors"
+#: an ensemble's folder: ``ensemble.json`` (its members' run ids and its fitted combination)
+ENSEMBLE_JSON = "ensemble.json"
+CLASSIFIER_FORMAT_VERSION = 1
+
+
+def save_scorer(scorer: Any, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write any scorer to folder ``path`` atomically, in its family's ``layout``:
+
+    * ``probe``: ``probe.json`` (kind, config, ``n_features_in``, tensors, metadata) + ``probe.safetensors``;
+    * ``classifier`` (text classifiers): ``classifier.json`` (kind, config, fitted extras; no metadata) +
+      ``classifier.safetensors`` when there are tensors;
+    * ``sequence`` (fine-tuned layers): ``classifier.json`` (kind, config, input hook, history, metadata) +
+      ``classifier.safetensors`` (the trained tensors only);
+    * ``ensemble``: ``ensemble.json`` (method, member run ids and labels, the fitted combination, metadata).
+    """
+    layout = getattr(scorer, "layout", None)
+    savers = {
+        "probe": save_probe,
+        "classifier": _save_classifier,
+        "sequence": _save_sequence,
+        "ensemble": _save_ensemble,
+    }
+    if layout not in savers:
+        raise ValueError(f"a {type(scorer).__name__} is not saved (layout {layout!r})")
+    return savers[layout](scorer, path, metadata)
+
+
+def load_scorer(
+    path: str | os.PathLike[str], *, expect: Mapping[str, Any] | None = None, **context: Any
+) -> Any:
+    """Rebuild any saved scorer; the class comes from the saved ``kind`` (looked up in the registry, never a
+    module named by the file). ``expect`` is checked against a probe's metadata; ``context`` goes to
+    families that need it (``model=`` for fine-tuned layers and the prompted classifier, ``device=`` for
+    MiniLM). Every folder is untrusted input (see :func:`load_probe`)."""
+    path = Path(path)
+    if (path / JSON_FILE).is_file() or not (
+        (path / CLASSIFIER_JSON).is_file() or (path / ENSEMBLE_JSON).is_file()
+    ):
+        if context:
+            raise TypeError(f"a saved probe takes no options, got {sorted(context)}")
+        return load_probe(path, expect=expect)
+    if (path / ENSEMBLE_JSON).is_file():
+        return load_ensemble(path)
+    doc = _read_classifier_doc(path / CLASSIFIER_JSON)
+    cls = _classifier_class(doc, path / CLASSIFIER_JSON)
+    if cls.layout == "sequence":
+        return load_sequence(path, **context)
+    return load_classifier(path, **context)
+
+
+def _read_classifier_doc(file: Path) -> dict[str, Any]:
+    doc = read_json_file(file, what=CLASSIFIER_JSON)
+    if not isinstance(doc, dict):
+        raise ProbeLoadError(f"{file}: not a JSON object")
+    return doc
+
+
+def _classifier_class(doc: Mapping[str, Any], file: Path, layout: str | None = None) -> Any:
+    kind = doc.get("kind")
+    try:
+        cls = scorer_class(kind)  # type: ignore[arg-type]
+    except ValueError:
+        cls = None
+    if cls is None or getattr(cls, "layout", None) not in ("classifier", "sequence"):
+        raise ProbeLoadError(f"{file}: unknown classifier kind {str(kind)[:40]!r}")
+    if layout is not None and cls.layout != layout:
+        raise ProbeLoadError(f"{file}: a {kind!r} classifier is not a {layout} classifier")
+    return cls
+
+
+# -- text classifiers ------------------------------------------------------------------------------------
+def _save_classifier(
+    clf: Any, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None
+) -> Path:
+    if clf.needs_fit and not clf.is_fitted:
+        raise ValueError(f"cannot save an unfitted {type(clf).__name__}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors, extra = clf.saved_state()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    doc = {
+        "format_version": CLASSIFIER_FORMAT_VERSION,
+        "kind": clf.kind,
+        "class": type(clf).__qualname__,
+        "config": jsonable(clf.get_config(), "config", CLASSIFIER_JSON),
+        "fitted": clf.is_fitted,
+        "val_auroc": jsonable(clf.val_auroc_, "val_auroc", CLASSIFIER_JSON),
+        "n_params": clf.n_params(),
+        "extra": jsonable(extra, "extra", CLASSIFIER_JSON),
+        "tensors": sorted(tensors),
+    }
+    with atomic_dir(path) as tmp:
+        if tensors:
+            save_file(tensors, str(tmp / CLASSIFIER_TENSORS), metadata={"kind": clf.kind})
+        with open(tmp / CLASSIFIER_JSON, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh, indent=1, ensure_ascii=False)
+            fh.write("\n")
+    return path
+
+
+def load_classifier(path: str | os.PathLike[str], expect_class: type | None = None, **kwargs: Any) -> Any:
+    """Rebuild a saved text classifier (``classifier`` layout); ``kwargs`` go to the class (``model=`` for
+    the prompted classifier, ``device=`` for MiniLM). The folder is untrusted input: ``classifier.json`` is
+    checked against the schema (known kind and class, the constructor's parameters and types, bounded size
+    and nesting, finite numbers), the safetensors header before anything is loaded, and the tensors' names,
+    shapes and dtypes against what the kind needs; values must be finite. Anything else is a
+    :class:`ProbeLoadError`."""
+    path = Path(path)
+    file = path / CLASSIFIER_JSON
+    if not file.is_file():
+        raise FileNotFoundError(f"no saved text classifier at {path} (missing {CLASSIFIER_JSON})")
+    doc = read_json_file(file, what=CLASSIFIER_JSON)
+    if not isinstance(doc, dict) or "kind" not in doc:
+        raise ProbeLoadError(f"{file} has no classifier 'kind'")
+    check_json_tree(doc, file)
+    fields = {"format_version", "kind", "class", "config", "fitted", "val_auroc", "n_params", "extra"}
+    extra_keys = sorted(set(doc) - fields - {"tensors"})
+    if extra_keys:
+        raise ProbeLoadError(f"{file}: unknown field(s) {extra_keys}")
+    version = doc.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ProbeLoadError(f"{file}: format_version must be a positive integer, got {version!r}")
+    if version > CLASSIFIER_FORMAT_VERSION:
+        raise ProbeLoadError(
+            f"{file} has format version {version}; this code reads <= {CLASSIFIER_FORMAT_VERSION}"
+        )
+    target = _text_class(doc["kind"], file)
+    if "class" in doc and doc["class"] != target.__qualname__:
+        raise ProbeLoadError(f"{file}: class {str(doc['class'])[:40]!r} does not match kind {doc['kind']!r}")
+    if expect_class is not None and not issubclass(target, expect_class):
+        raise ValueError(
+            f"classifier at {path} is a {target.__name__} (kind {doc['kind']!r}), "
+            f"not a {expect_class.__name__}"
+        )
+    config = check_config(target, doc.get("config", {}), file, skip=target.config_extra_keys)
+    extra = doc.get("extra", {})
+    if not isinstance(extra, dict):
+        raise ProbeLoadError(f"{file}: extra must be an object")
+    if "fitted" in doc and not isinstance(doc["fitted"], bool):
+        raise ProbeLoadError(f"{file}: fitted must be true or false")
+    va = doc.get("val_auroc")
+    if va is not None and (not isinstance(va, int | float) or isinstance(va, bool) or not 0 <= va <= 1):
+        raise ProbeLoadError(f"{file}: val_auroc must be a number in [0, 1] or null, got {va!r}")
+    tensors = _classifier_tensors(path, doc, target, config, extra)
+    try:
+        obj = target.from_saved(dict(config), tensors, dict(extra), **kwargs)
+    except TypeError as e:
+        if kwargs:  # a caller's option the class does not take
+            raise
+        raise ProbeLoadError(f"{file}: rejected by {target.__name__}: {e}") from e
+    except ProbeLoadError:
+        raise
+    except Exception as e:  # the class judged the (schema-valid) content
+        raise ProbeLoadError(f"{file}: rejected by {target.__name__}: {type(e).__name__}: {e}") from e
+    obj._fitted = bool(doc.get("fitted", True))
+    obj.val_auroc_ = None if va is None else float(va)
+    return obj
+
+
+def _text_class(kind: Any, file: Path) -> Any:
+    target = SCORERS.get(kind) if isinstance(kind, str) else None
+    if target is None or getattr(target, "layout", None) != "classifier":
+        known = ", ".join(sorted(k for k, c in SCORERS.items() if getattr(c, "layout", None) == "classifier"))
+        raise ProbeLoadError(
+            f"unknown text classifier kind {str(kind)[:40]!r} in {file} (known kinds: {known})"
+        )
+    return target
+
+
+def _classifier_tensors(
+    path: Path, doc: Mapping[str, Any], target: Any, config: dict[str, Any], extra: dict[str, Any]
+) -> dict[str, Tensor]:
+    file = path / CLASSIFIER_JSON
+    names = doc.get("tensors", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ProbeLoadError(f"{file}: tensors must be a list of names")
+    tfile = path / CLASSIFIER_TENSORS
+    if not (names or tfile.is_file()):
+        return {}
+    if not tfile.is_file():
+        raise FileNotFoundError(f"no saved tensors at {tfile}")
+    specs = target.classifier_tensor_specs(config, extra, file)
+    found = safetensors_header(tfile)
+    if sorted(found) != sorted(names):
+        raise ProbeLoadError(
+            f"{tfile}: holds tensors {sorted(found)[:6]}, {CLASSIFIER_JSON} lists {sorted(names)[:6]}"
+        )
+    return read_tensors(tfile, specs)
+
+
+# -- fine-tuned layers -----------------------------------------------------------------------------------
+def _save_sequence(clf: Any, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None) -> Path:
+    if not clf.fitted_:
+        raise ValueError("fit the classifier before saving it")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(path) as tmp:
+        state = {k: v.contiguous() for k, v in clf.trained_state().items()}
+        save_file(state, str(tmp / CLASSIFIER_TENSORS))
+        info = {
+            "kind": clf.kind,
+            "config": clf.get_config(),
+            "input_hook": clf.input_hook(),
+            "history": clf.history_,
+            "metadata": dict(metadata or {}),
+        }
+        (tmp / CLASSIFIER_JSON).write_text(json.dumps(info, indent=1, default=str))
+    return path
+
+
+def load_sequence(path: str | os.PathLike[str], model: Any = None) -> Any:
+    """Rebuild saved fine-tuned layers (``sequence`` layout) on ``model``.
+
+    The folder is untrusted input: ``classifier.json`` is checked against the schema (a known kind, the
+    class's constructor parameters and types, bounded size and nesting), and the tensors must be exactly the
+    ones the rebuilt classifier trains, with their shapes and dtypes, and finite. Anything else is a
+    :class:`ProbeLoadError` naming the file and field."""
+    path = Path(path)
+    jf = path / CLASSIFIER_JSON
+    if not jf.exists():
+        raise ProbeLoadError(f"{path}: no {CLASSIFIER_JSON} (not a saved fine-tuned classifier)")
+    info = _read_classifier_doc(jf)
+    check_json_tree({k: v for k, v in info.items() if k != "history"}, jf)
+    check_json_tree(info.get("history"), jf, "history", allow_nonfinite=True)
+    extra = sorted(set(info) - {"kind", "config", "input_hook", "history", "metadata"})
+    if extra or "config" not in info:
+        raise ProbeLoadError(f"{jf}: unknown field(s) {extra}" if extra else f"{jf}: missing field 'config'")
+    kind = info.get("kind")
+    seq_kinds = sorted(k for k, c in SCORERS.items() if getattr(c, "layout", None) == "sequence")
+    if not isinstance(kind, str) or kind not in seq_kinds:
+        raise ProbeLoadError(f"{jf}: unknown classifier kind {str(kind)[:40]!r}; known: {seq_kinds}")
+    cls = SCORERS[kind]
+    config = check_config(cls, info["config"], jf, skip=("model",))
+    history = info.get("history", [])
+    if not isinstance(history, list) or not all(
+        isinstance(h, dict)
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in h.values())
+        for h in history
+    ):
+        raise ProbeLoadError(f"{jf}: history must be a list of objects of numbers")
+    if not isinstance(info.get("metadata", {}), dict):
+        raise ProbeLoadError(f"{jf}: metadata must be an object")
+    if model is None:
+        raise ValueError(f"loading a fine-tuned classifier needs its model: load(path, model=...) ({kind})")
+    try:
+        clf = cls(model, **config)
+    except Exception as e:  # the constructor judges values of the right types (ranges, k vs the model)
+        raise ProbeLoadError(f"{jf}: config rejected by {cls.__name__} on this model: {e}") from e
+    hook = info.get("input_hook")
+    if hook is not None and hook != clf.input_hook():
+        raise ProbeLoadError(
+            f"{jf}: input_hook {str(hook)[:60]!r} is not {clf.input_hook()!r} for this config"
+        )
+    want = {k: (tuple(v.shape), frozenset({v.dtype})) for k, v in clf.trained_state().items()}
+    clf.load_trained_state(read_tensors(path / CLASSIFIER_TENSORS, want))
+    clf.history_ = history
+    clf.fitted_ = True
+    clf.module_.eval()
+    return clf
+
+
+# -- ensembles -------------------------------------------------------------------------------------------
+def _save_ensemble(ens: Any, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None) -> Path:
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        doc = {**ens.saved_state(), "metadata": dict(metadata or {})}
+        (tmp / ENSEMBLE_JSON).write_text(json.dumps(doc, indent=1, default=str))
+    return path
+
+
+def load_ensemble(path: str | os.PathLike[str]) -> Any:
+    """Rebuild a saved ensemble (``ensemble.json``: its method, members and fitted combination); it
+    combines its members' scores, which are not part of the folder."""
+    file = Path(path) / ENSEMBLE_JSON
+    doc = read_json_file(file, what=ENSEMBLE_JSON)
+    if not isinstance(doc, dict):
+        raise ProbeLoadError(f"{file}: not a JSON object")
+    check_json_tree({k: v for k, v in doc.items() if k != "metadata"}, file)
+    check_json_tree(doc.get("metadata"), file, "metadata", allow_nonfinite=True)  # a NaN validation metric
+    try:
+        cls = scorer_class("ensemble")
+    except ValueError as e:
+        raise ProbeLoadError(f"{file}: {e}") from None
+    return cls.from_saved(doc, file)

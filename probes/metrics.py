@@ -61,8 +61,11 @@ __all__ = [
     "tpr_at_fpr",
 ]
 
-Scores: TypeAlias = Real[np.ndarray, " n"] | Real[torch.Tensor, " n"] | Sequence[float]
-Labels: TypeAlias = Shaped[np.ndarray, " n"] | Shaped[torch.Tensor, " n"] | Sequence[int]
+Scores: TypeAlias = Real[np.ndarray, " n ..."] | Real[torch.Tensor, " n ..."] | Sequence[float]
+#: scores of a benign set, sized on its own (a control set, a held-out set)
+ControlScores: TypeAlias = Real[np.ndarray, " m ..."] | Real[torch.Tensor, " m ..."] | Sequence[float]
+HeldoutScores: TypeAlias = Real[np.ndarray, " k ..."] | Real[torch.Tensor, " k ..."] | Sequence[float]
+Labels: TypeAlias = Shaped[np.ndarray, " n ..."] | Shaped[torch.Tensor, " n ..."] | Sequence[int]
 MetricFn: TypeAlias = Callable[[Any, Any], float]
 
 # Rows of resamples processed at once by the vectorized bootstrap (bounds memory: chunk × n int64).
@@ -301,7 +304,7 @@ def fpr_at_threshold(benign_scores: Scores, threshold: float) -> float:
     return float(np.count_nonzero(b > threshold)) / b.size
 
 
-def tpr_at_fpr(harmful_scores: Scores, benign_scores: Scores, fpr: float) -> float:
+def tpr_at_fpr(harmful_scores: Scores, benign_scores: ControlScores, fpr: float) -> float:
     """TPR on ``harmful_scores`` at the conservative threshold set on ``benign_scores`` for ``fpr``."""
     h = _scores(harmful_scores, "harmful_scores")
     thr = conservative_threshold(benign_scores, fpr).threshold
@@ -438,12 +441,12 @@ def fpr_key(fpr: float) -> str:
 def evaluate(
     y: Labels,
     s: Scores,
-    benign_control_scores: Scores | None = None,
+    benign_control_scores: ControlScores | None = None,
     fprs: Sequence[float] = (0.01, 0.001),
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
-    benign_heldout_scores: Scores | None = None,
+    benign_heldout_scores: HeldoutScores | None = None,
 ) -> dict[str, float]:
     """All headline metrics of scores ``s`` for labels ``y``, as a flat dict (one results-table row).
 

@@ -33,8 +33,8 @@ their stopping statistic, and they record the token positions they were calibrat
 :meth:`StreamingMonitor.from_dir` warns (:class:`ThresholdPositionWarning`) when the saved threshold was
 calibrated on anything else, and :meth:`StreamingMonitor.calibrate` (``probe-atlas calibrate-monitor``) sets
 it on benign generated responses, with the same generation loop. :func:`catch_positions` gives the token at
-which each harmful stream is first caught; :func:`recall_by_tokens` / :func:`recall_figure` the recall
-against tokens generated. :func:`token_figure` colours each generated token by its score (plotly HTML).
+which each harmful stream is first caught and :func:`recall_by_tokens` the recall against tokens generated
+(:mod:`experiments.viz.stream` draws both, and a generation's tokens coloured by their score).
 """
 
 from __future__ import annotations
@@ -54,9 +54,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from activations.render import ROLE_PROMPT, ROLE_RESPONSE, ROLE_SYSTEM
+from activations.collect import model_fingerprint
+from activations.data import Example
+from activations.models import load_model
+from activations.render import ROLE_PROMPT, ROLE_RESPONSE, ROLE_SYSTEM, render_example
+from probes.io import load_probe, read_probe_info
 from probes.metrics import conservative_threshold, threshold_at_fpr
-from probes.token import Ragged, TokenProbeBase
+from probes.ragged import Ragged
+from probes.token import TokenProbeBase
 
 try:  # TransformerLens 3.x
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache as _KVCache
@@ -77,10 +82,8 @@ __all__ = [
     "generate_tokens",
     "positions_of_roles",
     "recall_by_tokens",
-    "recall_figure",
     "stopping_statistic",
     "stream_max_scores",
-    "token_figure",
 ]
 
 #: the file in a probe's folder that holds a threshold calibrated on benign generated responses
@@ -425,13 +428,8 @@ class StreamingMonitor:
         :meth:`calibrate` / ``probe-atlas calibrate-monitor``), else the sweep's ``stream_threshold_1pct``
         (1% of the benign control sequences flagged), which warns (:class:`ThresholdPositionWarning`) unless
         it was calibrated on response tokens."""
-        from activations.collect import model_fingerprint
-        from probes.io import load_probe, read_probe_info
-
         meta = dict(read_probe_info(probe_dir).get("metadata") or {})
         if model is None:
-            from activations.models import load_model
-
             ref = meta.get("model_ref") or meta.get("model_id")
             if not ref:
                 raise MonitorError(f"probe at {probe_dir} names no model; pass one")
@@ -470,9 +468,6 @@ class StreamingMonitor:
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The prompt rendered as the probe's training data was (chat template with generation prompt)."""
-        from activations.data import Example
-        from activations.render import render_example
-
         r = render_example(
             Example(id="prompt", label=0, text=prompt),
             self.model.tokenizer,
@@ -636,73 +631,3 @@ def recall_by_tokens(catch: np.ndarray, max_tokens: int | None = None) -> tuple[
     caught = c[c > 0]
     recall = np.array([(caught <= kk).sum() / max(len(c), 1) for kk in k])
     return k, recall
-
-
-def recall_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str = "") -> Any:
-    """Plotly figure: recall against tokens generated, one line per probe."""
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
-    for name, (k, r) in curves.items():
-        fig.add_trace(go.Scatter(x=k, y=r, mode="lines", name=name))
-    fig.update_layout(
-        title=title or "streaming recall at a fixed benign FPR",
-        xaxis_title="tokens generated",
-        yaxis_title="recall (harmful exchanges caught)",
-        yaxis_range=[0, 1.02],
-        template="plotly_white",
-    )
-    return fig
-
-
-def token_figure(result: GenerationResult, tokenizer: Any, *, per_row: int = 12, title: str = "") -> Any:
-    """Plotly figure: the generated tokens in a grid coloured by their running score, and the running score
-    against the token index with the threshold."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    n = len(result.scores)
-    toks = [tokenizer.decode([t]) for t in result.ids[:n]]
-    rows = max(1, -(-n // per_row))
-    z = np.full((rows, per_row), np.nan)
-    text = np.full((rows, per_row), "", dtype=object)
-    for i, (t, s) in enumerate(zip(toks, result.scores, strict=True)):
-        z[i // per_row, i % per_row] = s
-        mark = " ■" if result.stop_index == i else ""
-        text[i // per_row, i % per_row] = (t.replace("\n", "⏎") or "·") + mark
-    fig = make_subplots(rows=2, cols=1, row_heights=[0.65, 0.35], vertical_spacing=0.08)
-    fig.add_trace(
-        go.Heatmap(
-            z=z[::-1],
-            text=text[::-1],
-            texttemplate="%{text}",
-            colorscale="RdYlGn_r",
-            colorbar={"title": "running score"},
-            showscale=True,
-            hovertemplate="%{text}: %{z:.3f}<extra></extra>",
-        ),
-        row=1,
-        col=1,
-    )
-    fig.add_trace(go.Scatter(y=result.scores, mode="lines+markers", name="running score"), row=2, col=1)
-    fig.add_trace(
-        go.Scatter(y=result.token_logits, mode="lines", name="token logit", opacity=0.5), row=2, col=1
-    )
-    if result.final_score is not None and n:
-        fig.add_trace(
-            go.Scatter(
-                x=[n - 1], y=[result.final_score], mode="markers", name="end-of-stream score", marker_size=10
-            ),
-            row=2,
-            col=1,
-        )
-    if result.threshold is not None:
-        fig.add_hline(y=result.threshold, line_dash="dash", line_color="red", row=2, col=1)
-    fig.update_xaxes(showticklabels=False, row=1, col=1)
-    fig.update_yaxes(showticklabels=False, row=1, col=1)
-    fig.update_xaxes(title_text="generated token", row=2, col=1)
-    stop = f", stopped at token {result.stop_index}" if result.stopped else ""
-    fig.update_layout(
-        title=title or f"streaming monitor{stop}", template="plotly_white", height=300 + 40 * rows
-    )
-    return fig

@@ -1,7 +1,8 @@
 """Per-token probes: a probe applied to every scored token, trained *through* an aggregation of its per-token
 outputs, on ragged per-token activations (an :class:`~activations.store.ActivationStore`'s rows + offsets).
 
-Families (``kind`` in :data:`probes.base.PROBE_REGISTRY`):
+Families (``kind`` in :data:`probes.base.SCORERS`; attention and MultiMax in their own modules,
+:mod:`probes.attention` and :mod:`probes.multimax`):
 
 * :class:`TokenProbe` (``token_linear``): a linear per-token logit ``l_t = w·x_t + b``, aggregated into one
   sequence logit. ``train_pool`` is the aggregation the loss sees during training, ``read_pool`` the one
@@ -62,7 +63,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Self
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -71,125 +73,27 @@ from einops import einsum
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from activations.pooling import Pooling, ragged_to_padded
-from probes.base import ArrayLike, Probe, as_tensor, check_sample_weight, check_y, register_probe
+from activations.pooling import Pooling, ragged_to_padded, rows_like
+from activations.pooling.window import Window
+from probes.base import TOKENS, ArrayLike, SweepKind, as_tensor, check_sample_weight, check_y, register_scorer
+from probes.cost import CostModel, ProbeCost
+from probes.io import TensorSpec, affine_specs
+from probes.ragged import Ragged, ragged_from_store
+from probes.scorer import Probe
 
 __all__ = [
-    "AttentionProbe",
-    "MultiMaxProbe",
-    "Ragged",
+    "HeadsProbe",
+    "HeadsStreamer",
+    "StreamReplay",
     "Streamer",
     "TokenProbe",
     "TokenProbeBase",
-    "ragged_from_store",
     "softmax_weighted_bce",
     "window_means",
 ]
 
 WeightsFor = Literal["both", "harmful"]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# ragged inputs
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Ragged:
-    """Per-token features of ``b`` sequences: sequence ``i`` is ``values[offsets[i]:offsets[i+1]]``."""
-
-    values: Float[Tensor, "n d"]
-    offsets: np.ndarray
-
-    def __post_init__(self) -> None:
-        v, off = self.values, np.asarray(self.offsets)
-        if not isinstance(v, Tensor) or v.ndim != 2:
-            raise ValueError(
-                f"Ragged.values must be a 2-D tensor [n_tokens, d], got {getattr(v, 'shape', v)}"
-            )
-        if off.ndim != 1 or len(off) < 2:
-            raise ValueError("Ragged.offsets must be 1-D with at least 2 entries (one sequence)")
-        if int(off[0]) != 0 or int(off[-1]) != v.shape[0]:
-            raise ValueError(
-                f"Ragged.offsets must run from 0 to n_tokens={v.shape[0]}, got {off[0]}..{off[-1]}"
-            )
-        lengths = np.diff(off)
-        if (lengths <= 0).any():
-            bad = int(np.nonzero(lengths <= 0)[0][0])
-            raise ValueError(f"Ragged: sequence {bad} has no tokens")
-        if not bool(torch.isfinite(v).all()):
-            row = int((~torch.isfinite(v)).any(1).nonzero()[0, 0])
-            raise ValueError(f"Ragged.values contains NaN or inf at token row {row}")
-
-    @classmethod
-    def of(cls, X: Ragged | tuple[Any, Any] | Sequence[ArrayLike]) -> Ragged:
-        """From a :class:`Ragged`, a ``(values, offsets)`` pair or a list of ``[s_i, d]`` sequences."""
-        if isinstance(X, Ragged):
-            return X
-        if (
-            isinstance(X, tuple)
-            and len(X) == 2
-            and np.asarray(X[1]).ndim == 1
-            and np.asarray(X[1]).dtype.kind in "iu"
-        ):
-            return cls(as_tensor(X[0]).to(torch.float32), np.asarray(X[1], dtype=np.int64))
-        if isinstance(X, (list, tuple)):
-            seqs = [as_tensor(s).to(torch.float32) for s in X]
-            if not seqs or any(s.ndim != 2 for s in seqs):
-                raise ValueError("a list of sequences must hold 2-D [tokens, d] arrays")
-            off = np.concatenate([[0], np.cumsum([s.shape[0] for s in seqs])]).astype(np.int64)
-            return cls(torch.cat(seqs), off)
-        raise ValueError(
-            f"per-token probes take Ragged, (values, offsets) or a list of [tokens, d] arrays, got {type(X)}"
-        )
-
-    @property
-    def n_sequences(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(np.asarray(self.offsets))
-
-    def sequence(self, i: int) -> Float[Tensor, "s d"]:
-        return self.values[int(self.offsets[i]) : int(self.offsets[i + 1])]
-
-    def subset(self, seqs: np.ndarray | Sequence[int]) -> Ragged:
-        idx = np.asarray(seqs, dtype=np.int64)
-        parts = [self.sequence(int(i)) for i in idx]
-        off = np.concatenate([[0], np.cumsum([p.shape[0] for p in parts])]).astype(np.int64)
-        return Ragged(torch.cat(parts), off)
-
-    def padded(self) -> tuple[Float[Tensor, "b s d"], Bool[Tensor, "b s"]]:
-        """Right-padded (left-aligned) copy and its mask."""
-        return ragged_to_padded(self.values, self.offsets)
-
-
-def ragged_from_store(
-    store: Any,
-    hooks: str | Sequence[str],
-    *,
-    select: str = "scored",
-    sequences: np.ndarray | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Ragged:
-    """The selected per-token rows of ``hooks`` (concatenated along features when several) as a Ragged."""
-    names = [hooks] if isinstance(hooks, str) else list(hooks)
-    if not names:
-        raise ValueError("ragged_from_store: give at least one hook")
-    rows, off = store.selection(select)
-    if sequences is not None:
-        seqs = np.asarray(sequences, dtype=np.int64)
-        all_rows = np.arange(int(off[-1])) if rows is None else rows
-        rows = np.concatenate([all_rows[off[s] : off[s + 1]] for s in seqs]) if len(seqs) else all_rows[:0]
-        off = np.concatenate([[0], np.cumsum(off[seqs + 1] - off[seqs])]).astype(np.int64)
-    parts = []
-    for h in names:
-        arr = store.activations(h)
-        block = np.asarray(arr if rows is None else arr[rows], dtype=np.float32)
-        parts.append(torch.from_numpy(block).to(dtype))
-    values = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    return Ragged(values, np.array(off, dtype=np.int64))
+TP = TypeVar("TP", bound="TokenProbeBase")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,24 +104,11 @@ def ragged_from_store(
 def window_means(
     logits: Float[Tensor, "b s"], mask: Bool[Tensor, "b s"], window: int
 ) -> tuple[Float[Tensor, "b s"], Bool[Tensor, "b s"]]:
-    """Sliding-window means of left-aligned per-token values and which windows count.
-
-    ``means[:, t]`` is the mean of the (up to ``window``) values ending at ``t``; a window counts when it is
-    full, or, for a sequence shorter than ``window``, when it spans the whole sequence (as in
-    :class:`~activations.pooling.Pooling`'s ``window`` kind, whose max over counted windows it reproduces).
-    """
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    s = logits.shape[1]
-    lengths = mask.sum(1)
-    x = torch.where(mask, logits, torch.zeros((), dtype=logits.dtype))
-    c = torch.cat([torch.zeros_like(x[:, :1]), torch.cumsum(x, 1)], 1)
-    t = torch.arange(s, device=logits.device)
-    start = (t - window + 1).clamp(min=0)
-    means = (c[:, t + 1] - c[:, start]) / (t - start + 1).to(logits.dtype)
-    need = torch.minimum(lengths, torch.full_like(lengths, window))
-    valid = (t[None, :] < lengths[:, None]) & (t[None, :] + 1 >= need[:, None])
-    return means, valid
+    """Sliding-window means of left-aligned per-token values and which windows count: the
+    :class:`~activations.pooling.window.Window` pooling's own (``means[:, t]`` is the mean of the up to
+    ``window`` values ending at ``t``; a window counts when it is full, or, for a sequence shorter than
+    ``window``, when it spans the whole sequence), whose max over counted windows is that pooling."""
+    return Window(window).window_means(logits, mask.sum(1))
 
 
 def softmax_weighted_bce(
@@ -254,11 +145,6 @@ def softmax_weighted_bce(
 # ----------------------------------------------------------------------------------------------------------
 # streaming
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _rows_like(rows: Bool[Tensor, " b"], v: Tensor) -> Tensor:
-    """``rows`` viewed to broadcast against a ``[b, ...]`` state tensor."""
-    return rows.view(-1, *([1] * (v.ndim - 1)))
 
 
 class Streamer:
@@ -346,7 +232,7 @@ class Streamer:
             self._low += 1
         else:
             r = rows.to(device=self.device, dtype=torch.bool)
-            self.state = {k: torch.where(_rows_like(r, v), v, self.state[k]) for k, v in new.items()}
+            self.state = {k: torch.where(rows_like(r, v), v, self.state[k]) for k, v in new.items()}
             self.count = torch.where(r, n, self.count)
         self.last_token_logit = logit
         s = self._score(self.state, self.count)
@@ -365,104 +251,37 @@ class Streamer:
         return torch.fmax(self.peak, self.finish())
 
 
-def _online_softmax_step(
-    m: Tensor, S: Tensor, N: Tensor, a: Tensor, v: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One token of a running ``Σ_t softmax_t(a_t)·v_t = N / S`` (max-shifted by ``m``; ``m = -inf`` and
-    ``S = N = 0`` before the first token), element-wise."""
-    m_new = torch.maximum(m, a)
-    r_old, r_new = torch.exp(m - m_new), torch.exp(a - m_new)
-    return m_new, S * r_old + r_new, N * r_old + r_new * v
-
-
 class _PoolStreamer(Streamer):
-    """Running pooled value of a scalar per-token logit ``l_t = w·x_t + b``, for every :class:`Pooling` kind
-    (``window<M>``: running max over full windows, NaN before the first; the whole-sequence window of a
-    stream shorter than ``M`` at :meth:`finish`)."""
+    """Running pooled value of a scalar per-token logit ``l_t = w·x_t + b``: the read-out pooling's own
+    streaming form (:meth:`~activations.pooling.Pooling.step`; ``window<M>``: running max over full
+    windows, NaN before the first; the whole-sequence window of a stream shorter than ``M`` at
+    :meth:`finish`)."""
 
     def __init__(self, coef: Float[Tensor, " d"], intercept: Float[Tensor, ""], pooling: Pooling) -> None:
         super().__init__()
         self.coef = coef.detach().to(torch.float32)
         self.intercept = intercept.detach().to(torch.float32).reshape(())
         self.pool = pooling
-        self.min_tokens = pooling.window if pooling.kind == "window" else 1
+        self.min_tokens = pooling.min_stream_tokens
         self.reset(1)
 
     def _to(self, device: torch.device) -> None:
         self.coef, self.intercept = self.coef.to(device), self.intercept.to(device)
 
     def _init_state(self, batch: int) -> dict[str, Tensor]:
-        def z() -> Tensor:
-            return torch.zeros(batch, device=self.device)
-
-        def ninf() -> Tensor:
-            return torch.full((batch,), -math.inf, device=self.device)
-
-        kind = self.pool.kind
-        if kind == "mean":
-            return {"sum": z()}
-        if kind == "max":
-            return {"max": ninf()}
-        if kind == "last":
-            return {"last": z()}
-        if kind == "ema":
-            return {"e": z(), "best": ninf()}
-        if kind == "window":
-            return {"buf": torch.zeros(batch, self.pool.window, device=self.device), "best": ninf()}
-        if kind == "softmax":
-            return {"m": ninf(), "S": z(), "N": z()}
-        raise ValueError(f"unknown pooling {kind!r}")  # pragma: no cover
+        return self.pool.init(batch, self.device)
 
     def _step(
         self, state: dict[str, Tensor], x: Float[Tensor, "b d"], n: Int[Tensor, " b"], low: int
     ) -> tuple[dict[str, Tensor], Float[Tensor, " b"]]:
         logit = torch.addmv(self.intercept, x, self.coef)
-        kind = self.pool.kind
-        if kind == "mean":
-            return {"sum": state["sum"] + logit}, logit
-        if kind == "max":
-            return {"max": torch.maximum(state["max"], logit)}, logit
-        if kind == "last":
-            return {"last": logit}, logit
-        if kind == "ema":  # e_1 = l_1, e_t = a·l_t + (1-a)·e_{t-1}
-            a = self.pool.alpha
-            if low >= 1:
-                e = torch.lerp(state["e"], logit, a)
-            else:
-                e = torch.where(n == 1, logit, torch.lerp(state["e"], logit, a))
-            return {"e": e, "best": torch.maximum(state["best"], e)}, logit
-        if kind == "window":  # a ring buffer of the last M logits; a full window updates the best mean
-            w = self.pool.window
-            buf = state["buf"].scatter(1, ((n - 1) % w)[:, None], logit[:, None])
-            mean = buf.sum(1) / w
-            best = torch.maximum(state["best"], mean)
-            if low + 1 < w:  # some window may not be full yet
-                best = torch.where(n >= w, best, state["best"])
-            return {"buf": buf, "best": best}, logit
-        if kind == "softmax":
-            m, S, N = _online_softmax_step(
-                state["m"], state["S"], state["N"], logit / self.pool.temperature, logit
-            )
-            return {"m": m, "S": S, "N": N}, logit
-        raise ValueError(f"unknown pooling {kind!r}")  # pragma: no cover
+        return self.pool.step(state, logit, n, low), logit
 
     def _score(self, state: dict[str, Tensor], n: Int[Tensor, " b"]) -> Float[Tensor, " b"]:
-        kind = self.pool.kind
-        if kind == "mean":
-            return state["sum"] / n.clamp(min=1)
-        if kind == "max":
-            return state["max"]
-        if kind == "last":
-            return state["last"]
-        if kind in ("ema", "window"):
-            return state["best"]
-        return state["N"] / state["S"]
+        return self.pool.read(state, n)
 
     def _final(self, state: dict[str, Tensor], n: Int[Tensor, " b"]) -> Float[Tensor, " b"]:
-        if self.pool.kind == "window":  # a stream shorter than the window: its one whole-sequence window
-            whole = state["buf"].sum(1) / n.clamp(min=1)
-            return torch.where(n < self.pool.window, whole, state["best"])
-        return self._score(state, n)
+        return self.pool.finish(state, n)
 
 
 @dataclass(frozen=True)
@@ -480,7 +299,7 @@ class StreamReplay:
         )
 
 
-class _HeadsStreamer(Streamer):
+class HeadsStreamer(Streamer):
     """Shared parameter handling of the attention and MultiMax streamers (float32 copies on the device)."""
 
     _heads_key: ClassVar[str] = "q"
@@ -495,47 +314,78 @@ class _HeadsStreamer(Streamer):
         self.p = {k: v.to(device) for k, v in self.p.items()}
 
 
-class _AttentionStreamer(_HeadsStreamer):
-    """Running attention read-out: per head an online softmax over the tokens so far."""
+# ----------------------------------------------------------------------------------------------------------
+# sweep kinds: a spec entry's params -> constructor arguments
+# ----------------------------------------------------------------------------------------------------------
 
-    def _init_state(self, batch: int) -> dict[str, Tensor]:
-        shape = (batch, self.heads)
-        return {
-            "m": torch.full(shape, -math.inf, device=self.device),
-            "S": torch.zeros(shape, device=self.device),
-            "N": torch.zeros(shape, device=self.device),
-        }
-
-    def _step(
-        self, state: dict[str, Tensor], x: Float[Tensor, "b d"], n: Int[Tensor, " b"], low: int
-    ) -> tuple[dict[str, Tensor], Float[Tensor, " b"]]:
-        p = self.p
-        a = einsum(x, p["q"], "b d, h d -> b h")
-        v = einsum(x, p["v"], "b d, h d -> b h") + p["bv"]
-        m, S, N = _online_softmax_step(state["m"], state["S"], state["N"], a, v)
-        return {"m": m, "S": S, "N": N}, v.sum(1) + p["b"][0]
-
-    def _score(self, state: dict[str, Tensor], n: Int[Tensor, " b"]) -> Float[Tensor, " b"]:
-        return (state["N"] / state["S"]).sum(1) + self.p["b"][0]
+#: the training params every per-token kind takes
+TRAIN_PARAMS = ("epochs", "lr", "weight_decay", "batch_size")
+SWIM_PARAMS = ("window", "tau", "weights_for", *TRAIN_PARAMS)
+_TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 40, "lr": 0.01, "weight_decay": 0.01, "batch_size": 32}
 
 
-class _MultiMaxStreamer(_HeadsStreamer):
-    """Running MultiMax read-out: per head the max of its scores so far, then the learned weighted sum."""
+def train_kw(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The training options of a spec entry (its ``params``, its ``seed`` and the ``hooks`` it reads)."""
+    params = entry.get("params") or {}
+    kw = {k: params.get(k, v) for k, v in _TRAIN_DEFAULTS.items()}
+    return {
+        "epochs": int(kw["epochs"]),
+        "lr": float(kw["lr"]),
+        "weight_decay": float(kw["weight_decay"]),
+        "batch_size": int(kw["batch_size"]),
+        "seed": int(entry.get("seed", 0)),
+        "hooks": list(entry["hooks"]) if entry.get("hooks") is not None else None,
+    }
 
-    _heads_key: ClassVar[str] = "W"
 
-    def _init_state(self, batch: int) -> dict[str, Tensor]:
-        return {"m": torch.full((batch, self.heads), -math.inf, device=self.device)}
+def _linear(pools: Any) -> Any:
+    def build(entry: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+        return TokenProbe, {**pools(entry.get("params") or {}), **train_kw(entry)}
 
-    def _step(
-        self, state: dict[str, Tensor], x: Float[Tensor, "b d"], n: Int[Tensor, " b"], low: int
-    ) -> tuple[dict[str, Tensor], Float[Tensor, " b"]]:
-        p = self.p
-        s = einsum(x, p["W"], "b d, h d -> b h") + p["c"]
-        return {"m": torch.maximum(state["m"], s)}, s @ p["u"] + p["b"][0]
+    return build
 
-    def _score(self, state: dict[str, Tensor], n: Int[Tensor, " b"]) -> Float[Tensor, " b"]:
-        return state["m"] @ self.p["u"] + self.p["b"][0]
+
+def _swim(p: Mapping[str, Any]) -> dict[str, Any]:
+    w = int(p.get("window", 16))
+    return {
+        "train_pool": f"window{w}",
+        "read_pool": f"window{w}",
+        "loss": "softmax_weighted",
+        "tau": float(p.get("tau", 1.0)),
+        "weights_for": p.get("weights_for", "both"),
+    }
+
+
+def _ema(p: Mapping[str, Any]) -> dict[str, Any]:
+    return {"train_pool": "mean", "read_pool": f"ema{float(p.get('alpha', 0.5)):g}"}
+
+
+def _rolling(p: Mapping[str, Any]) -> dict[str, Any]:
+    return {"train_pool": f"window{int(p.get('window', 16))}"}
+
+
+def _softmax(p: Mapping[str, Any]) -> dict[str, Any]:
+    return {"train_pool": f"softmax{float(p.get('tau', 1.0)):g}"}
+
+
+def _fixed_pool(pool: str) -> Any:
+    def pools(p: Mapping[str, Any]) -> dict[str, Any]:
+        return {"train_pool": pool}
+
+    return pools
+
+
+def heads_kind(name: str, family: Any, description: str) -> SweepKind:
+    """The sweep kind of a learned-aggregation family with ``heads`` (attention, MultiMax); ``family()``
+    returns its class."""
+
+    def build(entry: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+        return family(), {"heads": int((entry.get("params") or {}).get("heads", 4)), **train_kw(entry)}
+
+    build.__qualname__ = f"heads_kind.{name}"
+    return SweepKind(
+        name, build, uses_C=False, params=frozenset(("heads", *TRAIN_PARAMS)), description=description
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -552,6 +402,7 @@ class TokenProbeBase(Probe):
     """
 
     input_ndim: ClassVar[int] = 2
+    view = TOKENS
 
     def __init__(
         self,
@@ -609,11 +460,11 @@ class TokenProbeBase(Probe):
 
     # -- fitting --------------------------------------------------------------------------------------------
     def fit(  # type: ignore[override]
-        self,
+        self: TP,
         X: Ragged | tuple[Any, Any] | Sequence[ArrayLike],
         y: ArrayLike,
         sample_weight: ArrayLike | None = None,
-    ) -> Self:
+    ) -> TP:
         """Fit on ragged per-token features ``X`` and one label per sequence."""
         R = Ragged.of(X)
         yt = check_y(y, R.n_sequences).to(torch.float32)
@@ -761,6 +612,30 @@ class TokenProbeBase(Probe):
     def flops_per_token(self) -> float:
         raise NotImplementedError  # pragma: no cover
 
+    def _read_out(self) -> tuple[Pooling | str, float | None]:
+        """The pooling of the per-token outputs and the per-token head FLOPs (None: a linear read-out)."""
+        return "last", self.flops_per_token()
+
+    def cost(
+        self, cm: CostModel, *, layers: Sequence[int] = (), pooling: Pooling | None = None
+    ) -> tuple[ProbeCost, ProbeCost]:
+        """Probe, then pool: every token's read-out of ``layers`` (a linear probe ``2·d·L + 1`` plus the
+        read-out pooling's update, or the heads' own FLOPs), in both views."""
+        pool, head = self._read_out()
+        marginal, standalone = (
+            cm.probe_cost(list(layers), cm.d_model, pool, view=view, order="probe_then_pool", head_flops=head)
+            for view in ("marginal", "standalone")
+        )
+        return marginal, standalone
+
+    @property
+    def aggregation(self) -> str:  # pragma: no cover - every family names its own
+        raise NotImplementedError
+
+    def pooling_label(self, pooling: Pooling) -> str:
+        """Per-token probes bring their own aggregation: the results' ``pooling`` column names it."""
+        return self.aggregation
+
     # -- persistence ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
         self._check_fitted()
@@ -774,11 +649,59 @@ class TokenProbeBase(Probe):
         raise NotImplementedError
 
 
-@register_probe
+@register_scorer
 class TokenProbe(TokenProbeBase):
     """A linear per-token probe trained through an aggregation (see the module docstring for the presets)."""
 
     kind = "token_linear"
+    sweep_kinds = (
+        SweepKind(
+            "token_swim",
+            _linear(_swim),
+            uses_C=False,
+            params=frozenset(SWIM_PARAMS),
+            description="CC++ per-token probe: sliding-window mean of logits, softmax-weighted BCE (tau)",
+        ),
+        SweepKind(
+            "token_swim_multi",
+            _linear(_swim),
+            per_layer=False,
+            uses_C=False,
+            params=frozenset(SWIM_PARAMS),
+            description="CC++ per-token probe on the spec's layers concatenated (probes.layers)",
+        ),
+        SweepKind(
+            "token_ema",
+            _linear(_ema),
+            uses_C=False,
+            params=frozenset(("alpha", *TRAIN_PARAMS)),
+            description="Cost-effective CC: trained on mean-pooled activations, read by EMA of logits + max",
+        ),
+        *(
+            SweepKind(
+                f"token_{pool}",
+                _linear(_fixed_pool(pool)),
+                uses_C=False,
+                params=frozenset(TRAIN_PARAMS),
+                description=f"{pool} of per-token logits (trained through it)",
+            )
+            for pool in ("max", "mean", "last")
+        ),
+        SweepKind(
+            "token_rolling",
+            _linear(_rolling),
+            uses_C=False,
+            params=frozenset(("window", *TRAIN_PARAMS)),
+            description="rolling mean of per-token logits, then max (plain BCE)",
+        ),
+        SweepKind(
+            "token_softmax",
+            _linear(_softmax),
+            uses_C=False,
+            params=frozenset(("tau", *TRAIN_PARAMS)),
+            description="softmax-weighted mean of per-token logits (temperature tau)",
+        ),
+    )
 
     def __init__(
         self,
@@ -794,7 +717,7 @@ class TokenProbe(TokenProbeBase):
         self.read_pooling = Pooling.parse(read_pool if read_pool is not None else train_pool)
         if loss not in ("bce", "softmax_weighted"):
             raise ValueError(f"loss must be 'bce' or 'softmax_weighted', got {loss!r}")
-        if loss == "softmax_weighted" and self.train_pooling.kind != "window":
+        if loss == "softmax_weighted" and not isinstance(self.train_pooling, Window):
             raise ValueError("the softmax-weighted loss is defined over windows: use train_pool='window<M>'")
         if not (tau > 0):
             raise ValueError(f"tau must be > 0, got {tau}")
@@ -817,7 +740,7 @@ class TokenProbe(TokenProbeBase):
     @property
     def aggregation(self) -> str:
         """A short name of the probe's aggregation, e.g. ``swim16-tau1``, ``mean->ema0.5``, ``max``."""
-        if self.loss == "softmax_weighted":
+        if isinstance(self.train_pooling, Window) and self.loss == "softmax_weighted":
             return f"swim{self.train_pooling.window}-tau{self.tau:g}"
         if self.train_pooling == self.read_pooling:
             return self.read_pooling.name
@@ -838,8 +761,8 @@ class TokenProbe(TokenProbeBase):
 
     def _train_loss(self, p: dict[str, Tensor], Z: Tensor, mask: Tensor, y: Tensor, w: Tensor) -> Tensor:
         logits = einsum(Z, p["w"], "b s d, d -> b s") + p["b"]
-        if self.loss == "softmax_weighted":
-            z, valid = window_means(logits, mask, self.train_pooling.window)
+        if isinstance(self.train_pooling, Window) and self.loss == "softmax_weighted":
+            z, valid = self.train_pooling.window_means(logits, mask.sum(1))
             return softmax_weighted_bce(z, valid, y, self.tau, w, self.weights_for)
         seq = self.train_pooling(logits, mask)
         return (F.binary_cross_entropy_with_logits(seq, y, reduction="none") * w).sum() / w.sum()
@@ -871,7 +794,7 @@ class TokenProbe(TokenProbeBase):
 
     @property
     def min_stream_tokens(self) -> int:
-        return self.read_pooling.window if self.read_pooling.kind == "window" else 1
+        return self.read_pooling.min_stream_tokens
 
     def streamer(self) -> Streamer:
         self._check_fitted()
@@ -880,12 +803,21 @@ class TokenProbe(TokenProbeBase):
     def flops_per_token(self) -> float:
         self._check_fitted()
         assert self.n_features_in_ is not None
-        from probes.cost import POOLING_FLOPS_PER_ELEMENT
+        return 2.0 * self.n_features_in_ + 1.0 + self.read_pooling.flops_per_element
 
-        return 2.0 * self.n_features_in_ + 1.0 + POOLING_FLOPS_PER_ELEMENT[self.read_pooling.kind]
+    def _read_out(self) -> tuple[Pooling | str, float | None]:
+        return self.read_pooling, None
+
+    @classmethod
+    def tensor_specs(
+        cls, config: Mapping[str, Any], n_in: int, names: Sequence[str], file: Path
+    ) -> dict[str, TensorSpec] | None:
+        return affine_specs(n_in, [])
 
 
-class _HeadsProbe(TokenProbeBase):
+class HeadsProbe(TokenProbeBase):
+    """Shared options and training loss of the learned-aggregation families (attention, MultiMax)."""
+
     def __init__(self, heads: int = 4, **kw: Any) -> None:
         super().__init__(**kw)
         if heads < 1:
@@ -908,85 +840,3 @@ class _HeadsProbe(TokenProbeBase):
     @property
     def aggregation(self) -> str:
         return f"{self.kind.removeprefix('token_')}{self.heads}h"
-
-
-@register_probe
-class AttentionProbe(_HeadsProbe):
-    """Learned attention pooling: per head a query scores tokens, softmax over tokens weights a value
-    read-out ``v_h·x_t``; the logit is the sum over heads plus a bias (McKenzie et al.)."""
-
-    kind = "token_attention"
-
-    def _init_params(self, d: int, gen: torch.Generator) -> dict[str, Tensor]:
-        return {
-            "q": torch.randn(self.heads, d, generator=gen) * 0.01,
-            "v": torch.randn(self.heads, d, generator=gen) * 0.01,
-            "bv": torch.zeros(self.heads),
-            "b": torch.zeros(()),
-        }
-
-    def _logits(self, p: dict[str, Tensor], X: Tensor, mask: Tensor) -> Tensor:
-        a = einsum(X, p["q"], "b s d, h d -> b s h")
-        v = einsum(X, p["v"], "b s d, h d -> b s h") + p["bv"]
-        a = torch.where(mask[:, :, None], a, torch.tensor(-math.inf, dtype=a.dtype))
-        att = torch.softmax(a, dim=1)
-        return (att * torch.where(mask[:, :, None], v, torch.zeros((), dtype=v.dtype))).sum((1, 2)) + p[
-            "b"
-        ].reshape(())
-
-    def _fold(self, p: dict[str, Tensor], mean: Tensor, scale: Tensor) -> dict[str, Tensor]:
-        q, v = p["q"] / scale, p["v"] / scale
-        # a constant shift of a head's attention scores cancels in its softmax: the query needs no bias
-        return {"q": q, "v": v, "bv": p["bv"] - v @ mean, "b": p["b"].reshape(1)}
-
-    def _n_features_from_state(self) -> int:
-        return int(self.params_["q"].shape[1])
-
-    def streamer(self) -> Streamer:
-        self._check_fitted()
-        return _AttentionStreamer(self.params_)
-
-    def flops_per_token(self) -> float:
-        self._check_fitted()
-        assert self.n_features_in_ is not None
-        # two dot products per head, the value bias, and an online-softmax update per head (≈ 8 FLOPs)
-        return 4.0 * self.n_features_in_ * self.heads + 9.0 * self.heads + 1.0
-
-
-@register_probe
-class MultiMaxProbe(_HeadsProbe):
-    """MultiMax (Kramár et al.): per-head linear scores, a hard max over tokens per head, a learned weighted
-    sum of the heads' maxima plus a bias."""
-
-    kind = "token_multimax"
-
-    def _init_params(self, d: int, gen: torch.Generator) -> dict[str, Tensor]:
-        return {
-            "W": torch.randn(self.heads, d, generator=gen) * 0.01,
-            "c": torch.zeros(self.heads),
-            "u": torch.full((self.heads,), 1.0 / self.heads),
-            "b": torch.zeros(()),
-        }
-
-    def _logits(self, p: dict[str, Tensor], X: Tensor, mask: Tensor) -> Tensor:
-        s = einsum(X, p["W"], "b s d, h d -> b s h") + p["c"]
-        m = torch.where(mask[:, :, None], s, torch.tensor(-math.inf, dtype=s.dtype)).amax(1)
-        b = p["b"].reshape(())
-        return m @ p["u"] + b
-
-    def _fold(self, p: dict[str, Tensor], mean: Tensor, scale: Tensor) -> dict[str, Tensor]:
-        W = p["W"] / scale
-        return {"W": W, "c": p["c"] - W @ mean, "u": p["u"], "b": p["b"].reshape(1)}
-
-    def _n_features_from_state(self) -> int:
-        return int(self.params_["W"].shape[1])
-
-    def streamer(self) -> Streamer:
-        self._check_fitted()
-        return _MultiMaxStreamer(self.params_)
-
-    def flops_per_token(self) -> float:
-        self._check_fitted()
-        assert self.n_features_in_ is not None
-        # per head: dot product + bias, running max, weighted sum; plus the final bias
-        return 2.0 * self.n_features_in_ * self.heads + 4.0 * self.heads + 1.0

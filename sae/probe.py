@@ -4,7 +4,7 @@ Recipe (after Kantamneni, Engels et al., "Are sparse autoencoders useful? A case
 encode every token with the SAE, pool each latent over the sequence's scored tokens (the same
 :class:`~activations.pooling.Pooling` as raw probes), pick the ``k`` latents with the largest class-mean
 difference of the pooled latents on the training set (:func:`select_latents`), and fit an L2 (or L1)
-logistic probe on them (:func:`probes.linear.fit_logistic_batched`, C chosen on validation by the sweep).
+logistic probe on them (:meth:`probes.logistic.LogisticProbe.fit_grid`, C chosen on validation by the sweep).
 ``k=None`` is the dense probe on every latent.
 
 :class:`SAEFeatureProbe` is a registered :class:`~probes.base.Probe` (kind ``sae_feature``) whose
@@ -18,6 +18,7 @@ reference to the SAE folder it came from.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,12 +28,47 @@ from torch import Tensor
 
 from activations.pooling import Pooling
 from activations.store import ActivationStore
-from probes.base import Probe, as_tensor, register_probe
+from probes.base import SAE_LATENTS, SweepKind, as_tensor, register_scorer
 from probes.cost import CostModel, ProbeCost
-from probes.linear import ClassWeight, LogisticProbe, Penalty
+from probes.io import FLOATS, INTS, Dim, ProbeLoadError, TensorSpec, affine_specs
+from probes.logistic import LogisticProbe
+from probes.scorer import Grid, Probe
+from probes.solver import ClassWeight, Penalty
 from sae.features import LatentEncoder, pooled_latents
 
-__all__ = ["SAEFeatureProbe", "sae_probe_cost", "select_latents"]
+__all__ = ["SAE_PARAMS", "SAEFeatureProbe", "fit_heads", "sae_probe_cost", "select_latents"]
+
+#: the params of the SAE sweep kinds: where the SAE comes from, how it is trained, the head's penalty
+SAE_PARAMS = (
+    "sae",
+    "architecture",
+    "expansion_factor",
+    "l1_coefficient",
+    "topk",
+    "train_tokens",
+    "batch_size",
+    "lr",
+    "sae_data",
+    "sae_data_subsample",
+    "ce_sequences",
+    "head_penalty",
+)
+#: the head options of the config (the head is a :class:`~probes.logistic.LogisticProbe`)
+_HEAD_KEYS = ("C", "penalty", "l1_ratio", "class_weight")
+
+
+def _sae_kind(k: int | None) -> Any:
+    """A sweep kind's builder: ``k`` latents (None: every latent, or ``params.k`` for the ``sae`` kind)."""
+
+    def build(entry: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+        p = entry.get("params") or {}
+        return SAEFeatureProbe, {
+            "k": k,
+            "penalty": p.get("head_penalty", "l2"),
+            "class_weight": entry.get("class_weight", "balanced"),
+        }
+
+    return build
 
 
 def select_latents(
@@ -60,7 +96,7 @@ def select_latents(
     return order[:k].clone()
 
 
-@register_probe
+@register_scorer
 class SAEFeatureProbe(Probe):
     """Logistic read-out of ``k`` pooled SAE latents; carries the encoder of those latents.
 
@@ -69,6 +105,31 @@ class SAEFeatureProbe(Probe):
     """
 
     kind = "sae_feature"
+    view = SAE_LATENTS
+    sweep_kinds = (
+        *(
+            SweepKind(
+                f"sae_k{k}",
+                _sae_kind(k),
+                params=frozenset(SAE_PARAMS),
+                description=f"logistic probe on the top-{k} SAE latents by class-mean difference "
+                "(pooled latents)",
+            )
+            for k in (1, 8, 64, 512)
+        ),
+        SweepKind(
+            "sae_dense",
+            _sae_kind(None),
+            params=frozenset(SAE_PARAMS),
+            description="logistic probe on every SAE latent (pooled)",
+        ),
+        SweepKind(
+            "sae",
+            _sae_kind(None),
+            params=frozenset((*SAE_PARAMS, "k")),
+            description="SAE-feature probe with params.k latents ('all': dense)",
+        ),
+    )
 
     def __init__(
         self,
@@ -84,12 +145,7 @@ class SAEFeatureProbe(Probe):
         topk: int = 0,
         d_sae: int = 0,
     ) -> None:
-        self.C, self.penalty, self.l1_ratio, self.class_weight = (
-            float(C),
-            penalty,
-            float(l1_ratio),
-            class_weight,
-        )
+        self.head = LogisticProbe(C=C, penalty=penalty, l1_ratio=l1_ratio, class_weight=class_weight)
         self.k = None if k is None else int(k)
         self.pooling = Pooling.parse(dict(pooling) if isinstance(pooling, Mapping) else pooling)
         self.hook, self.sae_ref = hook, sae_ref
@@ -117,10 +173,7 @@ class SAEFeatureProbe(Probe):
                 f"the head reads {head.n_features_in_} features, the encoder gives {encoder.n_latents}"
             )
         p = cls(
-            C=head.C,
-            penalty=head.penalty,
-            l1_ratio=head.l1_ratio,
-            class_weight=head.class_weight,
+            **{key: head.get_config()[key] for key in _HEAD_KEYS},
             k=k,
             pooling=Pooling.parse(pooling).params(),
             hook=hook,
@@ -160,9 +213,7 @@ class SAEFeatureProbe(Probe):
         assert self.encoder_ is not None
         if X.shape[1] != self.encoder_.n_latents:
             raise ValueError(f"X has {X.shape[1]} latents, the encoder gives {self.encoder_.n_latents}")
-        self.head_ = LogisticProbe(
-            C=self.C, penalty=self.penalty, l1_ratio=self.l1_ratio, class_weight=self.class_weight
-        ).fit(X, y, sample_weight)
+        self.head_ = LogisticProbe(**self.head.get_config()).fit(X, y, sample_weight)
 
     def _decision_function(self, X: Tensor) -> Float[Tensor, " n"]:
         assert self.head_ is not None
@@ -198,14 +249,9 @@ class SAEFeatureProbe(Probe):
 
     # ---------------------------------------------------------------- persistence
     def get_config(self) -> dict[str, Any]:
-        cw = self.class_weight
-        if isinstance(cw, Mapping):
-            cw = {str(k): float(v) for k, v in cw.items()}
+        head = self.head.get_config()
         return {
-            "C": self.C,
-            "penalty": self.penalty,
-            "l1_ratio": self.l1_ratio,
-            "class_weight": cw,
+            **{key: head[key] for key in _HEAD_KEYS},
             "k": self.k,
             "pooling": self.pooling.params(),
             "hook": self.hook,
@@ -227,12 +273,52 @@ class SAEFeatureProbe(Probe):
         self.encoder_ = LatentEncoder.from_state(
             {"activation": self.activation, "topk": self.topk, "d_sae": self.d_sae}, state, "encoder."
         )
-        head = LogisticProbe(
-            C=self.C, penalty=self.penalty, l1_ratio=self.l1_ratio, class_weight=self.class_weight
-        )
+        head = LogisticProbe(**self.head.get_config())
         head.load_state_dict({k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")})
         self.head_ = head
         self.n_features_in_ = head.n_features_in_
+
+    # ---------------------------------------------------------------- a saved folder
+    @classmethod
+    def tensor_specs(
+        cls, config: Mapping[str, Any], n_in: int, names: Sequence[str], file: Path
+    ) -> dict[str, TensorSpec] | None:
+        """The encoder of the selected latents (``encoder.*``: its columns, or the whole encoder of a top-k
+        SAE with its selection) and the head (``head.*``)."""
+        act = config.get("activation", "relu")
+        m: Dim = n_in if act in ("relu", "jumprelu") else "m"
+        specs: dict[str, TensorSpec] = {
+            "encoder.W": (("d_in", m), FLOATS),
+            "encoder.b": ((m,), FLOATS),
+            "encoder.b_in": (("d_in",), FLOATS),
+            "encoder.ids": ((n_in,), INTS),
+        }
+        if act == "jumprelu":
+            specs["encoder.threshold"] = ((m,), FLOATS)
+        elif act == "topk":
+            specs["encoder.select"] = ((n_in,), INTS)
+            if "encoder.scale" in names:
+                specs["encoder.scale"] = ((m,), FLOATS)
+        elif act != "relu":
+            raise ProbeLoadError(f"{file}: config.activation must be relu, jumprelu or topk, got {act!r}")
+        specs.update(affine_specs(n_in, names, "head."))
+        return specs
+
+    @classmethod
+    def check_state(cls, config: Mapping[str, Any], state: Mapping[str, Tensor], file: Path) -> None:
+        """Latent indices within the SAE, the selection within the encoder, top-k within its width."""
+        d_sae = config.get("d_sae", 0)
+        ids, m = state["encoder.ids"], int(state["encoder.W"].shape[1])
+        if ids.numel() and (
+            int(ids.min()) < 0 or (isinstance(d_sae, int) and d_sae > 0 and int(ids.max()) >= d_sae)
+        ):
+            raise ProbeLoadError(f"{file}: tensor encoder.ids: latent indices outside [0, d_sae={d_sae})")
+        sel = state.get("encoder.select")
+        if sel is not None and sel.numel() and (int(sel.min()) < 0 or int(sel.max()) >= m):
+            raise ProbeLoadError(f"{file}: tensor encoder.select: indices outside [0, {m})")
+        topk = config.get("topk", 0)
+        if config.get("activation") == "topk" and not (isinstance(topk, int) and 0 < topk <= m):
+            raise ProbeLoadError(f"{file}: config.topk must be in [1, {m}] for a top-k encoder, got {topk!r}")
 
 
 def sae_probe_cost(
@@ -278,16 +364,15 @@ def fit_heads(
     *,
     penalty: Penalty = "l2",
     class_weight: ClassWeight = "balanced",
-) -> dict[int | None, tuple[Int[Tensor, " k"], Any]]:
-    """For each ``k``: the selected latents and the logistic path (every C) on their pooled values."""
-    from probes.linear import fit_logistic_batched
-
+) -> dict[int | None, tuple[Int[Tensor, " k"], Grid]]:
+    """For each ``k``: the selected latents and the logistic heads on their pooled values (every C in one
+    solve: :meth:`~probes.logistic.LogisticProbe.fit_grid`)."""
     yt = torch.as_tensor(np.asarray(y), dtype=torch.float32)
-    out: dict[int | None, tuple[Tensor, Any]] = {}
+    out: dict[int | None, tuple[Tensor, Grid]] = {}
     for k in ks:
         sel = select_latents(Z_train, yt, k)
-        path = fit_logistic_batched(
-            Z_train[:, sel][None], yt, Cs, penalty=penalty, class_weight=class_weight, warn=False
+        out[k] = (
+            sel,
+            LogisticProbe.fit_grid([Z_train[:, sel]], yt, Cs, penalty=penalty, class_weight=class_weight),
         )
-        out[k] = (sel, path)
     return out

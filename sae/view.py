@@ -3,9 +3,9 @@
 :func:`latent_table` ranks a probe's latents by the size of their contribution (|weight| × the latent's spread
 over training sequences) and lists, for each of the top ``n_latents``, its ``n_examples`` highest-activating
 tokens in a store (each from a different sequence), with the token, a window of context (the token marked
-``[[...]]``), the example's id and label. :func:`latent_figure` draws that table (plotly): one panel per
-latent, a horizontal bar per example, the context on hover. Tokens are decoded with the model's tokenizer;
-the store's ``tokens.npy`` holds each row's token id.
+``[[...]]``), the example's id and label. :func:`experiments.viz.sae.latent_figure` draws that table
+(plotly): one panel per latent, a horizontal bar per example, the context on hover. Tokens are decoded with
+the model's tokenizer; the store's ``tokens.npy`` holds each row's token id.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import torch
 
 from activations.store import ActivationStore
 from sae.features import LatentEncoder, iter_encoded
+from sae.probe import SAEFeatureProbe
 
-__all__ = ["latent_figure", "latent_table", "top_latents"]
+__all__ = ["latent_table", "top_latents"]
 
 
 def top_latents(probe: Any, n: int = 8, spread: np.ndarray | torch.Tensor | None = None) -> list[int]:
@@ -63,8 +64,6 @@ def latent_table(
     encoder), ``example_rank``, ``activation``, ``sequence``, ``example_id``, ``label``, ``token``,
     ``context``, ``frac_harmful_top`` (share of harmful examples among this latent's top examples).
     """
-    from sae.probe import SAEFeatureProbe
-
     if isinstance(probe_or_encoder, SAEFeatureProbe):
         enc: LatentEncoder = probe_or_encoder.encoder_  # type: ignore[assignment]
         h = hook or probe_or_encoder.hook
@@ -125,45 +124,3 @@ def latent_table(
                 }
             )
     return pd.DataFrame(out)
-
-
-def latent_figure(table: pd.DataFrame, title: str = "What the SAE probe reads") -> Any:
-    """One panel per latent: its top examples' activations as bars (red harmful, blue harmless), the
-    token as the bar label and the context on hover."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    if table.empty:
-        raise ValueError("the latent table is empty")
-    lats = list(dict.fromkeys(table["latent"].tolist()))
-    titles = []
-    for lat in lats:
-        t = table[table.latent == lat]
-        titles.append(
-            f"latent {lat} (weight {t.weight.iloc[0]:+.3g}, "
-            f"{100 * t.frac_harmful_top.iloc[0]:.0f}% harmful in top)"
-        )
-    fig = make_subplots(
-        rows=len(lats), cols=1, subplot_titles=titles, vertical_spacing=0.4 / max(len(lats), 1)
-    )
-    for i, lat in enumerate(lats, start=1):
-        t = table[table.latent == lat].sort_values("example_rank", ascending=False)
-        fig.add_trace(
-            go.Bar(
-                x=t.activation,
-                y=[f"#{r} {tok!r}" for r, tok in zip(t.example_rank, t.token, strict=True)],
-                orientation="h",
-                marker_color=["#d62728" if lab >= 0.5 else "#1f77b4" for lab in t.label],
-                hovertext=[
-                    f"{eid} (label {lab:g})<br>{c}"
-                    for eid, lab, c in zip(t.example_id, t.label, t.context, strict=True)
-                ],
-                hoverinfo="text+x",
-                showlegend=False,
-            ),
-            row=i,
-            col=1,
-        )
-    fig.update_layout(title=title, height=max(300, 260 * len(lats)), template="plotly_white")
-    fig.update_xaxes(title_text="latent activation")
-    return fig

@@ -1,7 +1,22 @@
+# ruff: noqa: E402  (the import hook is installed before anything of the project is imported)
+"""Shared fixtures. The library runs under jaxtyping's import hook with beartype: every function and dataclass
+of the four packages checks its annotations (jaxtyping shapes included) when called, so a wrong shape or type
+fails the test that passes it. The hook is installed here, before the first import of a package."""
+
 from __future__ import annotations
+
+import jaxtyping
+from jaxtyping import install_import_hook
+
+# is_pep484_tower: an int is a float, a float or int a complex, as PEP 484 (and mypy) say
+install_import_hook(
+    ["activations", "probes", "sae", "experiments"],
+    "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))",
+)
 
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -102,3 +117,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture()
+def unchecked() -> Iterator[None]:
+    """Run without the import hook's checks: for tests that pass ill-typed or ill-shaped input on purpose, to
+    see the library's own error (the one a user without the hook gets)."""
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", False)

@@ -18,16 +18,12 @@ from sklearn.metrics import roc_auc_score
 
 from activations.data import Example, Message
 from activations.tiny import make_tiny_model
-from probes.baselines import (
-    BASELINE_REGISTRY,
-    MiniLMClassifier,
-    PromptedClassifier,
-    TextClassifier,
-    TfidfClassifier,
-    example_text,
-    minilm_model_dir,
-)
+from probes.base import SCORERS
 from probes.cost import CostModel
+from probes.minilm import MiniLMClassifier, minilm_model_dir
+from probes.prompted import PromptedClassifier
+from probes.text import TextClassifier, example_text
+from probes.tfidf import TfidfClassifier
 from tests.conftest import planted_dataset
 
 
@@ -73,7 +69,7 @@ def test_tfidf_picks_C_by_validation_auroc() -> None:
     tr, ytr, rest, yrest = _split(120)
     va, yva, te = rest[:30], yrest[:30], rest[30:]
     Cs = (0.001, 0.1, 10.0)
-    clf = TfidfClassifier(Cs=Cs).fit(tr, ytr, val_texts=va, val_y=yva)
+    clf = TfidfClassifier(Cs=Cs).fit(tr, ytr, val=va, val_y=yva)
     vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(tr)
     aucs = [
         roc_auc_score(
@@ -105,7 +101,7 @@ def test_tfidf_separates_a_keyword_task_held_out() -> None:
 
 def test_tfidf_save_load_round_trip(tmp_path) -> None:
     tr, ytr, te, yte = _split()
-    clf = TfidfClassifier(char_ngrams=(3, 5)).fit(tr, ytr, val_texts=te[:20], val_y=yte[:20])
+    clf = TfidfClassifier(char_ngrams=(3, 5)).fit(tr, ytr, val=te[:20], val_y=yte[:20])
     clf.save(tmp_path / "tfidf")
     files = sorted(p.name for p in (tmp_path / "tfidf").iterdir())
     assert files == ["classifier.json", "classifier.safetensors"]
@@ -149,7 +145,7 @@ def minilm_fitted() -> tuple[MiniLMClassifier, list[str], np.ndarray, list[str],
         mp.setattr(socket.socket, "connect", no_network)
         mp.setenv("HF_HUB_OFFLINE", "1")
         clf = MiniLMClassifier(epochs=2, batch_size=8, seed=0, device="cpu")
-        clf.fit(tr, ytr, val_texts=va, val_y=yva)
+        clf.fit(tr, ytr, val=va, val_y=yva)
     return clf, tr, ytr, te, yte
 
 
@@ -216,7 +212,7 @@ def test_minilm_last_layer_only_and_frozen(tmp_path) -> None:
     np.testing.assert_allclose(base.fit(tr, ytr).decision_function(te), first, atol=1e-5)
 
     frozen = MiniLMClassifier(train_layers=0, Cs=(0.1, 10.0), device="cpu")
-    frozen.fit(tr, ytr, val_texts=te, val_y=yte)
+    frozen.fit(tr, ytr, val=te, val_y=yte)
     emb = frozen._embed(frozen._tokenize(tr)).double().numpy()
     emb_te = frozen._embed(frozen._tokenize(te)).double().numpy()
     c = frozen.history_[int(np.argmax([h["val_auroc"] for h in frozen.history_]))]["C"]
@@ -322,7 +318,7 @@ def test_prompted_fit_flops_and_persistence(chat_model, tmp_path) -> None:
     clf = PromptedClassifier(chat_model)
     with pytest.raises(RuntimeError, match="token ratio"):
         clf.flops_per_token(CostModel.from_config(chat_model))
-    clf.fit(tr, ytr, val_texts=te, val_y=yte)
+    clf.fit(tr, ytr, val=te, val_y=yte)
     assert clf.val_auroc_ == pytest.approx(roc_auc_score(yte, clf.decision_function(te)))
     tok = chat_model.tokenizer
     ratio = np.mean([len(clf.prompt_ids(t)) / len(tok(t, add_special_tokens=False)["input_ids"]) for t in te])
@@ -345,6 +341,7 @@ def test_prompted_fit_flops_and_persistence(chat_model, tmp_path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.usefixtures("unchecked")
 def test_bad_input_errors(chat_model, tmp_path) -> None:
     tr, ytr, _, _ = _split(20)
     clf = TfidfClassifier()
@@ -361,9 +358,9 @@ def test_bad_input_errors(chat_model, tmp_path) -> None:
     with pytest.raises(TypeError, match=r"texts\[1\] is a int"):
         clf.fit(["a", 3], [0, 1])
     with pytest.raises(ValueError, match="both val_texts and val_y"):
-        clf.fit(tr, ytr, val_texts=tr)
+        clf.fit(tr, ytr, val=tr)
     with pytest.raises(ValueError, match="val_texts and val_y have different lengths"):
-        clf.fit(tr, ytr, val_texts=tr, val_y=ytr[:3])
+        clf.fit(tr, ytr, val=tr, val_y=ytr[:3])
     with pytest.raises(RuntimeError, match="not fitted"):
         clf.decision_function(["a"])
     with pytest.raises(ValueError, match="unfitted"):
@@ -394,7 +391,7 @@ def test_bad_input_errors(chat_model, tmp_path) -> None:
         PromptedClassifier(chat_model, yes_tokens=("zzz-unknown",))
     with pytest.raises(ValueError, match="train_layers"):
         MiniLMClassifier(train_layers=7)
-    assert set(BASELINE_REGISTRY) >= {"tfidf", "minilm", "prompted"}
+    assert set(SCORERS) >= {"tfidf", "minilm", "prompted"}
 
 
 # -------------------------------------------------------------------------------------------- default model

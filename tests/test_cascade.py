@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -145,3 +146,49 @@ def test_ensemble_cost_sums_parts_and_shares_the_forward() -> None:
     assert marginal.flops_per_token == 5100.0
     assert standalone.flops_per_token == pytest.approx(5100.0 + fwd)
     assert marginal.overhead_pct == pytest.approx(100 * 5100.0 / cm.full_forward_flops_per_token())
+
+
+def _write_old_ensemble(path, doc) -> None:
+    """An ensemble folder as the code before the reshape wrote it: ``ensemble.json`` only (no loader then)."""
+    path.mkdir(parents=True)
+    (path / "ensemble.json").write_text(json.dumps(doc, indent=1))
+
+
+def test_ensemble_folders_of_the_old_layout_load_and_new_ones_round_trip(tmp_path) -> None:
+    from probes.ensemble import Ensemble
+    from probes.io import ProbeLoadError, load_scorer
+
+    meta = {"model_id": "tiny", "val_tpr_at_1pct_fpr": math.nan, "layers": []}  # NaN: as written then
+    s = [np.array([0.5, -1.0, 2.0]), np.array([1.0, 0.0, -2.0])]
+    _write_old_ensemble(
+        tmp_path / "z",
+        {"method": "zscore", "members": ["r1", "r2"], "labels": ["a", "b"], "mean": [0.2, -0.1],
+         "std": [4.0, 0.9], "weights": [0.55, 0.45], "metadata": meta},
+    )  # fmt: skip
+    z = load_scorer(tmp_path / "z")
+    assert isinstance(z, Ensemble) and z.method == "zscore" and z.members == ["r1", "r2"]
+    want = 0.55 * (s[0] - 0.2) / 4.0 + 0.45 * (s[1] + 0.1) / 0.9
+    np.testing.assert_allclose(z.decision_function(s), want)
+    _write_old_ensemble(
+        tmp_path / "st",
+        {"method": "stack", "members": ["r1", "r2"], "labels": ["a", "b"], "coef": [2.0, 1.0],
+         "intercept": -0.5, "metadata": meta},
+    )  # fmt: skip
+    st = load_scorer(tmp_path / "st")
+    assert st.method == "stack" and st.combiner_.coef_.tolist() == [2.0, 1.0]
+    with pytest.raises(EnsembleError, match="z-scoring reference"):  # the old layout did not keep it
+        st.decision_function(s)
+    # a new stacking ensemble keeps it, and scores again after loading
+    g = np.random.default_rng(0)
+    y = np.arange(60) % 2
+    val = [y + g.normal(0, 1, 60), 2 * y + g.normal(0, 1, 60)]
+    ens = Ensemble(method="stack", members=["r1", "r2"], labels=["a", "b"]).fit(val, y)
+    ens.save(tmp_path / "new", {"model_id": "tiny"})
+    np.testing.assert_allclose(
+        load_scorer(tmp_path / "new").decision_function(val), ens.decision_function(val)
+    )
+    _write_old_ensemble(
+        tmp_path / "bad", {"method": "zscore", "members": ["r1"], "labels": ["a"], "mean": [1]}
+    )
+    with pytest.raises(ProbeLoadError, match="std"):
+        load_scorer(tmp_path / "bad")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -167,3 +168,40 @@ def test_threads_option_sets_torch_threads() -> None:
         assert bad.exit_code == 2 and "--threads must be >= 1" in bad.output
     finally:
         torch.set_num_threads(before)
+
+
+def _fails_in_one_line(args: list[str]) -> str:
+    res = runner.invoke(app, args, catch_exceptions=False)
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error:") and "Traceback" not in res.output, res.output
+    return res.output
+
+
+def test_store_and_sweep_errors_are_one_line(tmp_path, monkeypatch) -> None:
+    """A full disk, too little space or a damaged store ends a command with one line and exit status 2, in
+    every command (not a traceback)."""
+    import experiments.cli.main as cli_app
+    from activations.store import DiskFullError, InsufficientSpaceError, StoreCorruptError
+
+    def refuse(*a, **k):
+        raise InsufficientSpaceError("stores/x: needs 5.0 GB, 1.0 GB free", needed=5, free=1)
+
+    monkeypatch.setattr(cli_app, "run_sweep", refuse)
+    out = _fails_in_one_line(["sweep", "demo.yaml", "--out", str(tmp_path / "o"), "--no-plot"])
+    assert "needs 5.0 GB" in out
+    model = SimpleNamespace(cfg=SimpleNamespace(n_ctx=64))
+    monkeypatch.setattr(cli_app, "load_model", lambda name: model)
+
+    def full(*a, **k):
+        raise DiskFullError("stores/x/blocks.0.npy: no space left on device", "stores/x/blocks.0.npy")
+
+    monkeypatch.setattr(cli_app, "do_collect", full)
+    out = _fails_in_one_line(["collect", "--data", "builtin", "--out", str(tmp_path / "s")])
+    assert "no space left" in out
+
+    def corrupt(*a, **k):
+        raise StoreCorruptError("stores/x/offsets.npy: checksum mismatch [run verify]", ["offsets.npy"])
+
+    monkeypatch.setattr(cli_app, "score_file", corrupt)
+    out = _fails_in_one_line(["score", "--probe", "p", "--data", "d.jsonl", "--out", str(tmp_path / "x")])
+    assert "[run verify]" in out  # printed as text, not read as markup

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from activations.data import canonical_group, normalize_text
-from experiments.run import load_sweep_data
-from experiments.spec import CONFIG_DIR, SpecError, load_spec
+from experiments.sweep.data import load_sweep_data
+from experiments.sweep.spec import CONFIG_DIR, SpecError, load_spec
 from probes.metrics import min_control_size
 from tests.conftest import SHARED_DATASETS
 

@@ -238,7 +238,7 @@ def test_pooling_flops(kind: str, per_element: float) -> None:
 
 def test_pooling_flops_specs() -> None:
     assert CostModel.pooling_flops("ema0.5", 10) == 30
-    assert CostModel.pooling_flops(Pooling("window", window=16), 10) == 20
+    assert CostModel.pooling_flops(Pooling.make("window", window=16), 10) == 20
     assert CostModel.pooling_flops("window", 10, window=4) == 20
     with pytest.raises(ValueError):
         CostModel.pooling_flops("median", 10)

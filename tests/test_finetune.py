@@ -19,7 +19,7 @@ from probes.finetune import (
     sequences_from_store,
     token_sequences_from_store,
 )
-from probes.linear import LogisticProbe
+from probes.logistic import LogisticProbe
 from probes.metrics import auroc
 from tests.conftest import planted_dataset
 
@@ -55,10 +55,10 @@ def test_finetuning_one_layer_beats_a_linear_probe_on_a_nonlinear_task(two_layer
     # a linear probe on the input, and one on the model's own last layer (the frozen copy, head only)
     lin_in = LogisticProbe(C=1.0).fit(_mean_pool(tr), ytr)
     auc_in = auroc(yte, lin_in.decision_function(_mean_pool(te)).numpy())
-    frozen = FinetunedLayers(k=1, mode="head", epochs=0).fit(two_layer, tr, ytr)
+    frozen = FinetunedLayers(two_layer, k=1, mode="head", epochs=0).fit(tr, ytr)
     auc_frozen = auroc(yte, frozen.decision_function(te))
-    ft = FinetunedLayers(k=1, mode="full", lr=3e-3, head_lr=1e-2, epochs=6, token_budget=256)
-    ft.fit(two_layer, tr, ytr, val=va, val_y=yva)
+    ft = FinetunedLayers(two_layer, k=1, mode="full", lr=3e-3, head_lr=1e-2, epochs=6, token_budget=256)
+    ft.fit(tr, ytr, val=va, val_y=yva)
     auc_ft = auroc(yte, ft.decision_function(te))
     assert max(auc_in, auc_frozen) < 0.75
     assert auc_ft > 0.9 and auc_ft > max(auc_in, auc_frozen) + 0.2
@@ -88,8 +88,7 @@ def test_copied_layers_reproduce_the_model_with_padding(pos: str) -> None:
     texts = [ex.text for ex in ds]
     toks = [m.to_tokens(t)[0] for t in texts]
     for k in (1, 2):
-        clf = FinetunedLayers(k=k, mode="head")
-        clf._setup(m)
+        clf = FinetunedLayers(m, k=k, mode="head")
         hook = f"blocks.{2 - k}.hook_resid_post"
         rows, refs = [], []
         for t in toks:
@@ -101,8 +100,7 @@ def test_copied_layers_reproduce_the_model_with_padding(pos: str) -> None:
         got = clf._scores(seqs, features=True)
         torch.testing.assert_close(got, torch.stack(refs), atol=1e-4, rtol=1e-4)
     # the truncated model from tokens equals the first m blocks + final norm of the model
-    tr = TruncatedModelClassifier(n_layers=2, mode="head")
-    tr._setup(m)
+    tr = TruncatedModelClassifier(m, n_layers=2, mode="head")
     refs = []
     for t in toks:
         _, cache = m.run_with_cache(t[None], names_filter=["blocks.1.hook_resid_post"])
@@ -121,15 +119,15 @@ def test_store_inputs_save_load_and_errors(tmp_path, tiny_model) -> None:
     toks = token_sequences_from_store(st)
     assert np.array_equal(toks.lengths, seqs.lengths) and torch.equal(toks.scored, seqs.scored)
     y = np.array(st.labels)
-    clf = FinetunedLayers(k=1, mode="lora", rank=2, epochs=2, lr=1e-2).fit(
-        tiny_model, seqs, y, val=seqs, val_y=y
+    clf = FinetunedLayers(tiny_model, k=1, mode="lora", rank=2, epochs=2, lr=1e-2).fit(
+        seqs, y, val=seqs, val_y=y
     )
     s = clf.decision_function(seqs)
     assert auroc(y, s) > 0.9  # the planted trigger word
     clf.save(tmp_path / "clf", {"model_id": "tiny"})
     back = load_sequence_classifier(tmp_path / "clf", tiny_model)
     np.testing.assert_allclose(back.decision_function(seqs), s, rtol=1e-5, atol=1e-5)
-    tr = TruncatedModelClassifier(n_layers=1, epochs=1, lr=1e-3).fit(tiny_model, toks, y)
+    tr = TruncatedModelClassifier(tiny_model, n_layers=1, epochs=1, lr=1e-3).fit(toks, y)
     with pytest.raises(FinetuneError, match="token ids"):
         tr.decision_function(seqs)
     # a store that keeps only the scored tokens cannot feed copied attention layers
@@ -137,11 +135,11 @@ def test_store_inputs_save_load_and_errors(tmp_path, tiny_model) -> None:
     with pytest.raises(FinetuneError, match="keep='all'"):
         sequences_from_store(part, hooks[0])
     with pytest.raises(FinetuneError, match="one class"):
-        FinetunedLayers(k=1).fit(tiny_model, seqs, np.ones(len(seqs)))
+        FinetunedLayers(tiny_model, k=1).fit(seqs, np.ones(len(seqs)))
     with pytest.raises(FinetuneError, match="below"):
-        FinetunedLayers(k=3).fit(tiny_model, seqs, y)
+        FinetunedLayers(tiny_model, k=3).fit(seqs, y)
     with pytest.raises(FinetuneError, match="labels"):
-        FinetunedLayers(k=1).fit(tiny_model, seqs, y[:-1])
+        FinetunedLayers(tiny_model, k=1).fit(seqs, y[:-1])
     with pytest.raises(FinetuneError, match="not a saved"):
         load_sequence_classifier(tmp_path, tiny_model)
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from experiments.frontier import claims_table, frontier_summary
-from experiments.run import load_run_scores, run_sweep
-from experiments.spec import SpecError
+from experiments.analysis.frontier import claims_table, frontier_summary
+from experiments.sweep.engine import run_sweep
+from experiments.sweep.results import load_run_scores
+from experiments.sweep.spec import SpecError
 from tests.test_sweep import _spec
 
 LIN = {"kind": "logistic_l2", "pooling": "mean", "layer": "best"}

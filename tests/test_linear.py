@@ -14,16 +14,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from probes.base import PROBE_REGISTRY, Probe
+from probes.base import SCORERS
+from probes.diffmeans import DiffMeansProbe
 from probes.io import ProbeMismatchError, load_probe, read_probe_info, save_probe
-from probes.linear import (
-    DiffMeansProbe,
-    LDAProbe,
-    LogisticProbe,
-    MultiLayerProbe,
-    fit_logistic_batched,
-    ledoit_wolf_shrinkage,
-)
+from probes.lda import LDAProbe, ledoit_wolf_shrinkage
+from probes.logistic import LogisticProbe
+from probes.multilayer import MultiLayerProbe
+from probes.scorer import Probe
+from probes.solver import fit_logistic_batched
 
 
 def make_data(
@@ -163,7 +161,7 @@ def test_batched_equals_separate_fits() -> None:
             np.testing.assert_allclose(
                 scores[k, j].numpy(), single.decision_function(Xs[k]).numpy(), atol=1e-6
             )
-            probe = res.probe(k, j)
+            probe = LogisticProbe.from_path(res, k, j)
             np.testing.assert_allclose(
                 probe.decision_function(Xs[k]).numpy(), scores[k, j].numpy(), atol=1e-9
             )
@@ -397,7 +395,7 @@ def test_load_expect_mismatch_names_file_and_key(tmp_path: object) -> None:
 
 
 def test_registry_knows_builtin_kinds() -> None:
-    assert {"logistic", "diff_means", "lda", "multi_layer"} <= set(PROBE_REGISTRY)
+    assert {"logistic", "diff_means", "lda", "multi_layer"} <= set(SCORERS)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -430,6 +428,7 @@ def test_bad_inputs(make: type[Probe]) -> None:
         make().decision_function(X)
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_bad_hyperparameters() -> None:
     X, y, _, _ = make_data(n=60, d=5)
     with pytest.raises(ValueError, match="penalty"):

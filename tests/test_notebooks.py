@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import nbformat
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def test_there_are_notebooks() -> None:
@@ -40,6 +42,9 @@ def test_notebook_runs(path: Path, nb_out: Path, monkeypatch) -> None:
 
     monkeypatch.setenv("PROBE_ATLAS_NB_FAST", "1")
     monkeypatch.setenv("PROBE_ATLAS_NB_OUT", str(nb_out))
+    # the kernel runs in notebooks/: put this checkout first, so it imports the code under test (not
+    # another installed copy)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     nb = nbformat.read(path, as_version=4)
     t0 = time.perf_counter()
     NotebookClient(

@@ -1,4 +1,4 @@
-"""Tests for experiments.plots on a realistic fake results table."""
+"""Tests for experiments.viz.results (imported as plots) on a realistic fake results table."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from experiments import plots
+from experiments.analysis.frontier import pareto_front
+from experiments.viz import results as plots
+from experiments.viz import save
 
 D_MODEL = 576
 N_LAYERS = 30
@@ -297,7 +299,7 @@ def test_pareto_front_matches_brute_force(pts: list[tuple[int, int]]) -> None:
     xs = [float(a) for a, _ in pts]
     ys = [b / 8 for _, b in pts]
     df = pd.DataFrame({"flops_per_token": xs, "auroc": ys}, index=[f"r{i}" for i in range(len(pts))])
-    front = plots.pareto_front(df)
+    front = pareto_front(df)
     assert {int(i[1:]) for i in front.index} == _brute_force_front(xs, ys)
     assert front["flops_per_token"].is_monotonic_increasing
     assert front["auroc"].is_monotonic_increasing
@@ -307,15 +309,15 @@ def test_pareto_front_matches_brute_force(pts: list[tuple[int, int]]) -> None:
 @given(st.lists(st.tuples(st.floats(-1e6, 1e12, allow_nan=False), st.floats(0, 1)), min_size=1, max_size=25))
 def test_pareto_front_matches_brute_force_floats(pts: list[tuple[float, float]]) -> None:
     df = pd.DataFrame(pts, columns=["c", "m"])
-    front = plots.pareto_front(df, x="c", y="m")
+    front = pareto_front(df, x="c", y="m")
     assert set(front.index) == _brute_force_front(df.c.tolist(), df.m.tolist())
 
 
 def test_pareto_front_ignores_nan_and_names_missing_column() -> None:
     df = pd.DataFrame({"flops_per_token": [1.0, np.nan, 2.0], "auroc": [0.8, 0.99, np.nan]})
-    assert list(plots.pareto_front(df).index) == [0]
+    assert list(pareto_front(df).index) == [0]
     with pytest.raises(ValueError, match="auroc"):
-        plots.pareto_front(df.drop(columns=["auroc"]))
+        pareto_front(df.drop(columns=["auroc"]))
 
 
 # --- frontier
@@ -365,7 +367,7 @@ def test_cost_frontier_negative_and_nan_costs(caplog: pytest.LogCaptureFixture) 
     df = _fake_results(eval_sets=("test",), extra_kinds=False)
     df.loc[df.index[:3], "flops_per_token"] = -5.0
     df.loc[df.index[3:5], "flops_per_token"] = np.nan
-    with caplog.at_level(logging.WARNING, logger="experiments.plots"):
+    with caplog.at_level(logging.WARNING, logger="experiments.viz.results"):
         fig = plots.cost_frontier(df, cost_floor=1.0)
     assert "NaN" in caplog.text
     xs = np.concatenate([np.asarray(t.x, float) for t in _points(fig)])
@@ -464,7 +466,7 @@ def _png_works() -> bool:
 
 def test_save_figure_html(tmp_path: Path) -> None:
     fig = plots.roc_curves({"a": ([0, 0.5, 1], [0, 0.9, 1])})
-    paths = plots.save_figure(fig, tmp_path / "sub" / "roc", png=False)
+    paths = save.save_figure(fig, tmp_path / "sub" / "roc", png=False)
     assert paths == [tmp_path / "sub" / "roc.html"]
     html = paths[0].read_text()
     assert 'class="plotly-graph-div"' in html
@@ -478,11 +480,11 @@ def test_save_figure_without_kaleido_returns_html(
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("Kaleido requires Google Chrome to be installed.")
 
-    monkeypatch.setattr(plots.pio, "write_images", boom)
-    monkeypatch.setattr(plots, "_PNG_FAILURE", None)
+    monkeypatch.setattr(save.pio, "write_images", boom)
+    monkeypatch.setattr(save, "_PNG_FAILURE", None)
     fig = plots.roc_curves({"a": ([0, 0.5, 1], [0, 0.9, 1])})
-    with caplog.at_level(logging.WARNING, logger="experiments.plots"):
-        paths = plots.save_figure(fig, tmp_path / "roc.png")
+    with caplog.at_level(logging.WARNING, logger="experiments.viz.save"):
+        paths = save.save_figure(fig, tmp_path / "roc.png")
     assert paths == [tmp_path / "roc.html"]
     assert "PNG export disabled" in caplog.text
     assert not (tmp_path / "roc.png").exists()
@@ -491,11 +493,11 @@ def test_save_figure_without_kaleido_returns_html(
 @pytest.mark.slow  # starts a headless Chromium (a few seconds)
 @pytest.mark.skipif(not _png_works(), reason="kaleido or a Chromium browser is not installed")
 def test_save_figure_png(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(plots, "_PNG_FAILURE", None)
+    monkeypatch.setattr(save, "_PNG_FAILURE", None)
     fig = plots.cost_frontier(_fake_results(eval_sets=("test",)))
-    paths = plots.save_figure(fig, tmp_path / "frontier")
+    paths = save.save_figure(fig, tmp_path / "frontier")
     if len(paths) == 1:
-        pytest.skip(f"kaleido could not export: {plots._PNG_FAILURE}")
+        pytest.skip(f"kaleido could not export: {save._PNG_FAILURE}")
     assert paths[1].suffix == ".png"
     assert paths[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

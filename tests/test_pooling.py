@@ -8,7 +8,19 @@ from hypothesis import strategies as st
 
 from activations.pooling import POOL_KINDS, Pooling, PoolingError, pool_ragged, ragged_to_padded
 
-ALL = ["mean", "max", "last", "ema0.5", "ema0.2", "window1", "window3", "window16", "softmax0.5", "softmax4"]
+STREAMABLE = [
+    "mean",
+    "max",
+    "last",
+    "ema0.5",
+    "ema0.2",
+    "window1",
+    "window3",
+    "window16",
+    "softmax0.5",
+    "softmax4",
+]
+ALL = [*STREAMABLE, "median"]
 
 
 def _ragged(lengths: list[int], d: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -48,17 +60,17 @@ def test_ragged_equals_padded_for_any_padding(
 def test_known_answers() -> None:
     x = torch.tensor([[1.0, 3.0, 2.0, 0.0]]).unsqueeze(-1)  # [1, 4, 1]
     m = torch.ones(1, 4, dtype=torch.bool)
-    assert Pooling("mean")(x, m).item() == pytest.approx(1.5)
-    assert Pooling("max")(x, m).item() == 3.0
-    assert Pooling("last")(x, m).item() == 0.0
+    assert Pooling.make("mean")(x, m).item() == pytest.approx(1.5)
+    assert Pooling.make("max")(x, m).item() == 3.0
+    assert Pooling.make("last")(x, m).item() == 0.0
     # EMA a=0.5: e = 1, 2, 2, 1 -> max 2
-    assert Pooling("ema", alpha=0.5)(x, m).item() == pytest.approx(2.0)
+    assert Pooling.make("ema", alpha=0.5)(x, m).item() == pytest.approx(2.0)
     # window 2 means: 2, 2.5, 1 -> max 2.5
-    assert Pooling("window", window=2)(x, m).item() == pytest.approx(2.5)
+    assert Pooling.make("window", window=2)(x, m).item() == pytest.approx(2.5)
     # window longer than the sequence: the whole mean
-    assert Pooling("window", window=16)(x, m).item() == pytest.approx(1.5)
+    assert Pooling.make("window", window=16)(x, m).item() == pytest.approx(1.5)
     w = torch.softmax(torch.tensor([1.0, 3.0, 2.0, 0.0]), 0)
-    assert Pooling("softmax", temperature=1.0)(x, m).item() == pytest.approx(
+    assert Pooling.make("softmax", temperature=1.0)(x, m).item() == pytest.approx(
         float((w * x[0, :, 0]).sum()), rel=1e-6
     )
 
@@ -66,13 +78,20 @@ def test_known_answers() -> None:
 def test_softmax_limits_and_ema_alpha_one() -> None:
     v, off = _ragged([5, 9], 4, 0)
     torch.testing.assert_close(
-        Pooling("softmax", temperature=1e6).ragged(v, off), Pooling("mean").ragged(v, off), atol=1e-4, rtol=0
+        Pooling.make("softmax", temperature=1e6).ragged(v, off),
+        Pooling.make("mean").ragged(v, off),
+        atol=1e-4,
+        rtol=0,
     )
     torch.testing.assert_close(
-        Pooling("softmax", temperature=1e-4).ragged(v, off), Pooling("max").ragged(v, off)
+        Pooling.make("softmax", temperature=1e-4).ragged(v, off), Pooling.make("max").ragged(v, off)
     )
-    torch.testing.assert_close(Pooling("ema", alpha=1.0).ragged(v, off), Pooling("max").ragged(v, off))
-    torch.testing.assert_close(Pooling("window", window=1).ragged(v, off), Pooling("max").ragged(v, off))
+    torch.testing.assert_close(
+        Pooling.make("ema", alpha=1.0).ragged(v, off), Pooling.make("max").ragged(v, off)
+    )
+    torch.testing.assert_close(
+        Pooling.make("window", window=1).ragged(v, off), Pooling.make("max").ragged(v, off)
+    )
 
 
 def test_scores_1d_and_chunked_memmap(tmp_path) -> None:
@@ -92,18 +111,18 @@ def test_scores_1d_and_chunked_memmap(tmp_path) -> None:
 
 
 def test_parse_and_errors() -> None:
-    assert Pooling.parse("ema0.25") == Pooling("ema", alpha=0.25)
+    assert Pooling.parse("ema0.25") == Pooling.make("ema", alpha=0.25)
     assert Pooling.parse("window:8").window == 8
     assert Pooling.parse({"kind": "softmax", "temperature": 2}).temperature == 2
     assert {Pooling.parse(k).kind for k in POOL_KINDS} == set(POOL_KINDS)
     with pytest.raises(PoolingError, match="unknown pooling"):
-        Pooling.parse("median")
+        Pooling.parse("mode")
     with pytest.raises(PoolingError, match="alpha"):
-        Pooling("ema", alpha=0.0)
+        Pooling.make("ema", alpha=0.0)
     with pytest.raises(PoolingError, match="no scored tokens"):
-        Pooling("mean")(torch.zeros(2, 3, 1), torch.tensor([[1, 1, 0], [0, 0, 0]], dtype=torch.bool))
+        Pooling.make("mean")(torch.zeros(2, 3, 1), torch.tensor([[1, 1, 0], [0, 0, 0]], dtype=torch.bool))
     with pytest.raises(PoolingError, match="offsets"):
-        Pooling("mean").ragged(torch.zeros(5, 2), np.array([0, 2, 4]))
+        Pooling.make("mean").ragged(torch.zeros(5, 2), np.array([0, 2, 4]))
     with pytest.raises(PoolingError, match="unknown key"):
         Pooling.parse({"kind": "ema", "beta": 1})
 
@@ -111,7 +130,7 @@ def test_parse_and_errors() -> None:
 @settings(max_examples=30, deadline=None)
 @given(
     lengths=st.lists(st.integers(1, 24), min_size=1, max_size=5),
-    kind=st.sampled_from(ALL),
+    kind=st.sampled_from(STREAMABLE),
     seed=st.integers(0, 1000),
 )
 def test_streaming_shares_the_pooling_definition(lengths: list[int], kind: str, seed: int) -> None:
@@ -119,7 +138,8 @@ def test_streaming_shares_the_pooling_definition(lengths: list[int], kind: str, 
     score is the pooled value of the whole sequence for every kind, and the stopping statistic (max over the
     stream, end-of-stream step included) is the pooled value for max / EMA / window, also for sequences
     shorter than the window (scored at the end only)."""
-    from probes.token import Ragged, TokenProbe
+    from probes.ragged import Ragged
+    from probes.token import TokenProbe
 
     v, off = _ragged(lengths, 1, seed)
     v = v.float()
@@ -136,3 +156,22 @@ def test_streaming_shares_the_pooling_definition(lengths: list[int], kind: str, 
     if p.kind == "window":  # no running score before the first full window
         for r in rep.running:
             assert np.isnan(r[: p.window - 1]).all() and not np.isnan(r[p.window - 1 :]).any()
+
+
+def test_median_pooling() -> None:
+    """The median of the scored tokens (the mean of the two middle values for an even count), element-wise,
+    padded and ragged alike; costed at 3 FLOPs per element; no streaming form."""
+    x = torch.tensor([[4.0, 1.0, 3.0, 2.0, 9.0], [5.0, -1.0, 7.0, 0.0, 0.0]]).unsqueeze(-1)
+    m = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 1]], dtype=torch.bool)
+    med = Pooling.parse("median")
+    assert med.name == "median" and med.params() == {"kind": "median"}
+    torch.testing.assert_close(med(x, m)[:, 0], torch.tensor([3.0, 2.5]))  # odd count; 5, -1, 7, 0 -> 2.5
+    v, off = _ragged([1, 2, 7, 8], 3, 5)
+    expect = np.stack([np.median(v[off[i] : off[i + 1]].numpy(), 0) for i in range(4)])
+    np.testing.assert_allclose(med.ragged(v, off).numpy(), expect)
+    assert med.flops_per_element == 3.0 and not med.streamable
+    with pytest.raises(PoolingError, match="no streaming form"):
+        med.init(2)
+    from probes.cost import CostModel
+
+    assert CostModel.pooling_flops("median", 4) == 12.0

@@ -25,9 +25,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from probes.attention import AttentionProbe
+from probes.diffmeans import DiffMeansProbe
 from probes.io import LIMITS, ProbeLoadError, load_probe, save_probe
-from probes.linear import DiffMeansProbe, LDAProbe, LogisticProbe, MultiLayerProbe
-from probes.token import AttentionProbe, MultiMaxProbe, Ragged, TokenProbe
+from probes.lda import LDAProbe
+from probes.logistic import LogisticProbe
+from probes.multilayer import MultiLayerProbe
+from probes.multimax import MultiMaxProbe
+from probes.ragged import Ragged
+from probes.token import TokenProbe
 from sae.features import LatentEncoder
 from sae.probe import SAEFeatureProbe
 
@@ -295,7 +301,7 @@ def test_mutated_probe_folders_raise_only_probe_load_error(saved, family, data) 
 # ---------------------------------------------------------------------------------------------- other loaders
 @pytest.fixture(scope="module")
 def tfidf_folder(tmp_path_factory) -> Path:
-    from probes.baselines import TfidfClassifier
+    from probes.tfidf import TfidfClassifier
 
     texts = [f"{'bomb' if i % 2 else 'cake'} recipe number {i}" for i in range(30)]
     clf = TfidfClassifier(char_ngrams=(3, 4)).fit(texts, [i % 2 for i in range(30)])
@@ -307,7 +313,7 @@ def tfidf_folder(tmp_path_factory) -> Path:
 @FUZZ
 @given(data=st.data())
 def test_mutated_tfidf_folders_raise_only_probe_load_error(tfidf_folder, data) -> None:
-    from probes.baselines import TextClassifier
+    from probes.text import TextClassifier
 
     with tempfile.TemporaryDirectory() as tmp:
         dst = Path(tmp) / "c"
@@ -325,8 +331,7 @@ def finetuned(tmp_path_factory) -> tuple[Any, Path]:
     from probes.finetune import FinetunedLayers
 
     model = make_tiny_model(n_layers=2, d_model=16, n_heads=2, d_mlp=32, seed=0)
-    clf = FinetunedLayers(k=1, mode="lora", rank=2)
-    clf._setup(model)
+    clf = FinetunedLayers(model, k=1, mode="lora", rank=2)
     clf.fitted_ = True
     p = tmp_path_factory.mktemp("ft") / "c"
     clf.save(p, metadata={"model_id": "tiny"})

@@ -11,8 +11,8 @@ import pytest
 
 from activations.collect import _Interrupted, collect
 from activations.tiny import make_tiny_model, plant_direction
-from experiments.run import run_sweep
-from experiments.spec import parse_spec
+from experiments.sweep.engine import run_sweep
+from experiments.sweep.spec import parse_spec
 from tests.conftest import HARM_WORDS, planted_dataset
 
 ray = pytest.importorskip("ray")
@@ -77,15 +77,14 @@ def _stores(out):
 
 
 def test_ray_sweep_equals_local_sweep(tmp_path, tiny_model, ray_local) -> None:
-    from experiments.ray_backend import run_sweep_ray
-
     spec = _spec(tmp_path)
     local = run_sweep(spec, tmp_path / "local", base=tmp_path, model=tiny_model, progress=False)
-    remote = run_sweep_ray(
+    remote = run_sweep(
         spec,
         tmp_path / "ray",
         base=tmp_path,
         model=tiny_model,
+        backend="ray",
         model_factory=tiny_factory,
         n_collectors=2,
         progress=False,
@@ -134,7 +133,7 @@ def test_ray_sweep_equals_local_sweep(tmp_path, tiny_model, ray_local) -> None:
 
 
 def test_sharded_collection_resumes_a_killed_local_one(tmp_path, tiny_model, ray_local) -> None:
-    from experiments.ray_backend import collect_sharded, start_collectors
+    from experiments.backends.ray import ActorBatches, start_collectors
 
     ds = planted_dataset(n=48, seed=3)
     kw = {
@@ -149,7 +148,8 @@ def test_sharded_collection_resumes_a_killed_local_one(tmp_path, tiny_model, ray
         collect(tiny_model, ds, tmp_path / "part", _stop_after_batches=2, **kw)
     actors = start_collectors(tiny_factory, n=2)
     try:
-        st = collect_sharded(tiny_model, ds, tmp_path / "part", actors=actors, chunk_batches=1, **kw)
+        runner = ActorBatches(actors, tiny_model, chunk_batches=1)
+        st = collect(tiny_model, ds, tmp_path / "part", run_batches=runner, **kw)
     finally:
         for a in actors:
             ray.kill(a)
@@ -161,13 +161,14 @@ def test_sharded_collection_resumes_a_killed_local_one(tmp_path, tiny_model, ray
 
 
 def test_collector_with_another_model_is_refused(tmp_path, tiny_model, ray_local) -> None:
-    from experiments.ray_backend import RayBackendError, collect_sharded, start_collectors
+    from experiments.backends.ray import ActorBatches, RayBackendError, start_collectors
 
     other = make_tiny_model(n_layers=3, d_model=32, n_heads=4, d_mlp=64, seed=0)  # no planted direction
     actors = start_collectors(lambda: other, n=1)
     try:
         with pytest.raises(RayBackendError, match="weights_sample"):
-            collect_sharded(tiny_model, planted_dataset(n=8), tmp_path / "s", actors=actors, progress=False)
+            runner = ActorBatches(actors, tiny_model)
+            collect(tiny_model, planted_dataset(n=8), tmp_path / "s", run_batches=runner, progress=False)
     finally:
         ray.kill(actors[0])
     assert not (tmp_path / "s").exists()
@@ -177,9 +178,8 @@ def test_local_backend_does_not_import_ray() -> None:
     """--backend local (the default) works where Ray is not installed."""
     code = (
         "import sys; sys.modules['ray'] = None\n"  # an import of ray would fail
-        "import experiments.run, experiments.cli\n"
-        "from experiments.run import SweepError, run_sweep\n"
-        "from experiments.spec import load_spec\n"
+        "import experiments, experiments.cli\n"
+        "from experiments import SweepError, load_spec, run_sweep\n"
         "sp, _ = load_spec('demo.yaml')\n"
         "try:\n    run_sweep(sp, '/nonexistent/x', backend='nope')\nexcept SweepError as e:\n"
         "    assert 'local, ray' in str(e), e\n"

@@ -15,9 +15,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from experiments.html_report import best_per_cost_band, build_report, cost_band
-from experiments.run import run_sweep
-from experiments.spec import parse_spec
+from experiments.analysis.report import best_per_cost_band, cost_band
+from experiments.sweep.engine import run_sweep
+from experiments.sweep.spec import parse_spec
+from experiments.viz.report import build_report
 from tests.conftest import planted_dataset
 
 

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from activations.data import Example, PromptDataset
-from experiments.robustness import (
+from experiments.analysis.robustness import (
     CLEAN,
     COLUMNS,
     CONTRAST,
@@ -20,8 +20,9 @@ from experiments.robustness import (
     prepare_data,
     run_robustness,
 )
-from experiments.run import load_sweep_data, run_sweep
-from experiments.spec import parse_spec
+from experiments.sweep.data import load_sweep_data
+from experiments.sweep.engine import run_sweep
+from experiments.sweep.spec import parse_spec
 from tests.conftest import planted_dataset
 
 
@@ -172,7 +173,7 @@ def test_bad_input_errors(sweep_dir, tiny_model, tmp_path) -> None:
 def test_cli_robustness(sweep_dir, tmp_path, monkeypatch, tiny_model) -> None:
     from experiments.cli import app
 
-    monkeypatch.setattr("activations.models.load_model", lambda ref: tiny_model)
+    monkeypatch.setattr("experiments.analysis.robustness.load_model", lambda ref: tiny_model)
     planted_dataset(n=16, seed=4).to_jsonl(tmp_path / "d.jsonl")
     runner = CliRunner()
     res = runner.invoke(

@@ -8,14 +8,15 @@ import torch
 
 from activations.collect import collect
 from activations.tiny import make_tiny_model, plant_direction
+from experiments.viz.sae import latent_figure
 from probes.io import load_probe
-from probes.linear import LogisticProbe
+from probes.logistic import LogisticProbe
 from probes.metrics import auroc
 from sae.features import LatentEncoder, SparseLatents, encode_store, pooled_latents
 from sae.load import SAEHookMismatchError, SAELoadError, check_hook, load_pretrained, load_sae, save_sae
 from sae.probe import SAEFeatureProbe, sae_probe_cost, select_latents
 from sae.train import SAETrainConfig, store_batches, train_sae
-from sae.view import latent_figure, latent_table
+from sae.view import latent_table
 from tests.conftest import HARM_WORDS, planted_dataset
 
 HOOK = "blocks.1.hook_resid_post"
@@ -230,7 +231,7 @@ def test_latent_view(trained, store, planted_model) -> None:
 
 
 def test_sweep_with_sae_kinds(tmp_path, planted_model) -> None:
-    from experiments.run import run_sweep
+    from experiments.sweep.engine import run_sweep
     from tests.test_sweep import _spec
 
     m, _ = planted_model

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from safetensors.numpy import load_file
 
-from experiments import plots
-from experiments.run import run_sweep
-from experiments.selection import annotate, pick, selection_summary
+from experiments.analysis.selection import annotate, pick, selection_summary
+from experiments.sweep.engine import run_sweep
+from experiments.viz import results as plots
 from probes.selection import Selection, select_best, select_scores, tie_order, val_metrics
 from tests.test_sweep import _spec
 

@@ -11,6 +11,9 @@ import pytest
 import torch
 
 from activations.collect import collect
+from experiments.viz.stream import recall_figure, token_figure
+from probes.attention import AttentionProbe
+from probes.ragged import ragged_from_store
 from probes.stream import (
     MonitorError,
     StreamCalibration,
@@ -20,11 +23,9 @@ from probes.stream import (
     catch_positions,
     generate_tokens,
     recall_by_tokens,
-    recall_figure,
     stream_max_scores,
-    token_figure,
 )
-from probes.token import AttentionProbe, TokenProbe, TokenProbeBase, ragged_from_store
+from probes.token import TokenProbe, TokenProbeBase
 from tests.conftest import planted_dataset
 
 HOOK = "blocks.1.hook_resid_post"
@@ -211,10 +212,10 @@ def test_monitor_warns_on_a_threshold_not_calibrated_on_responses(tiny_model, tr
 def test_calibrate_monitor_cli(tiny_model, trained, tmp_path, monkeypatch) -> None:
     from typer.testing import CliRunner
 
-    import activations.models
+    import probes.stream
     from experiments.cli import app
 
-    monkeypatch.setattr(activations.models, "load_model", lambda name, **kw: tiny_model)
+    monkeypatch.setattr(probes.stream, "load_model", lambda name, **kw: tiny_model)
     d = _saved(
         trained[0], tiny_model, tmp_path / "p", stream_threshold_1pct=0.3, stream_threshold_positions="prompt"
     )
@@ -238,7 +239,7 @@ def test_calibrate_monitor_cli(tiny_model, trained, tmp_path, monkeypatch) -> No
 
 def test_generate_exchanges_and_errors(tiny_model, tmp_path, trained) -> None:
     from activations.data import load_jsonl
-    from experiments.generate import generate_exchanges, write_exchanges
+    from experiments.analysis.generation import generate_exchanges, write_exchanges
 
     ds = planted_dataset(n=6, seed=5)
     ex = generate_exchanges(tiny_model, ds, max_new_tokens=5, batch_size=4, progress=False)

@@ -8,11 +8,12 @@ import pytest
 
 from activations.data import load_dataset
 from activations.tiny import make_tiny_model
-from experiments import run as run_mod
-from experiments.report import headline_table
-from experiments.run import SweepError, load_run_scores, run_sweep
-from experiments.scoring import ScoreError, score_dataset
-from experiments.spec import SpecError, expand, parse_spec
+from experiments.analysis.report import headline_table
+from experiments.analysis.scoring import ScoreError, score_dataset
+from experiments.backends import local as run_mod
+from experiments.sweep.engine import run_sweep
+from experiments.sweep.results import SweepError, load_run_scores
+from experiments.sweep.spec import SpecError, expand, parse_spec
 from probes.selection import SELECTION_METRICS, select_best
 from tests.conftest import planted_dataset
 
@@ -165,7 +166,7 @@ def test_killed_sweep_resumes_to_the_same_table(tmp_path, tiny_model, monkeypatc
 
 
 def test_a_kill_inside_a_group_keeps_the_kinds_already_finished(tmp_path, tiny_model, monkeypatch) -> None:
-    from experiments.registry import PROBE_KINDS, KindInfo, kinds
+    from experiments.kinds.registry import RUNNERS
 
     spec = _spec(
         tmp_path,
@@ -173,17 +174,16 @@ def test_a_kill_inside_a_group_keeps_the_kinds_already_finished(tmp_path, tiny_m
         probes=[{"kind": "logistic_l2"}, {"kind": "diffmeans"}],
         surface_baselines=False,
     )
-    info = kinds()["diffmeans"]
 
     def boom(g):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(PROBE_KINDS, "diffmeans", KindInfo("diffmeans", boom, info.per_layer, False))
+    monkeypatch.setitem(RUNNERS, "diffmeans", boom)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(spec, tmp_path / "part", base=tmp_path, model=tiny_model, progress=False)
     partial = pd.read_parquet(tmp_path / "part" / "results.parquet")
     assert set(partial["probe"]) == {"logistic_l2"}  # same group, finished before the kill: kept
-    monkeypatch.setitem(PROBE_KINDS, "diffmeans", info)
+    monkeypatch.delitem(RUNNERS, "diffmeans")
     done = run_sweep(spec, tmp_path / "part", base=tmp_path, model=tiny_model, progress=False)
     assert set(done["probe"]) == {"logistic_l2", "diffmeans"}
     assert len(done[done.probe == "logistic_l2"]) == len(partial)  # not refitted

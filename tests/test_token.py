@@ -10,17 +10,13 @@ import torch
 
 from activations.data import Example, PromptDataset
 from activations.tiny import make_tiny_model, plant_direction
-from experiments.run import run_sweep
-from experiments.spec import parse_spec
+from experiments.sweep.engine import run_sweep
+from experiments.sweep.spec import parse_spec
+from probes.attention import AttentionProbe
 from probes.io import load_probe
-from probes.token import (
-    AttentionProbe,
-    MultiMaxProbe,
-    Ragged,
-    TokenProbe,
-    softmax_weighted_bce,
-    window_means,
-)
+from probes.multimax import MultiMaxProbe
+from probes.ragged import Ragged
+from probes.token import TokenProbe, softmax_weighted_bce, window_means
 from tests.conftest import FILLER
 
 
@@ -152,7 +148,7 @@ def test_planted_mid_sequence_mean_fails_max_ema_window_succeed(tmp_path) -> Non
     meta = load_probe(row.probe_path).metadata_
     assert meta["stream_threshold_positions"] == "prompt" and meta["stream_equals_offline"] is True
     assert meta["stream_threshold_1pct"] == pytest.approx(row.stream_threshold_1pct)
-    from experiments.scoring import score_dataset
+    from experiments.analysis.scoring import score_dataset
 
     test = ds.filter(split="test")
     s, _ = score_dataset(row.probe_path, test, model)
@@ -189,7 +185,7 @@ def test_softmax_weighted_loss_limits_and_windows() -> None:
     from activations.pooling import Pooling
 
     torch.testing.assert_close(
-        torch.where(valid, z, -torch.inf).amax(1), Pooling("window", window=4)(logits, mask)
+        torch.where(valid, z, -torch.inf).amax(1), Pooling.make("window", window=4)(logits, mask)
     )
     y = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
     bce = torch.nn.functional.softplus(z) - y[:, None] * z

@@ -1,0 +1,21 @@
+"""``probe-atlas report DIR`` writes one self-contained HTML page of a sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from experiments.cli.main import command, console
+from experiments.viz.report import build_report
+
+
+@command("report")
+def report(
+    results: Annotated[Path, typer.Argument(help="a sweep folder with results.parquet (and spec.yaml)")],
+    out: Annotated[Path | None, typer.Option("--out", help="page to write (default DIR/report.html)")] = None,
+) -> None:
+    """Write DIR/report.html: spec, headline table, figures and best probe per cost band (offline)."""
+    path = build_report(results, out)
+    console.print(f"[green]wrote[/] {path} ({path.stat().st_size / 2**20:.1f} MiB)")

@@ -1,0 +1,137 @@
+"""Execute a sweep: collect what is missing, fit, select C on validation, evaluate, append results.
+
+Work is grouped by what shares pooled features: one *group* is (seed, hook kind, pooling), and within it a
+family's :meth:`~probes.scorer.Scorer.fit_grid` fits every layer × every C at once. Each finished kind
+appends its rows to ``DIR/results.parquet`` (atomically); runs already in the table are skipped, so a killed
+sweep resumes. Where the groups run is the backend's business (:mod:`experiments.backends`: in this
+process, or as Ray tasks); the rows are the same.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+from transformer_lens import HookedTransformer
+
+from activations.collect import HOOK_KINDS, collect, default_store_dir, model_fingerprint, parse_layers
+from activations.models import load_model
+from activations.store import ActivationStore, StoreKey
+from experiments.backends import Backend, get_backend
+from experiments.sweep.context import SweepContext
+from experiments.sweep.data import load_sweep_data, write_splits
+from experiments.sweep.groups import groups_of
+from experiments.sweep.results import RESULTS, check_sweep_dir, finalize_results, read_results
+from experiments.sweep.spec import SpecError, SweepSpec
+from probes.base import SWEEP_KINDS
+from probes.cost import CostModel
+
+__all__ = ["prepare", "run_sweep"]
+
+console = Console(stderr=True)
+
+
+def prepare(
+    spec: SweepSpec,
+    out: Path,
+    *,
+    base: Path | None = None,
+    model: HookedTransformer | None = None,
+    model_loader: Callable[[str], HookedTransformer] | None = None,
+    store_root: Path | None = None,
+    progress: bool = True,
+    collect_fn: Callable[..., ActivationStore] | None = None,
+) -> SweepContext:
+    """Check the folder, load data, collect missing stores; everything a sweep needs before fitting.
+
+    ``collect_fn`` replaces :func:`activations.collect.collect` (same signature), e.g. the Ray backend's
+    collection on actors."""
+    check_sweep_dir(out, spec)
+    data = load_sweep_data(spec, base)
+    write_splits(out, data)
+    if model is None:
+        console.print(f"[bold]loading model[/] {spec.model}")
+        model = (model_loader or load_model)(spec.model)
+    layers = parse_layers(spec.layers, model.cfg.n_layers)
+    hook_names = {h: [HOOK_KINDS[h].format(l=layer) for layer in layers] for h in spec.hooks}
+    for h in spec.hooks:
+        if h not in HOOK_KINDS:
+            raise SpecError(f"hooks: unknown hook {h!r}; expected one of {sorted(HOOK_KINDS)}")
+    all_hooks = [n for names in hook_names.values() for n in names]
+    for p in spec.all_probes():  # hooks a kind reads beside the spec's (the surface baseline's embeddings)
+        fixed = SWEEP_KINDS[p.kind].hook
+        if fixed is not None and fixed not in all_hooks:
+            all_hooks.append(fixed)
+    store_root = store_root or out / "stores"
+    stores = {}
+    fp = model_fingerprint(model)
+    for role, ds in data.all().items():
+        key = StoreKey(
+            **fp,
+            dataset_name=ds.name,
+            dataset_fingerprint=ds.fingerprint(),
+            hooks=tuple(all_hooks),
+            positions=spec.positions,
+            keep=spec.keep or spec.positions,
+            max_len=min(spec.max_len, model.cfg.n_ctx),
+            chat_template=bool(getattr(model.tokenizer, "chat_template", None)),
+        )
+        stores[role] = (collect_fn or collect)(
+            model,
+            ds,
+            default_store_dir(store_root, key),
+            hooks=all_hooks,
+            layers=None,
+            positions=spec.positions,
+            keep=spec.keep or spec.positions,
+            max_len=min(spec.max_len, model.cfg.n_ctx),
+            token_budget=spec.token_budget,
+            progress=progress,
+        )
+    cost = CostModel.from_config(model.cfg, context_len=spec.context_len)
+    ctx = SweepContext(spec, out, fp, cost, data, stores, hook_names, layers, model=model)
+    done = read_results(out)
+    ctx.done = set(done["run_id"]) if len(done) else set()
+    return ctx
+
+
+def run_sweep(
+    spec: SweepSpec,
+    out: str | Path,
+    *,
+    base: Path | None = None,
+    model: HookedTransformer | None = None,
+    store_root: Path | None = None,
+    progress: bool = True,
+    backend: str | Backend = "local",
+    address: str | None = None,
+    **backend_options: Any,
+) -> pd.DataFrame:
+    """Run (or resume) a sweep; returns the full results table.
+
+    ``backend``: ``local`` (this process, the default) or ``ray`` (``address``: the cluster; further
+    ``backend_options`` such as ``model_factory``, ``n_collectors``, ``task_cpus`` go to
+    :class:`~experiments.backends.ray.RayBackend`), or a :class:`~experiments.backends.base.Backend`."""
+    out = Path(out)
+    be = get_backend(backend, address=address, **backend_options)
+    t_start = time.perf_counter()
+    with be.session(spec, model) as session:
+        ctx = prepare(
+            spec,
+            out,
+            base=base,
+            model=session.model,
+            store_root=store_root,
+            progress=progress,
+            collect_fn=session.collect_fn,
+        )
+        session.run_groups(ctx, groups_of(ctx), progress=progress)
+    df = finalize_results(out)
+    console.print(
+        f"[green]done[/] in {time.perf_counter() - t_start:.1f}s: {len(df)} rows in {out / RESULTS}"
+    )
+    return df
