@@ -241,7 +241,7 @@ def test_pooling_flops_specs() -> None:
     assert CostModel.pooling_flops(Pooling.make("window", window=16), 10) == 20
     assert CostModel.pooling_flops("window", 10, window=4) == 20
     with pytest.raises(ValueError):
-        CostModel.pooling_flops("median", 10)
+        CostModel.pooling_flops("no_such_pooling", 10)
 
 
 # -------------------------------------------------------------------------------------------- cascade

@@ -118,6 +118,10 @@ def test_all_lookalikes_are_expanded_as_contrast(general: Constitution) -> None:
     assert all(e.label == 0.0 for e in looks)
     # the primary look-alike's examples are the same examples as in the default expansion
     assert set(first.ids) <= set(every.ids)
+
+
+@pytest.mark.usefixtures("unchecked")
+def test_unknown_lookalikes_choice_is_named(general: Constitution) -> None:
     with pytest.raises(ValueError, match="lookalikes"):
         generate_prompts(general, lookalikes="some")  # type: ignore[arg-type]
 

@@ -269,8 +269,12 @@ def test_shared_groups_are_dealt_by_share_or_given_by_precedence() -> None:
     assert again == owners
     first, _ = deal_groups(src, order, policy="precedence")
     assert set(first.values()) == {"jail", "gen"}
+
+
+@pytest.mark.usefixtures("unchecked")
+def test_unknown_dealing_policy_is_named() -> None:
     with pytest.raises(ValueError, match="shared_groups"):
-        deal_groups(src, order, policy="nope")  # type: ignore[arg-type]
+        deal_groups(synthetic_sources(), SYN_PRECEDENCE, policy="nope")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("policy", ["deal", "precedence"])

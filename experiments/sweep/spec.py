@@ -25,6 +25,7 @@ from activations.data import DataError, PromptDataset, load_dataset, normalize_t
 from activations.decontam import DecontamConfig
 from activations.matched import rewrap
 from activations.pooling import Pooling, PoolingError
+from activations.shared_sources import default_shared_root
 from probes.base import SWEEP_KINDS
 from probes.selection import DEFAULT_SELECT
 
@@ -57,14 +58,9 @@ class SpecError(ValueError):
 
 
 def shared_root() -> Path:
-    """Where ``shared:`` paths point: ``$PROBE_ATLAS_SHARED``, else ``../shared`` near the repo or cwd."""
-    env = os.environ.get("PROBE_ATLAS_SHARED")
-    if env:
-        return Path(env)
-    for cand in (REPO_ROOT.parent / "shared", Path.cwd().parent / "shared", Path.cwd() / "shared"):
-        if cand.exists():
-            return cand
-    return REPO_ROOT.parent / "shared"
+    """Where ``shared:`` paths point: ``$PROBE_ATLAS_SHARED``, else ``../shared`` near the repo or cwd
+    (:func:`activations.shared_sources.default_shared_root`)."""
+    return default_shared_root()
 
 
 class _Frozen(BaseModel):
