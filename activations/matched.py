@@ -16,6 +16,7 @@ wrappers for those.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import replace
 
@@ -67,6 +68,11 @@ def _by_group(ds: PromptDataset, what: str) -> dict[str, Example]:
     return out
 
 
+def _target_sub(noun: str, m: re.Match[str]) -> str:
+    """The affirmative target string's request part replaced by ``noun``."""
+    return m.group(1) + noun
+
+
 def rewrap(requests: PromptDataset, wrapped: PromptDataset, goals: PromptDataset) -> PromptDataset:
     """``requests`` (e.g. harmless twins) placed into the wrappers of ``wrapped`` (e.g. jailbreaks), aligned
     by cross-source group through the original requests ``goals``.
@@ -90,7 +96,7 @@ def rewrap(requests: PromptDataset, wrapped: PromptDataset, goals: PromptDataset
             continue
         lo, hi, form = where
         text = w.text[:lo] + _styled(r.text, form) + w.text[hi:]
-        text, n_targets = _TARGET.subn(lambda m, t=r.text: m.group(1) + _noun_phrase(t), text)
+        text, n_targets = _TARGET.subn(functools.partial(_target_sub, _noun_phrase(r.text)), text)
         meta = {**r.meta_dict(), "wrapper_of": w.id, "request": r.text, "targets_rewritten": n_targets}
         out.append(
             replace(

@@ -88,7 +88,7 @@ class SweepKind:
     (the token embeddings of the surface baseline) and ``hook_label`` names it in the results."""
 
     name: str
-    build: Callable[[Mapping[str, Any]], tuple[type, dict[str, Any]]]
+    build: Callable[[Mapping[str, Any]], tuple[type[Any], dict[str, Any]]]
     per_layer: bool = True
     uses_C: bool = True
     params: frozenset[str] = field(default_factory=frozenset)
@@ -103,7 +103,7 @@ class SweepKind:
 
 
 #: saved kind -> scorer class, filled by :func:`register_scorer`
-SCORERS: dict[str, type] = {}
+SCORERS: dict[str, type[Any]] = {}
 #: sweep kind name -> :class:`SweepKind`, filled by :func:`register_scorer` from each class's ``sweep_kinds``
 SWEEP_KINDS: dict[str, SweepKind] = {}
 
@@ -127,7 +127,7 @@ def register_scorer(cls: C) -> C:
     return cls
 
 
-def scorer_class(kind: str) -> type:
+def scorer_class(kind: str) -> type[Any]:
     """The registered class of a saved ``kind`` (only ever a key of :data:`SCORERS`: nothing is imported by
     a name read from a file). Families register when their module is imported: ``import probes`` imports
     every family of this package, ``import sae`` the SAE-feature probe."""

@@ -161,7 +161,7 @@ def cheapest_matching(
     return min(ok, key=lambda p: p[cost]) if ok else None
 
 
-def _build(entry: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+def _build(entry: Mapping[str, Any]) -> tuple[type[Any], dict[str, Any]]:
     p = entry.get("params") or {}
     return Cascade, {
         "block_rate": float(p.get("block_rate", 0.0)),

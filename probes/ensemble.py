@@ -145,7 +145,7 @@ def ensemble_cost(
     return cm.cost_views(marginal, own + shared, shared, (), "ensemble")
 
 
-def _build(entry: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+def _build(entry: Mapping[str, Any]) -> tuple[type[Any], dict[str, Any]]:
     p = entry.get("params") or {}
     return Ensemble, {
         "method": str(p.get("method", "zscore")),
@@ -261,10 +261,10 @@ class Ensemble(Scorer):
                 raise ProbeLoadError(f"{file}: intercept must be a number")
             st = StackingEnsemble()
             st.coef_, st.intercept_ = arrays["coef"], float(doc["intercept"])
-            z = doc.get("z_mean"), doc.get("z_std")
-            if all(isinstance(v, list) and len(v) == len(members or []) and all(map(_number, v)) for v in z):
+            zs = doc.get("z_mean"), doc.get("z_std")
+            if all(isinstance(v, list) and len(v) == len(members or []) and all(map(_number, v)) for v in zs):
                 st._z = ZScoreEnsemble()
-                st._z.mean_, st._z.std_ = np.asarray(z[0], np.float64), np.asarray(z[1], np.float64)
+                st._z.mean_, st._z.std_ = np.asarray(zs[0], np.float64), np.asarray(zs[1], np.float64)
             ens.combiner_ = st
         return ens
 

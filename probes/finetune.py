@@ -322,11 +322,11 @@ def _train_kw(entry: Mapping[str, Any]) -> dict[str, Any]:
     return {**kw, "seed": int(entry.get("seed", 0))}
 
 
-def _finetune_kind(entry: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+def _finetune_kind(entry: Mapping[str, Any]) -> tuple[type[Any], dict[str, Any]]:
     return FinetunedLayers, {"k": int((entry.get("params") or {}).get("k", 1)), **_train_kw(entry)}
 
 
-def _standalone_kind(entry: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+def _standalone_kind(entry: Mapping[str, Any]) -> tuple[type[Any], dict[str, Any]]:
     """``model: policy`` (the first ``n_layers`` blocks of the sweep's model) or ``model: minilm``."""
     p = dict(entry.get("params") or {})
     which = str(p.pop("model", "policy"))
@@ -500,7 +500,8 @@ class LayerStack(Scorer):
         self.fitted_ = True
         vy = None if val is None else (np.asarray(val_y, dtype=np.float64) >= 0.5).astype(int)
         rec0 = {"epoch": 0, "train_loss": float("nan"), "val_auroc": float("nan"), "val_loss": float("nan")}
-        best_state, best_key = None, (-math.inf,) * 5
+        best_state = None
+        best_key: tuple[float, ...] = (-math.inf,) * 5
         if val is not None and vy is not None:
             best_key, best_state = self._evaluate_val(val, vy, select_metric, rec0), self.trained_state()
         self.history_ = [rec0]

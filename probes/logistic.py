@@ -34,7 +34,7 @@ def _logistic(penalty: str | None) -> Any:
     """A sweep kind's builder: the spec entry's regularization options (``penalty`` fixed by the kind, or
     the entry's own)."""
 
-    def build(entry: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+    def build(entry: Mapping[str, Any]) -> tuple[type[Any], dict[str, Any]]:
         return LogisticProbe, {
             "penalty": penalty or entry.get("penalty", "l2"),
             "l1_ratio": entry.get("l1_ratio", 0.5),

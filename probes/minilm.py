@@ -87,7 +87,7 @@ def _load_encoder(folder: Path) -> tuple[Any, Any]:
 
     with _quiet_hf():
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-        extra = {"add_pooling_layer": False} if config.model_type == "bert" else {}
+        extra: dict[str, Any] = {"add_pooling_layer": False} if config.model_type == "bert" else {}
         model = AutoModel.from_pretrained(str(folder), local_files_only=True, **extra)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     model.eval()

@@ -22,7 +22,7 @@ __all__ = ["MultiLayerProbe"]
 BASE_KINDS = ("logistic", "diff_means", "lda")
 
 
-def _build(entry: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+def _build(entry: Mapping[str, Any]) -> tuple[type[Any], dict[str, Any]]:
     return MultiLayerProbe, {
         "layers": entry["layers"],
         "penalty": entry.get("penalty", "l2"),

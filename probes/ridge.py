@@ -30,7 +30,7 @@ from probes.base import POOLED, SweepKind, register_scorer
 __all__ = ["RidgeProbe"]
 
 
-def _build(entry: Any) -> tuple[type, dict[str, Any]]:
+def _build(entry: Any) -> tuple[type[Any], dict[str, Any]]:
     return RidgeProbe, {"class_weight": entry.get("class_weight", "balanced")}
 
 

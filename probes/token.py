@@ -339,7 +339,7 @@ def train_kw(entry: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _linear(pools: Any) -> Any:
-    def build(entry: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+    def build(entry: Mapping[str, Any]) -> tuple[type[Any], dict[str, Any]]:
         return TokenProbe, {**pools(entry.get("params") or {}), **train_kw(entry)}
 
     return build
@@ -379,7 +379,7 @@ def heads_kind(name: str, family: Any, description: str) -> SweepKind:
     """The sweep kind of a learned-aggregation family with ``heads`` (attention, MultiMax); ``family()``
     returns its class."""
 
-    def build(entry: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+    def build(entry: Mapping[str, Any]) -> tuple[type[Any], dict[str, Any]]:
         return family(), {"heads": int((entry.get("params") or {}).get("heads", 4)), **train_kw(entry)}
 
     build.__qualname__ = f"heads_kind.{name}"

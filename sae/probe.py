@@ -60,7 +60,7 @@ _HEAD_KEYS = ("C", "penalty", "l1_ratio", "class_weight")
 def _sae_kind(k: int | None) -> Any:
     """A sweep kind's builder: ``k`` latents (None: every latent, or ``params.k`` for the ``sae`` kind)."""
 
-    def build(entry: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+    def build(entry: Mapping[str, Any]) -> tuple[type[Any], dict[str, Any]]:
         p = entry.get("params") or {}
         return SAEFeatureProbe, {
             "k": k,

@@ -260,12 +260,22 @@ def evaluate_scores(
         harmful = ctx.labels(f"test:{name}") >= 0.5
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            kw = {"benign_control_scores": control, "benign_heldout_scores": heldout, "n_boot": n_boot}
-            if harmful.all():
-                yy = np.concatenate([np.ones(len(s), int), np.zeros(len(control), int)])
-                m = evaluate(yy, np.concatenate([s, control]), seed=seed, **kw)
-            elif harmful.any():
-                m = evaluate(harmful.astype(int), s, seed=seed, **kw)
+            m: dict[str, Any] = {}
+            if harmful.any():
+                yy, ss = harmful.astype(int), s
+                if harmful.all():
+                    yy = np.concatenate([np.ones(len(s), int), np.zeros(len(control), int)])
+                    ss = np.concatenate([s, control])
+                m.update(
+                    evaluate(
+                        yy,
+                        ss,
+                        seed=seed,
+                        benign_control_scores=control,
+                        benign_heldout_scores=heldout,
+                        n_boot=n_boot,
+                    )
+                )
             else:
                 m = {
                     "auroc": float("nan"),
