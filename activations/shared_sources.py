@@ -63,6 +63,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from activations.augment import augment_dataset, wrap_each
+from activations.builtin import WRAPPERS
+from activations.constitution import generate_prompts, load_constitution
 from activations.data import (
     DataError,
     Example,
@@ -73,6 +76,7 @@ from activations.data import (
 )
 from activations.data import register_source as register_dataset_source
 from activations.decontam import REASONS, DecontamConfig, Reference, decontaminate
+from activations.matched import rewrap
 
 __all__ = [
     "PRECEDENCE",
@@ -283,8 +287,6 @@ def _jbb_artifacts(root: Path, seed: int) -> PromptDataset:
     """JBB's jailbreak artifacts (label 1, ``meta.request`` = the JBB goal where the artifact contains it),
     and their own negatives: JBB's benign twins in the very same wrappers (:func:`activations.matched.rewrap`)
     and, for the paraphrasing attacks, in role-play / hypothetical wrappers."""
-    from activations.augment import augment_dataset
-    from activations.matched import rewrap
 
     arts = _read(root, F.format("jbb_artifacts"), "jbb_artifacts")
     jbb = _read(root, F.format("jailbreakbench"), "jbb_artifacts")
@@ -311,7 +313,6 @@ def _gptfuzz(root: Path, seed: int) -> PromptDataset:
 @functools.lru_cache(maxsize=2)
 def _constitution_full(seed: int) -> PromptDataset:
     """Every (topic, surface form) of the shipped constitution, every look-alike (no splits)."""
-    from activations.constitution import generate_prompts, load_constitution
 
     return generate_prompts(
         load_constitution("general"), seed=seed, lookalikes="all", forms="all", split=False
@@ -328,8 +329,6 @@ def _generated(name: str, kinds: Sequence[str] | None = None) -> Loader:
 
 
 def _wrap(ds: PromptDataset, seed: int) -> PromptDataset:
-    from activations.augment import wrap_each
-    from activations.builtin import WRAPPERS
 
     return wrap_each(ds, WRAPPERS, seed=seed, name=ds.name)
 
