@@ -19,6 +19,7 @@ and pooled alike (a row's cost is read from its own cost column).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -232,60 +233,13 @@ def auroc_by_layer(
         horizontal_spacing=0.04 if len(eval_sets) > 1 else 0.0,
     )
     shown: set[str] = set()
-    hover = (
-        "%{fullData.name}<br>layer %{x}<br>" + _label(metric) + " %{y:.4f}%{customdata[3]}"
-        "<br>C %{customdata[0]}<br>seeds %{customdata[1]}<br>run %{customdata[2]}<extra></extra>"
-    )
+    style = _LayerStyle(keys, metric, colour, dash, ref_colour, x_span)
     for col, es in enumerate(eval_sets, start=1):
         sub = best[best["eval_set"] == es]
         n_lines = sub[sub["_layer"] >= 0].groupby(keys, dropna=False).ngroups
         bars = error_bars if error_bars is not None else n_lines <= 8
         for _, series in sub.groupby(keys, sort=True, dropna=False):
-            series = series.sort_values("_layer")
-            head = series.iloc[0]
-            name = _series_name(head, keys)
-            per_layer = series[series["_layer"] >= 0]
-            no_layer = series[series["_layer"] < 0]
-            line = {"color": colour[str(head["pooling"])], "dash": dash[str(head["probe"])], "width": 2}
-            if not per_layer.empty:
-                custom = _custom_columns(per_layer)
-                fig.add_trace(
-                    go.Scatter(
-                        x=per_layer["_layer"],
-                        y=per_layer[metric],
-                        mode="lines+markers",
-                        name=name,
-                        legendgroup=name,
-                        showlegend=name not in shown,
-                        line=line,
-                        marker={"size": 5},
-                        error_y=_error_y(per_layer, metric) if bars else None,
-                        customdata=custom,
-                        hovertemplate=hover,
-                    ),
-                    row=1,
-                    col=col,
-                )
-                shown.add(name)
-            if not no_layer.empty:
-                value = float(no_layer[metric].iloc[0])
-                ref = f"{name} (no single layer)"
-                fig.add_trace(
-                    go.Scatter(
-                        x=x_span,
-                        y=[value, value],
-                        mode="lines",
-                        name=ref,
-                        legendgroup=ref,
-                        showlegend=ref not in shown,
-                        line={"color": ref_colour[name], "dash": "dot", "width": 1.5},
-                        hovertemplate=f"{ref}<br>{_label(metric)} {value:.4f}"
-                        f"<br>C {_fmt_c(no_layer['C'].iloc[0])}<extra></extra>",
-                    ),
-                    row=1,
-                    col=col,
-                )
-                shown.add(ref)
+            _add_layer_series(fig, series.sort_values("_layer"), col, style, bars, shown)
         fig.update_xaxes(title_text="layer", row=1, col=col)
     fig.update_yaxes(title_text=_label(metric), row=1, col=1)
     title = f"{_label(metric)} by layer" + (f" — {eval_sets[0]}" if len(eval_sets) == 1 else "")
@@ -298,6 +252,76 @@ def auroc_by_layer(
         legend={"title": {"text": " · ".join(keys)}, "tracegroupgap": 2},
     )
     return fig
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerStyle:
+    """What :func:`auroc_by_layer` draws every series with."""
+
+    keys: list[str]
+    metric: str
+    colour: Mapping[str, str]  # pooling -> colour
+    dash: Mapping[str, str]  # probe -> dash
+    ref_colour: Mapping[str, str]  # series without a layer -> colour
+    x_span: list[int]
+
+
+def _add_layer_series(
+    fig: go.Figure, series: pd.DataFrame, col: int, st: _LayerStyle, bars: bool, shown: set[str]
+) -> None:
+    """One series of :func:`auroc_by_layer` in facet ``col``: its per-layer line, and a dotted reference line
+    across the layer range for its rows without a single layer. ``shown``: legend entries already drawn."""
+    metric = st.metric
+    head = series.iloc[0]
+    name = _series_name(head, st.keys)
+    per_layer = series[series["_layer"] >= 0]
+    no_layer = series[series["_layer"] < 0]
+    if not per_layer.empty:
+        hover = (
+            "%{fullData.name}<br>layer %{x}<br>" + _label(metric) + " %{y:.4f}%{customdata[3]}"
+            "<br>C %{customdata[0]}<br>seeds %{customdata[1]}<br>run %{customdata[2]}<extra></extra>"
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=per_layer["_layer"],
+                y=per_layer[metric],
+                mode="lines+markers",
+                name=name,
+                legendgroup=name,
+                showlegend=name not in shown,
+                line={
+                    "color": st.colour[str(head["pooling"])],
+                    "dash": st.dash[str(head["probe"])],
+                    "width": 2,
+                },
+                marker={"size": 5},
+                error_y=_error_y(per_layer, metric) if bars else None,
+                customdata=_custom_columns(per_layer),
+                hovertemplate=hover,
+            ),
+            row=1,
+            col=col,
+        )
+        shown.add(name)
+    if not no_layer.empty:
+        value = float(no_layer[metric].iloc[0])
+        ref = f"{name} (no single layer)"
+        fig.add_trace(
+            go.Scatter(
+                x=st.x_span,
+                y=[value, value],
+                mode="lines",
+                name=ref,
+                legendgroup=ref,
+                showlegend=ref not in shown,
+                line={"color": st.ref_colour[name], "dash": "dot", "width": 1.5},
+                hovertemplate=f"{ref}<br>{_label(metric)} {value:.4f}"
+                f"<br>C {_fmt_c(no_layer['C'].iloc[0])}<extra></extra>",
+            ),
+            row=1,
+            col=col,
+        )
+        shown.add(ref)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -393,88 +417,16 @@ def cost_frontier(
     what = "cost_frontier"
     _check(df, ["probe", "pooling", "layer", "eval_set", metric, cost], what)
     df, eval_set = _select_eval_set(df, eval_set, what)
-    df = df.assign(_layer=_layer_key(df["layer"]), _cost=pd.to_numeric(df[cost], errors="coerce"))
-    n_nan = int(df["_cost"].isna().sum())
-    if n_nan:
-        logger.warning("%s: %d row(s) with NaN %s left out", what, n_nan, cost)
-        df = df[df["_cost"].notna()]
-    if df.empty:
-        raise ValueError(f"{what}: no rows with a finite {cost!r} for eval_set={eval_set!r}")
-    keys = _varying_keys(df, _BASE_KEYS)
-    best = _best_over_c(df, [*keys, "_layer"], metric)
-
-    positive = best.loc[best["_cost"] > 0, "_cost"]
-    floor = cost_floor if cost_floor is not None else (float(positive.min()) / 10 if len(positive) else 1.0)
-    clipped = best["_cost"] < floor
-    best["_raw_cost"] = best["_cost"]
-    best["_cost"] = best["_cost"].clip(lower=floor)
-    best["_note"] = np.where(
-        clipped, [f"<br>cost {c:g} clipped to {floor:.3g} for the log axis" for c in best["_raw_cost"]], ""
-    )
-    best["_layer_text"] = np.where(best["_layer"] >= 0, best["_layer"].astype(str), "all / none")
-
+    best, floor, n_clipped = _frontier_points(df, metric, cost, cost_floor, f"{what} (eval_set={eval_set!r})")
     probes = sorted(best["probe"].astype(str).unique())
     poolings = sorted(best["pooling"].astype(str).unique())
     colour = {p: _COLOURS[i % len(_COLOURS)] for i, p in enumerate(probes)}
     symbol = {p: _SYMBOLS[i % len(_SYMBOLS)] for i, p in enumerate(poolings)}
-    cost_label = COST_LABELS.get(cost, cost)
-    hover = (
-        "<b>%{customdata[0]}</b> · %{customdata[1]}<br>layer %{customdata[2]}, C %{customdata[3]}"
-        "<br>" + _label(metric) + " %{y:.4f}<br>" + cost + " %{customdata[5]}%{customdata[6]}"
-        "<br>run %{customdata[4]}<extra></extra>"
-    )
     bars = error_bars if error_bars is not None else len(best) <= 40
     fig = go.Figure()
     for i, p in enumerate(probes):
-        sub = best[best["probe"].astype(str) == p]
-        name = sub["probe"].astype(str)
-        if "variant" in sub:
-            name = name + sub["variant"].fillna("").astype(str).map(lambda v: f" ({v})" if v else "")
-        custom = np.stack(
-            [
-                name,
-                sub["pooling"].astype(str),
-                sub["_layer_text"],
-                sub["C"].map(_fmt_c),
-                sub["run_id"].astype(str) if "run_id" in sub else np.full(len(sub), ""),
-                sub["_raw_cost"].map(lambda c: f"{c:.4g}"),
-                sub["_note"],
-            ],
-            axis=1,
-        )
-        fig.add_trace(
-            go.Scatter(
-                x=sub["_cost"],
-                y=sub[metric],
-                mode="markers",
-                name=p,
-                legendgroup=f"probe:{p}",
-                showlegend=False,
-                marker={
-                    "color": colour[p],
-                    "symbol": [symbol[str(s)] for s in sub["pooling"]],
-                    "size": 9,
-                    "opacity": 0.85,
-                    "line": {"width": 0.5, "color": "white"},
-                },
-                error_y=_error_y(sub, metric) if bars else None,
-                customdata=custom,
-                hovertemplate=hover,
-                meta={"role": "points"},
-            )
-        )
-        fig.add_trace(  # the legend entry (a plain circle; clicking it toggles the probe's points)
-            go.Scatter(
-                x=[None],
-                y=[None],
-                mode="markers",
-                name=p,
-                legendgroup=f"probe:{p}",
-                legendgrouptitle={"text": "probe (colour)"} if i == 0 else None,
-                marker={"color": colour[p], "symbol": "circle", "size": 9},
-                hoverinfo="skip",
-                meta={"role": "colour-legend"},
-            )
+        _add_probe_points(
+            fig, best[best["probe"].astype(str) == p], p, i == 0, metric, cost, colour, symbol, bars
         )
     for s in poolings:  # legend entries for the symbols
         fig.add_trace(
@@ -504,8 +456,8 @@ def cost_frontier(
         )
     )
     title = f"{_label(metric)} vs cost — {eval_set}"
-    if clipped.any():
-        title += f" ({int(clipped.sum())} cost(s) clipped to the floor {floor:.3g} for the log axis)"
+    if n_clipped:
+        title += f" ({n_clipped} cost(s) clipped to the floor {floor:.3g} for the log axis)"
     fig.update_layout(
         title=title,
         template="plotly_white",
@@ -514,9 +466,104 @@ def cost_frontier(
         hovermode="closest",
         legend={"tracegroupgap": 0},
     )
-    fig.update_xaxes(type="log", title_text=cost_label, exponentformat="power")
+    fig.update_xaxes(type="log", title_text=COST_LABELS.get(cost, cost), exponentformat="power")
     fig.update_yaxes(title_text=_label(metric))
     return fig
+
+
+def _frontier_points(
+    df: pd.DataFrame, metric: str, cost: str, cost_floor: float | None, what: str
+) -> tuple[pd.DataFrame, float, int]:
+    """The val-chosen point per probe × layer × pooling (× the other varying keys) with ``_cost`` clipped to
+    the floor for the log axis (``_raw_cost`` kept, ``_note`` saying so), ``_layer_text``; the floor and how
+    many points were clipped. NaN costs are left out with a warning."""
+    df = df.assign(_layer=_layer_key(df["layer"]), _cost=pd.to_numeric(df[cost], errors="coerce"))
+    n_nan = int(df["_cost"].isna().sum())
+    if n_nan:
+        logger.warning("%s: %d row(s) with NaN %s left out", what, n_nan, cost)
+        df = df[df["_cost"].notna()]
+    if df.empty:
+        raise ValueError(f"{what}: no rows with a finite {cost!r}")
+    best = _best_over_c(df, [*_varying_keys(df, _BASE_KEYS), "_layer"], metric)
+    positive = best.loc[best["_cost"] > 0, "_cost"]
+    floor = cost_floor if cost_floor is not None else (float(positive.min()) / 10 if len(positive) else 1.0)
+    clipped = best["_cost"] < floor
+    best["_raw_cost"] = best["_cost"]
+    best["_cost"] = best["_cost"].clip(lower=floor)
+    best["_note"] = np.where(
+        clipped, [f"<br>cost {c:g} clipped to {floor:.3g} for the log axis" for c in best["_raw_cost"]], ""
+    )
+    best["_layer_text"] = np.where(best["_layer"] >= 0, best["_layer"].astype(str), "all / none")
+    return best, floor, int(clipped.sum())
+
+
+def _add_probe_points(
+    fig: go.Figure,
+    sub: pd.DataFrame,
+    p: str,
+    first: bool,
+    metric: str,
+    cost: str,
+    colour: Mapping[str, str],
+    symbol: Mapping[str, str],
+    bars: bool,
+) -> None:
+    """One probe kind's points (colour = kind, symbol = pooling, hover with layer, C, run and cost) and its
+    legend entry (a plain circle; clicking it toggles the kind's points)."""
+    hover = (
+        "<b>%{customdata[0]}</b> · %{customdata[1]}<br>layer %{customdata[2]}, C %{customdata[3]}"
+        "<br>" + _label(metric) + " %{y:.4f}<br>" + cost + " %{customdata[5]}%{customdata[6]}"
+        "<br>run %{customdata[4]}<extra></extra>"
+    )
+    name = sub["probe"].astype(str)
+    if "variant" in sub:
+        name = name + sub["variant"].fillna("").astype(str).map(lambda v: f" ({v})" if v else "")
+    custom = np.stack(
+        [
+            name,
+            sub["pooling"].astype(str),
+            sub["_layer_text"],
+            sub["C"].map(_fmt_c),
+            sub["run_id"].astype(str) if "run_id" in sub else np.full(len(sub), ""),
+            sub["_raw_cost"].map(lambda c: f"{c:.4g}"),
+            sub["_note"],
+        ],
+        axis=1,
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=sub["_cost"],
+            y=sub[metric],
+            mode="markers",
+            name=p,
+            legendgroup=f"probe:{p}",
+            showlegend=False,
+            marker={
+                "color": colour[p],
+                "symbol": [symbol[str(s)] for s in sub["pooling"]],
+                "size": 9,
+                "opacity": 0.85,
+                "line": {"width": 0.5, "color": "white"},
+            },
+            error_y=_error_y(sub, metric) if bars else None,
+            customdata=custom,
+            hovertemplate=hover,
+            meta={"role": "points"},
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=[None],
+            y=[None],
+            mode="markers",
+            name=p,
+            legendgroup=f"probe:{p}",
+            legendgrouptitle={"text": "probe (colour)"} if first else None,
+            marker={"color": colour[p], "symbol": "circle", "size": 9},
+            hoverinfo="skip",
+            meta={"role": "colour-legend"},
+        )
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
