@@ -123,7 +123,7 @@ def missing_requirements(
     files: list[str] = []
     for ds in _datasets(spec.datasets):
         ref = ds.resolve_path(base)
-        if _SCHEME.match(ref) and not os.path.isabs(ref):
+        if ref == "builtin" or (_SCHEME.match(ref) and not os.path.isabs(ref)):
             continue  # builtin, hf:NAME, source:NAME: not files
         if not Path(ref).is_file() and ref not in files:
             files.append(ref)

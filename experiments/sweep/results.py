@@ -163,7 +163,8 @@ def _parts(out: Path) -> list[Path]:
 
 def _read_parquet(path: Path) -> pd.DataFrame:
     try:
-        return pd.read_parquet(path)
+        # page checksums (written since parts exist) are verified: a flipped bit is an error, not data
+        return pd.read_parquet(path, page_checksum_verification=True)
     except FileNotFoundError:
         raise
     except Exception as e:  # (pyarrow raises several types for a damaged file)
@@ -223,7 +224,7 @@ def _write_parquet(path: Path, df: pd.DataFrame, metadata: dict[str, str] | None
         table = pa.Table.from_pandas(df, preserve_index=False)
         if metadata:
             table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, write_page_checksum=True)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -243,6 +244,18 @@ def _write_parquet(path: Path, df: pd.DataFrame, metadata: dict[str, str] | None
                 path,
             ) from e
         raise
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write a small text file whole, then rename it into place (a kill leaves the old one or the new)."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -301,7 +314,7 @@ def finalize_results(out: Path) -> pd.DataFrame:
         return df
     df = annotate(df.drop(columns=[c for c in ANNOTATIONS if c in df.columns]))
     consolidate_results(out, df)
-    (out / SELECTION_JSON).write_text(json.dumps(selection_summary(df), indent=1))
+    _write_text(out / SELECTION_JSON, json.dumps(selection_summary(df), indent=1))
     n_conf = sorted(df.loc[df["confounded"], "eval_set"].unique())
     if n_conf:
         console.print(
@@ -324,8 +337,9 @@ def check_sweep_dir(out: Path, spec: SweepSpec) -> None:
                 f"({have.get('name')!r}, fingerprint {have.get('spec_fingerprint')}); use a new --out folder"
             )
     else:
-        sj.write_text(json.dumps({"name": spec.name, "spec_fingerprint": fp}, indent=1))
-        (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+        # spec.yaml first, sweep.json (which claims the folder) last; each written whole, then renamed
+        _write_text(out / "spec.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+        _write_text(sj, json.dumps({"name": spec.name, "spec_fingerprint": fp}, indent=1))
 
 
 # ---------------------------------------------------------------------- every run's scores
@@ -347,7 +361,13 @@ def load_run_scores(out: Path, run_id: str) -> tuple[dict[str, np.ndarray], dict
     f = out / SCORES_DIR / f"{run_id}.npz"
     if not f.exists():
         return None
-    with np.load(f, allow_pickle=False) as z:
-        scores = {k.split(":", 1)[1]: z[k] for k in z.files if k.startswith("role:")}
-        info = json.loads(str(z["info"]))
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            scores = {k.split(":", 1)[1]: z[k] for k in z.files if k.startswith("role:")}
+            info = json.loads(str(z["info"]))
+    except Exception as e:  # (a damaged zip: BadZipFile, a CRC error, a truncated member, bad JSON)
+        raise SweepError(
+            f"{f}: damaged, cannot be read ({type(e).__name__}: {e}); delete it and the rows of run "
+            f"{run_id} and rerun the sweep"
+        ) from e
     return scores, info
