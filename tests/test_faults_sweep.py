@@ -375,6 +375,14 @@ def test_results_parts_old_layout_and_a_kill_between_consolidation_and_cleanup(t
         (new / PARTS_DIR).mkdir(exist_ok=True)
         p.write_bytes(raw)
     pd.testing.assert_frame_equal(read_results(new), pd.DataFrame(rows))
+    # a run's rows are read from one file: several rows per (run_id, eval_set) of one append (a cascade's
+    # rates) are all kept, the same run appended again is not read twice
+    casc = [{"run_id": "c", "eval_set": "e", "auroc": 0.5, "rate": r} for r in (0.0, 0.5, 1.0)]
+    append_results(new, casc)
+    append_results(new, casc)
+    got = read_results(new)
+    assert list(got["run_id"]) == ["r0", "r1", "r2", "r3", "c", "c", "c"]
+    assert list(got["rate"].iloc[-3:]) == [0.0, 0.5, 1.0]
 
 
 @pytest.mark.parametrize("what", ["part", "consolidated", "scores"])

@@ -188,8 +188,9 @@ def has_results(out: str | Path) -> bool:
 
 def read_results(out: str | Path) -> pd.DataFrame:
     """The results table of the folder ``out``: ``results.parquet`` plus the parts appended since it was
-    last consolidated (``results.parts/``), one row per (run_id, eval_set). Folders written before parts
-    existed (one ``results.parquet``) read the same. A damaged file is a :class:`SweepError` naming it."""
+    last consolidated (``results.parts/``). Folders written before parts
+    existed (one ``results.parquet``) read the same. A run's rows are read from the first file that holds
+    the run (none twice). A damaged file is a :class:`SweepError` naming it."""
     out = Path(out)
     p = out / RESULTS
     frames, absorbed = [], set()
@@ -206,13 +207,20 @@ def read_results(out: str | Path) -> pd.DataFrame:
             frames.append(_read_parquet(part))
         except FileNotFoundError:  # consolidated and removed meanwhile by the writer
             continue
-    frames = [f for f in frames if len(f)]
-    if not frames:
+    # a run's rows come from one append (a cascade has several rows per run and eval set, one per rate): a
+    # run already read from an earlier file is not read again
+    seen: set[str] = set()
+    kept = []
+    for f in frames:
+        if "run_id" in f.columns and len(f):
+            ids = f["run_id"].astype(str)
+            f = f[~ids.isin(seen)]
+            seen.update(ids)
+        if len(f):
+            kept.append(f)
+    if not kept:
         return pd.DataFrame()
-    df = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
-    if {"run_id", "eval_set"} <= set(df.columns):
-        df = df.drop_duplicates(["run_id", "eval_set"], keep="first", ignore_index=True)
-    return df
+    return kept[0].reset_index(drop=True) if len(kept) == 1 else pd.concat(kept, ignore_index=True)
 
 
 def _write_parquet(path: Path, df: pd.DataFrame, metadata: dict[str, str] | None = None) -> None:
