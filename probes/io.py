@@ -594,7 +594,7 @@ def validate_probe_doc(doc: Mapping[str, Any], file: Path) -> Any:
                 for d in t["shape"]
             ):
                 raise ProbeLoadError(f"{file}: tensors.{name}.shape: bad shape {str(t['shape'])[:60]}")
-            if t["dtype"] not in _DTYPE_NAMES:
+            if not isinstance(t["dtype"], str) or t["dtype"] not in _DTYPE_NAMES:
                 raise ProbeLoadError(f"{file}: tensors.{name}.dtype: unknown dtype {str(t['dtype'])[:40]!r}")
     return cls
 
