@@ -3,10 +3,14 @@
 
 For each prompt count (default 100 and 1000 constitution prompts, SmolLM2, every layer's resid_post), in a
 fresh process: the RSS right after loading (``base``), the peak while collecting (VmHWM reset to the base,
-as ``benchmarks/collect.py`` does), and the RSS after every batch. ``--trim`` calls glibc's
-``malloc_trim(0)`` after every batch, which hands freed memory back to the system: with it, the RSS after
-each batch shows what the collection really keeps alive (if that is flat in the data size, the growth
-without it is memory the allocator keeps after it was freed, not live objects).
+as ``benchmarks/collect.py`` does), and the RSS after every batch; under three allocator settings:
+
+* ``bounded``: what ``collect()`` does (:func:`activations.collect.bound_heap`: glibc's mmap threshold
+  fixed at 1 MiB);
+* ``glibc``: glibc's own moving threshold (``PROBE_ATLAS_MMAP_THRESHOLD=0``), as before the fix;
+* ``glibc+trim``: the same with ``malloc_trim(0)`` after every batch, which hands freed memory back to the
+  system: the RSS after each batch then shows what the collection really keeps alive (flat in the data
+  size means the growth without it is memory the allocator kept after it was freed, not live objects).
 
 Usage: ``python benchmarks/collect_memory.py [--n 100 1000] [--threads 1]``. Last line: one JSON object.
 """
@@ -16,9 +20,11 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def child(n: int, trim: bool, threads: int, max_len: int, token_budget: int) -> dict[str, Any]:
+def child(n: int, variant: str, threads: int, max_len: int, token_budget: int) -> dict[str, Any]:
     import activations.collect  # noqa: F401  (the package exports a function of the same name)
     import benchmarks.collect as bc
     from activations.models import load_model
@@ -36,6 +42,8 @@ def child(n: int, trim: bool, threads: int, max_len: int, token_budget: int) -> 
     ac = sys.modules["activations.collect"]
     torch.set_num_threads(threads)
     libc = ctypes.CDLL("libc.so.6")
+    trim = variant == "glibc+trim"
+    t0 = time.perf_counter()
     model = load_model("smollm2")
     ds = bc.prompts(n, seed=1)
     after: list[float] = []
@@ -55,7 +63,9 @@ def child(n: int, trim: bool, threads: int, max_len: int, token_budget: int) -> 
         )
     return {
         "n": n,
-        "trim": trim,
+        "variant": variant,
+        "heap_bounded": ac.bound_heap(),
+        "seconds": round(time.perf_counter() - t0, 1),
         "base_mib": round(base, 1),
         "peak_growth_mib": round(peak - base, 1),
         "after_batch_growth_mib_first": round(after[0] - base, 1),
@@ -75,21 +85,27 @@ def main() -> None:
     ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        n, trim = int(args.child[0]), args.child[1] == "trim"
-        print(json.dumps(child(n, trim, args.threads, args.max_len, args.token_budget)))
+        print(
+            json.dumps(
+                child(int(args.child[0]), args.child[1], args.threads, args.max_len, args.token_budget)
+            )
+        )
         return
     out = []
-    for trim in (False, True):
+    for variant in ("bounded", "glibc", "glibc+trim"):
+        env = dict(os.environ)
+        if variant != "bounded":
+            env["PROBE_ATLAS_MMAP_THRESHOLD"] = "0"
         for n in args.n:
-            cmd = [sys.executable, __file__, "--child", str(n), "trim" if trim else "plain"]
+            cmd = [sys.executable, __file__, "--child", str(n), variant]
             cmd += ["--threads", str(args.threads), "--max-len", str(args.max_len)]
             cmd += ["--token-budget", str(args.token_budget)]
-            res = subprocess.run(cmd, capture_output=True, text=True)
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if res.returncode != 0:
                 raise RuntimeError(res.stderr[-3000:])
             r = json.loads(res.stdout.strip().splitlines()[-1])
             print(
-                f"{n} prompts, malloc_trim {'on ' if trim else 'off'}: peak +{r['peak_growth_mib']} MiB, "
+                f"{n} prompts, {variant}: peak +{r['peak_growth_mib']} MiB, "
                 f"after batches +{r['after_batch_growth_mib_first']} .. "
                 f"+{r['after_batch_growth_mib_last']} MiB "
                 f"(max +{r['after_batch_growth_mib_max']}, {r['n_batches']} batches)"
