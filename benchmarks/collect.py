@@ -239,8 +239,8 @@ def main() -> None:
         print(json.dumps(rss))
         return
 
-    # collect() fixes glibc's mmap threshold for the process (activations.collect.bound_heap); the forward
-    # pass it is compared with runs under the same allocator setting
+    # with $PROBE_ATLAS_MMAP_THRESHOLD, collect() fixes glibc's mmap threshold for the process
+    # (activations.collect.bound_heap); the forward pass it is compared with then runs under the same setting
     import activations.collect  # noqa: F401  (the package exports a function of the same name)
     from activations.models import load_model
 
