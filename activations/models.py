@@ -524,6 +524,22 @@ def _official_name(name: str) -> str | None:
 
 
 # -------------------------------------------------------------------------------------------------- public
+def model_unavailable(name: str) -> str | None:
+    """Why :func:`load_model` cannot load ``name`` here (its weights are not installed, a folder without
+    ``config.json``, an unknown name), with how to fix it; None when it can be tried. Loads nothing."""
+    if name in BUNDLED_MODELS:
+        spec = BUNDLED_MODELS[name]
+        if not spec.is_installed():
+            return f"the weights of model {name!r} are not installed: {spec.install_hint}"
+        return None
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return None if (path / "config.json").is_file() else f"model {name!r}: a folder without config.json"
+    if _official_name(name) is None:
+        return _unknown_message(name)
+    return None
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     *,
@@ -616,5 +632,6 @@ __all__ = [
     "load_hf",
     "load_model",
     "model_id",
+    "model_unavailable",
     "offline_hub",
 ]

@@ -12,7 +12,8 @@ On the default model (SmolLM2-135M-Instruct), a few hundred prompts, every layer
   as many. Each collection runs in a fresh subprocess; the baseline is the RSS right after loading, and the
   peak is the kernel's high-water mark (VmHWM) reset to that baseline through ``/proc/self/clear_refs``
   (a 2 ms psutil sampler where that is not allowed), so neither the model's weights nor the other
-  collection count. Flat memory means ``rss_growth_mib_10x`` ≈ ``rss_growth_mib_1x``.
+  collection count. Flat memory means ``rss_growth_mib_10x`` ≈ ``rss_growth_mib_1x``
+  (``benchmarks/collect_memory.py`` splits it up by allocator setting).
 
 Usage: ``python benchmarks/collect.py [--n 300] [--rss-n 100] [--threads 1] [--model smollm2]``.
 Last line: one JSON object.
@@ -238,8 +239,12 @@ def main() -> None:
         print(json.dumps(rss))
         return
 
+    # with $PROBE_ATLAS_MMAP_THRESHOLD, collect() fixes glibc's mmap threshold for the process
+    # (activations.collect.bound_heap); the forward pass it is compared with then runs under the same setting
+    import activations.collect  # noqa: F401  (the package exports a function of the same name)
     from activations.models import load_model
 
+    heap_bounded = sys.modules["activations.collect"].bound_heap()
     torch.manual_seed(0)
     model = load_model(args.model)
     n_layers = model.cfg.n_layers
@@ -276,6 +281,7 @@ def main() -> None:
                 "peak_rss_mib_small": round(float(small["peak_rss_mib"]), 1),
                 "peak_rss_mib_10x": round(float(big["peak_rss_mib"]), 1),
                 "threads": args.threads,
+                "heap_bounded": heap_bounded,
             }
         )
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -272,7 +273,11 @@ def train_sae(
     }
     if model is not None:
         report.update(ce_loss_metrics(model, sae, ev_store, hook, n_sequences=ce_sequences))
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    # report.json marks the folder finished (train_sae_cached): written whole, then renamed into place, so a
+    # kill at any instant leaves either no report (the SAE is trained again) or the whole one
+    tmp = out / f".report.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, out / "report.json")
     return sae, report
 
 

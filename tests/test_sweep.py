@@ -12,7 +12,7 @@ from experiments.analysis.report import headline_table
 from experiments.analysis.scoring import ScoreError, score_dataset
 from experiments.backends import local as run_mod
 from experiments.sweep.engine import run_sweep
-from experiments.sweep.results import SweepError, load_run_scores
+from experiments.sweep.results import SweepError, load_run_scores, read_results
 from experiments.sweep.spec import SpecError, expand, parse_spec
 from probes.selection import SELECTION_METRICS, select_best
 from tests.conftest import planted_dataset
@@ -154,7 +154,7 @@ def test_killed_sweep_resumes_to_the_same_table(tmp_path, tiny_model, monkeypatc
     monkeypatch.setattr(run_mod, "run_group", dying)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(spec, tmp_path / "part", base=tmp_path, model=tiny_model, progress=False)
-    partial = pd.read_parquet(tmp_path / "part" / "results.parquet")
+    partial = read_results(tmp_path / "part")
     assert 0 < len(partial) < len(full)
     monkeypatch.setattr(run_mod, "run_group", real)
     resumed = run_sweep(spec, tmp_path / "part", base=tmp_path, model=tiny_model, progress=False)
@@ -181,7 +181,7 @@ def test_a_kill_inside_a_group_keeps_the_kinds_already_finished(tmp_path, tiny_m
     monkeypatch.setitem(RUNNERS, "diffmeans", boom)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(spec, tmp_path / "part", base=tmp_path, model=tiny_model, progress=False)
-    partial = pd.read_parquet(tmp_path / "part" / "results.parquet")
+    partial = read_results(tmp_path / "part")
     assert set(partial["probe"]) == {"logistic_l2"}  # same group, finished before the kill: kept
     monkeypatch.delitem(RUNNERS, "diffmeans")
     done = run_sweep(spec, tmp_path / "part", base=tmp_path, model=tiny_model, progress=False)

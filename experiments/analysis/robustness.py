@@ -43,6 +43,7 @@ from activations.models import load_model
 from activations.pooling import Pooling
 from experiments.analysis.selection import pick
 from experiments.sweep.engine import run_sweep
+from experiments.sweep.results import RESULTS, has_results, read_results
 from experiments.sweep.spec import SURFACE_KINDS, load_spec, shared_root
 from experiments.viz.robustness import robustness_figures
 from experiments.viz.save import save_figure
@@ -132,12 +133,12 @@ def _sweep_row(path: Path, run_id: str | None) -> dict[str, Any] | None:
     """The sweep's results row of a probe saved as ``<sweep>/probes/<run_id>`` (kind name, layer), if any."""
     if run_id is None or path.parent.name != "probes":
         return None
-    res = path.parent.parent / "results.parquet"
-    if not res.is_file():
+    res = path.parent.parent
+    if not has_results(res):
         return None
     if res not in _SWEEP_ROWS:
         try:
-            _SWEEP_ROWS[res] = pd.read_parquet(res).drop_duplicates("run_id").set_index("run_id")
+            _SWEEP_ROWS[res] = read_results(res).drop_duplicates("run_id").set_index("run_id")
         except Exception:  # (a table being written or from another version: just skip it)
             return None
     df = _SWEEP_ROWS[res]
@@ -195,10 +196,10 @@ def best_probes(
 ) -> list[Path]:
     """The saved probe of a sweep chosen on validation per value of ``per``
     (:mod:`experiments.analysis.selection`; ``metric`` overrides the table's primary validation metric)."""
-    res = Path(sweep_dir) / "results.parquet"
-    if not res.is_file():
+    res = Path(sweep_dir) / RESULTS
+    if not has_results(sweep_dir):
         raise RobustnessError(f"{sweep_dir}: no results.parquet (not a sweep folder)")
-    df = pd.read_parquet(res).drop_duplicates("run_id")
+    df = read_results(sweep_dir).drop_duplicates("run_id")
     df = df[df["probe_path"].astype(str) != ""]
     df = df[~df["probe"].isin(SURFACE_KINDS)]
     if probe_kind is not None:
@@ -597,10 +598,9 @@ def cross_dataset_table(sweep_dirs: Sequence[str | Path], per: str = "pooling") 
     """The probe chosen on validation per ``per`` of each sweep, on every one of its eval sets."""
     rows = []
     for d in sweep_dirs:
-        res = Path(d) / "results.parquet"
-        if not res.is_file():
+        if not has_results(d):
             raise RobustnessError(f"{d}: no results.parquet")
-        df = pd.read_parquet(res)
+        df = read_results(d)
         best = {str(p) for p in best_probes(d, per=per)}
         sel = df[df["probe_path"].astype(str).isin(best)].copy()
         sel.insert(0, "train_sweep", str(df["sweep"].iloc[0]) if "sweep" in df.columns else Path(d).name)

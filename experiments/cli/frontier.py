@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from experiments.analysis.frontier import claims_table, frontier_summary
-from experiments.cli.main import command, console, fail
+from experiments.cli.main import WaitOpt, WaitTimeoutOpt, command, console, fail, writing
 from experiments.sweep.results import read_results
 
 
@@ -20,9 +20,18 @@ def frontier(
     eval_set: Annotated[
         list[str] | None, typer.Option("--eval-set", help="eval set(s) (default: every one)")
     ] = None,
+    wait: WaitOpt = False,
+    wait_timeout: WaitTimeoutOpt = None,
 ) -> None:
     """Per eval set: every scorer's AUROC, TPR@1%FPR and FLOPs (Pareto points starred), and whether
     each seed claim holds. Writes DIR/frontier.csv and DIR/claims.csv."""
+    if not results.is_dir():
+        fail(f"{results}: no such folder")
+    with writing(results, wait, wait_timeout):
+        _frontier(results, eval_set)
+
+
+def _frontier(results: Path, eval_set: list[str] | None) -> None:
     df = read_results(results)
     if df.empty:
         fail(f"{results} has no results")

@@ -20,6 +20,7 @@ from activations.collect import collect as do_collect
 from activations.collect import estimate_collection
 from activations.constitution import GenerationError
 from activations.data import load_dataset
+from activations.lock import LockError, folder_lock
 from activations.models import load_model
 from activations.store import StoreError
 from experiments.analysis.report import headline_table
@@ -31,7 +32,17 @@ from experiments.viz.results import plot_results
 from probes.base import SWEEP_KINDS
 from sae.load import SAELoadError
 
-__all__ = ["USER_ERRORS", "app", "command", "console", "fail"]
+__all__ = [
+    "USER_ERRORS",
+    "ForceOpt",
+    "WaitOpt",
+    "WaitTimeoutOpt",
+    "app",
+    "command",
+    "console",
+    "fail",
+    "writing",
+]
 
 app = typer.Typer(
     add_completion=False,
@@ -42,11 +53,13 @@ console = Console()
 
 #: what a command reports as one line (and exit status 2) instead of a traceback: bad input (ValueError:
 #: specs, data, probe folders, ...), store failures (a full disk, too little space, a damaged store), sweep
-#: and backend failures, SAE folders, and files that cannot be read or written
+#: and backend failures, SAE folders, a folder another process writes, and files that cannot be read or
+#: written
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
     StoreError,
     SweepError,
+    LockError,
     SAELoadError,
     GenerationError,
     OSError,
@@ -78,6 +91,39 @@ def command(name: str | None = None, **kwargs: Any) -> Callable[[F], F]:
         return fn
 
     return deco
+
+
+WaitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--wait",
+        help="when another process writes the folder, wait for it (default: exit at once, naming it)",
+    ),
+]
+WaitTimeoutOpt = Annotated[
+    float | None, typer.Option("--wait-timeout", help="with --wait: give up after this many seconds")
+]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="break the folder's lock when it was written on another host (make sure that process is gone)",
+    ),
+]
+
+
+def writing(folder: Path, wait: bool = False, wait_timeout: float | None = None, force: bool = False) -> Any:
+    """Hold ``folder``'s lock (one writer per results folder: :mod:`activations.lock`) in a ``with``."""
+    if wait_timeout is not None and wait_timeout < 0:
+        fail(f"--wait-timeout must be >= 0, got {wait_timeout}")
+    return folder_lock(
+        folder,
+        wait=wait or wait_timeout is not None,
+        timeout=wait_timeout,
+        force=force,
+        what="results folder",
+        on_wait=lambda msg: console.print(f"[yellow]{escape(msg)}[/]", soft_wrap=True),
+    )
 
 
 @app.callback()
@@ -143,33 +189,54 @@ def sweep(
     backend: Annotated[str, typer.Option("--backend", help="local | ray")] = "local",
     address: Annotated[str | None, typer.Option("--address", help="Ray cluster address")] = None,
     plot: Annotated[bool, typer.Option("--plot/--no-plot", help="write the standard figures")] = True,
+    png: Annotated[
+        bool | None,
+        typer.Option("--png/--no-png", help="PNG figures (--png: required; default: where kaleido works)"),
+    ] = None,
+    wait: WaitOpt = False,
+    wait_timeout: WaitTimeoutOpt = None,
+    force: ForceOpt = False,
 ) -> None:
-    """Run (or resume) a layer × pooling × probe × C sweep and append to OUT/results.parquet."""
+    """Run (or resume) a layer × pooling × probe × C sweep and append to OUT/results.parquet.
+
+    One sweep writes a results folder at a time: a second one exits at once naming the first (or waits,
+    --wait). Everything the spec needs (packages, the model, data files, disk space) is checked first."""
     sp, base = load_spec(spec)
-    df = run_sweep(sp, out, base=base, backend=backend, address=address)
-    _print_headline(df)
-    if plot:
-        _plot(out)
+    with writing(out, wait, wait_timeout, force):
+        df = run_sweep(sp, out, base=base, backend=backend, address=address, png=bool(png and plot))
+        _print_headline(df)
+        if plot:
+            _plot(out, png=png is not False)
 
 
 @command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="results folder")] = Path("probe-atlas-demo"),
     plot: Annotated[bool, typer.Option("--plot/--no-plot")] = True,
+    wait: WaitOpt = False,
+    wait_timeout: WaitTimeoutOpt = None,
 ) -> None:
     """The main job on the embedded default: a real sweep of SmolLM2-135M-Instruct on the built-in data."""
     sp, base = load_spec("demo.yaml")
-    df = run_sweep(sp, out, base=base)
-    _print_headline(df)
-    if plot:
-        _plot(out)
+    with writing(out, wait, wait_timeout):
+        df = run_sweep(sp, out, base=base)
+        _print_headline(df)
+        if plot:
+            _plot(out)
     console.print(f"results: {out / 'results.parquet'}")
 
 
 @command()
-def plot(results: Annotated[Path, typer.Argument(help="a sweep folder with results.parquet")]) -> None:
+def plot(
+    results: Annotated[Path, typer.Argument(help="a sweep folder with results.parquet")],
+    wait: WaitOpt = False,
+    wait_timeout: WaitTimeoutOpt = None,
+) -> None:
     """Write the standard figures (HTML, and PNG where kaleido works) into DIR/plots/."""
-    _plot(results)
+    if not results.is_dir():
+        fail(f"{results}: no such folder")
+    with writing(results, wait, wait_timeout):
+        _plot(results)
 
 
 @command()
@@ -184,8 +251,8 @@ def score(
     console.print(f"[green]wrote[/] {n} scores to {out}")
 
 
-def _plot(out: Path) -> None:
-    paths = plot_results(out, out)
+def _plot(out: Path, png: bool = True) -> None:
+    paths = plot_results(out, out, png=png)
     console.print(f"[green]wrote[/] {len(paths)} figure files under {out / 'plots'}")
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from experiments.cli.main import command, console
+from experiments.cli.main import WaitOpt, WaitTimeoutOpt, command, console, writing
 from experiments.viz.report import build_report
 
 
@@ -15,7 +15,13 @@ from experiments.viz.report import build_report
 def report(
     results: Annotated[Path, typer.Argument(help="a sweep folder with results.parquet (and spec.yaml)")],
     out: Annotated[Path | None, typer.Option("--out", help="page to write (default DIR/report.html)")] = None,
+    wait: WaitOpt = False,
+    wait_timeout: WaitTimeoutOpt = None,
 ) -> None:
     """Write DIR/report.html: spec, headline table, figures and best probe per cost band (offline)."""
-    path = build_report(results, out)
+    if out is None and results.is_dir():
+        with writing(results, wait, wait_timeout):
+            path = build_report(results, out)
+    else:
+        path = build_report(results, out)
     console.print(f"[green]wrote[/] {path} ({path.stat().st_size / 2**20:.1f} MiB)")

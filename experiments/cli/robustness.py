@@ -18,7 +18,7 @@ from experiments.analysis.robustness import (
     run_robustness,
     summary_table,
 )
-from experiments.cli.main import command, console
+from experiments.cli.main import WaitOpt, WaitTimeoutOpt, command, console, writing
 
 
 @command("robustness")
@@ -52,6 +52,8 @@ def robustness(
     ] = None,
     fpr: Annotated[float, typer.Option("--fpr", help="target FPR on clean harmless prompts")] = 0.01,
     png: Annotated[bool, typer.Option("--png/--no-png", help="also write PNG figures")] = True,
+    wait: WaitOpt = False,
+    wait_timeout: WaitTimeoutOpt = None,
 ) -> None:
     """Per jailbreak transformation: TPR on harmful and FPR on harmless prompts at a threshold fixed on
     clean harmless prompts; plus over-refusal on contrast prompts. Writes OUT/robustness.parquet."""
@@ -60,19 +62,20 @@ def robustness(
         dirs += best_probes(sweep)
     if not dirs:
         raise RobustnessError("give --probe DIR (repeatable) or --best-of SWEEP_DIR")
-    df = run_robustness(
-        dirs,
-        data,
-        out,
-        transforms=transforms,
-        n=n,
-        seed=seed,
-        contrast=contrast,
-        split=split,
-        n_control=n_control,
-        fpr=fpr,
-        png=png,
-    )
+    with writing(out, wait, wait_timeout):
+        df = run_robustness(
+            dirs,
+            data,
+            out,
+            transforms=transforms,
+            n=n,
+            seed=seed,
+            contrast=contrast,
+            split=split,
+            n_control=n_control,
+            fpr=fpr,
+            png=png,
+        )
     tpr, fprs = summary_table(df, "tpr"), summary_table(df, "fpr")
     table = Table(title=f"TPR / FPR at {fpr:.1%} FPR on clean harmless (threshold fixed on clean)")
     table.add_column("transform")
@@ -97,10 +100,13 @@ def robustness_cross(
         list[str] | None,
         typer.Option("--spec", help="sweep specs (default: the three robustness*.yaml specs)"),
     ] = None,
+    wait: WaitOpt = False,
+    wait_timeout: WaitTimeoutOpt = None,
 ) -> None:
     """Train on constitution data, on a shared benchmark, and on augmented constitution data; evaluate
     each on both; write OUT/cross_dataset.parquet (best probe per pooling of each sweep)."""
-    table = run_cross_dataset(out, spec or list(CROSS_SPECS))
+    with writing(out, wait, wait_timeout):
+        table = run_cross_dataset(out, spec or list(CROSS_SPECS))
     t = Table(title="probe chosen on validation per pooling: AUROC / TPR@1% / flag rate of harmless")
     for c in ("train", "pooling", "eval set", "AUROC", "TPR@1%", "flagged@1%"):
         t.add_column(c)

@@ -18,13 +18,22 @@ import pandas as pd
 from rich.console import Console
 from transformer_lens import HookedTransformer
 
-from activations.collect import HOOK_KINDS, collect, default_store_dir, model_fingerprint, parse_layers
+from activations.collect import (
+    HOOK_KINDS,
+    collect,
+    default_store_dir,
+    estimate_collection,
+    model_fingerprint,
+    parse_layers,
+)
+from activations.lock import folder_lock
 from activations.models import load_model
 from activations.store import ActivationStore, StoreKey
 from experiments.backends import Backend, get_backend
 from experiments.sweep.context import SweepContext
 from experiments.sweep.data import load_sweep_data, write_splits
 from experiments.sweep.groups import groups_of
+from experiments.sweep.preflight import check_disk, check_requirements
 from experiments.sweep.results import RESULTS, check_sweep_dir, finalize_results, read_results
 from experiments.sweep.spec import SpecError, SweepSpec
 from probes.base import SWEEP_KINDS
@@ -45,11 +54,13 @@ def prepare(
     store_root: Path | None = None,
     progress: bool = True,
     collect_fn: Callable[..., ActivationStore] | None = None,
+    check_space: bool = True,
 ) -> SweepContext:
     """Check the folder, load data, collect missing stores; everything a sweep needs before fitting.
 
-    ``collect_fn`` replaces :func:`activations.collect.collect` (same signature), e.g. the Ray backend's
-    collection on actors."""
+    Before the first collection, the bytes every store still needs are compared with the free space
+    (``check_space``; :func:`experiments.sweep.preflight.check_disk`). ``collect_fn`` replaces
+    :func:`activations.collect.collect` (same signature), e.g. the Ray backend's collection on actors."""
     check_sweep_dir(out, spec)
     data = load_sweep_data(spec, base)
     write_splits(out, data)
@@ -67,8 +78,8 @@ def prepare(
         if fixed is not None and fixed not in all_hooks:
             all_hooks.append(fixed)
     store_root = store_root or out / "stores"
-    stores = {}
     fp = model_fingerprint(model)
+    plan: dict[str, tuple[Path, Any]] = {}
     for role, ds in data.all().items():
         key = StoreKey(
             **fp,
@@ -80,10 +91,15 @@ def prepare(
             max_len=min(spec.max_len, model.cfg.n_ctx),
             chat_template=bool(getattr(model.tokenizer, "chat_template", None)),
         )
+        plan[role] = (default_store_dir(store_root, key), ds)
+    if check_space:
+        _check_space(model, plan, all_hooks, spec, store_root)
+    stores = {}
+    for role, (path, ds) in plan.items():
         stores[role] = (collect_fn or collect)(
             model,
             ds,
-            default_store_dir(store_root, key),
+            path,
             hooks=all_hooks,
             layers=None,
             positions=spec.positions,
@@ -99,6 +115,33 @@ def prepare(
     return ctx
 
 
+def _check_space(
+    model: HookedTransformer,
+    plan: dict[str, tuple[Path, Any]],
+    hooks: list[str],
+    spec: SweepSpec,
+    store_root: Path,
+) -> None:
+    """Every store's remaining bytes (the estimate of ``collect --dry-run``) against the free space."""
+    needs: dict[Path, int] = {}
+    for path, ds in plan.values():
+        if path in needs:
+            continue
+        est = estimate_collection(
+            model,
+            ds,
+            path,
+            hooks=hooks,
+            layers=None,
+            positions=spec.positions,
+            keep=spec.keep or spec.positions,
+            max_len=min(spec.max_len, model.cfg.n_ctx),
+            token_budget=spec.token_budget,
+        )
+        needs[path] = est.bytes_needed
+    check_disk(needs, store_root)
+
+
 def run_sweep(
     spec: SweepSpec,
     out: str | Path,
@@ -109,14 +152,51 @@ def run_sweep(
     progress: bool = True,
     backend: str | Backend = "local",
     address: str | None = None,
+    wait: bool = False,
+    wait_timeout: float | None = None,
+    force: bool = False,
+    png: bool = False,
     **backend_options: Any,
 ) -> pd.DataFrame:
     """Run (or resume) a sweep; returns the full results table.
+
+    The sweep holds ``out``'s lock (:mod:`activations.lock`) from start to end: another writer makes it
+    exit at once naming the holder (:class:`~activations.lock.LockHeldError`), or, with ``wait``, wait for
+    it (at most ``wait_timeout`` seconds); ``force`` breaks a lock written on another host. Before anything
+    is loaded, what the spec needs is checked (:func:`experiments.sweep.preflight.check_requirements`:
+    packages, the model's weights, data files; ``png``: kaleido), and before anything is collected, the
+    free disk space.
 
     ``backend``: ``local`` (this process, the default) or ``ray`` (``address``: the cluster; further
     ``backend_options`` such as ``model_factory``, ``n_collectors``, ``task_cpus`` go to
     :class:`~experiments.backends.ray.RayBackend`), or a :class:`~experiments.backends.base.Backend`."""
     out = Path(out)
+    with folder_lock(out, wait=wait, timeout=wait_timeout, force=force, what="results folder", on_wait=_say):
+        check_requirements(
+            spec,
+            base,
+            backend=backend if isinstance(backend, str) else "local",
+            png=png,
+            model_given=model is not None,
+        )
+        return _run_locked(spec, out, base, model, store_root, progress, backend, address, backend_options)
+
+
+def _say(msg: str) -> None:
+    console.print(msg, soft_wrap=True)
+
+
+def _run_locked(
+    spec: SweepSpec,
+    out: Path,
+    base: Path | None,
+    model: HookedTransformer | None,
+    store_root: Path | None,
+    progress: bool,
+    backend: str | Backend,
+    address: str | None,
+    backend_options: dict[str, Any],
+) -> pd.DataFrame:
     be = get_backend(backend, address=address, **backend_options)
     t_start = time.perf_counter()
     with be.session(spec, model) as session:

@@ -35,6 +35,7 @@ from plotly.subplots import make_subplots
 
 from experiments.analysis.frontier import pareto_front
 from experiments.analysis.selection import pick
+from experiments.sweep.results import RESULTS, has_results, read_results
 from experiments.viz.save import write_html, write_pngs
 
 logger = logging.getLogger(__name__)
@@ -661,12 +662,17 @@ def roc_curves(
 
 
 def load_results(results: str | Path | pd.DataFrame) -> pd.DataFrame:
-    """A results table from a DataFrame, a parquet file, or a directory holding ``results.parquet``."""
+    """A results table from a DataFrame, a parquet file, or a sweep folder (``results.parquet`` and the
+    parts appended since it was consolidated: :func:`experiments.sweep.results.read_results`)."""
     if isinstance(results, pd.DataFrame):
         return results
     p = Path(results)
+    if p.name == RESULTS and not p.is_dir():
+        p = p.parent  # the folder's table: results.parquet and the parts appended since
     if p.is_dir():
-        p = p / "results.parquet"
+        if not has_results(p):
+            raise FileNotFoundError(f"no results table at {p / RESULTS}")
+        return read_results(p)
     if not p.exists():
         raise FileNotFoundError(f"no results table at {p}")
     return pd.read_parquet(p)
