@@ -248,3 +248,46 @@ def test_cli_missing_and_unreadable(tmp_path: Path) -> None:
         read_transfer(tmp_path)
     with pytest.raises(TransferError, match="no such spec file"):
         load_transfer_spec(tmp_path / "none.yaml")
+
+
+# ---------------------------------------------------------------------- mixture ablation
+def test_mixture_ablation_refits_on_subsets_of_the_mixture(tmp_path: Path, tiny_model) -> None:
+    from experiments.analysis.mixtures import mixture_ablation, train_components
+    from experiments.sweep.engine import prepare
+    from experiments.sweep.spec import SpecError, parse_spec
+
+    ds = planted_dataset(n=160, seed=1).with_splits({"train": 0.5, "val": 0.25, "test": 0.25}, seed=0)
+    ds.to_jsonl(tmp_path / "planted.jsonl")
+    planted_dataset(n=60, seed=7, name="other").to_jsonl(tmp_path / "other.jsonl")
+    planted_dataset(n=240, seed=11, name="control").to_jsonl(tmp_path / "control.jsonl")
+    spec = parse_spec(
+        {
+            "name": "m",
+            "model": "tiny",
+            "max_len": 64,
+            "datasets": {
+                "train": [
+                    {"name": "a", "path": "planted.jsonl", "split": "train"},
+                    {"name": "b", "path": "other.jsonl"},
+                ],
+                "val": {"path": "planted.jsonl", "split": "val"},
+                "test": {"heldout": {"path": "planted.jsonl", "split": "test"}},
+                "benign_control": {"path": "control.jsonl", "label": 0},
+            },
+            "layers": [0, 2],
+            "poolings": ["mean"],
+            "probes": [{"kind": "logistic_l2"}],
+            "Cs": [0.1, 1.0],
+            "bootstrap": 0,
+        }
+    )
+    ctx = prepare(spec, tmp_path / "out", base=tmp_path, model=tiny_model, progress=False)
+    comps = train_components(ctx, tmp_path)
+    assert set(comps) == {"a", "b"} and comps.count("b") == 60
+    variants = {"all": lambda c, e: True, "only a": lambda c, e: c == "a"}
+    df = mixture_ablation(ctx, variants, poolings=["mean"], base=tmp_path)
+    assert list(df["variant"]) == ["all", "only a"]
+    assert df.set_index("variant")["n_train"].to_dict() == {"all": len(comps), "only a": comps.count("a")}
+    assert (df["layer"].isin([0, 2])).all() and (df["auroc"] > 0.9).all()
+    with pytest.raises(SpecError, match="one class"):
+        mixture_ablation(ctx, {"none": lambda c, e: False}, poolings=["mean"], base=tmp_path)
