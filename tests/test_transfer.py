@@ -291,3 +291,21 @@ def test_mixture_ablation_refits_on_subsets_of_the_mixture(tmp_path: Path, tiny_
     assert (df["layer"].isin([0, 2])).all() and (df["auroc"] > 0.9).all()
     with pytest.raises(SpecError, match="one class"):
         mixture_ablation(ctx, {"none": lambda c, e: False}, poolings=["mean"], base=tmp_path)
+
+
+def test_per_layer_kinds_run_at_their_own_layers() -> None:
+    from experiments.sweep.spec import SpecError, expand, parse_spec
+
+    raw = {
+        "name": "l",
+        "datasets": {"train": {"path": "builtin"}, "test": {"a": {"path": "builtin"}}},
+        "layers": [0, 1, 2],
+        "poolings": ["mean"],
+        "probes": [{"kind": "logistic_l2"}, {"kind": "diffmeans", "layers": [2]}],
+    }
+    runs = list(expand(parse_spec(raw), [0, 1, 2], "k"))
+    by_kind = {k: sorted(r.layer for r in runs if r.probe.kind == k) for k in ("logistic_l2", "diffmeans")}
+    assert by_kind == {"logistic_l2": [0, 1, 2], "diffmeans": [2]}
+    raw["probes"] = [{"kind": "diffmeans", "layers": [5]}]
+    with pytest.raises(SpecError, match="not collected"):
+        list(expand(parse_spec(raw), [0, 1, 2], "k"))
