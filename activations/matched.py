@@ -22,7 +22,7 @@ from dataclasses import replace
 
 from activations.data import DataError, Example, PromptDataset, canonical_group
 
-__all__ = ["rewrap"]
+__all__ = ["rewrap", "wrap_like"]
 
 
 def _locate(goal: str, text: str) -> tuple[int, int, str] | None:
@@ -112,3 +112,37 @@ def rewrap(requests: PromptDataset, wrapped: PromptDataset, goals: PromptDataset
             f"rewrap: no example of {wrapped.name} contains its group's original request from {goals.name}"
         )
     return PromptDataset(out, name=f"{requests.name}@{wrapped.name}")
+
+
+def wrap_like(requests: PromptDataset, wrapped: PromptDataset, *, name: str | None = None) -> PromptDataset:
+    """Harmless ``requests`` placed into the wrappers of ``wrapped`` (e.g. GPTFuzz templates), one request per
+    wrapper in order (cycling through ``requests``), where each wrapped example records the request it wraps
+    in ``meta["request"]``: the same form, a different request.
+
+    Unlike :func:`rewrap`, nothing aligns the two by group: use it where a wrapped set has no harmless twins.
+    Each output keeps its request's label, group, category and source, gets the id ``<request id>@<wrapped
+    id>`` and ``meta`` ``wrapper_of`` / ``request``. Raises :class:`DataError` when no wrapped example names
+    its request or ``requests`` is empty."""
+    reqs = [r for r in requests if r.text is not None]
+    if not reqs:
+        raise DataError(f"wrap_like: {requests.name} has no single-text requests")
+    out: list[Example] = []
+    for w in wrapped:
+        request = w.meta_dict().get("request")
+        if w.text is None or not isinstance(request, str):
+            continue
+        where = _locate(request, w.text)
+        if where is None:
+            continue
+        r = reqs[len(out) % len(reqs)]
+        assert r.text is not None
+        lo, hi, form = where
+        text = w.text[:lo] + _styled(r.text, form) + w.text[hi:]
+        text = _TARGET.sub(lambda m, t=r.text: m.group(1) + _noun_phrase(t), text)
+        meta = {**r.meta_dict(), "wrapper_of": w.id, "request": r.text}
+        out.append(replace(r, id=f"{r.id}@{w.id}", text=text, meta=tuple(sorted(meta.items()))))
+    if not out:
+        raise DataError(
+            f"wrap_like: no example of {wrapped.name} records the request it wraps (meta.request)"
+        )
+    return PromptDataset(out, name=name or f"{requests.name}@{wrapped.name}")

@@ -5,7 +5,8 @@ their results, every figure, and the ``probe-atlas`` command line. The top floor
 * :mod:`experiments.sweep` -- specs, data, context, results (row schema), engine;
 * :mod:`experiments.backends` -- local and Ray;
 * :mod:`experiments.kinds` -- the runners (generic, per-token, SAE, ensembles and cascades);
-* :mod:`experiments.analysis` -- selection, headline tables, the frontier, robustness, scoring, generation;
+* :mod:`experiments.analysis` -- selection, headline tables, the frontier, robustness, scoring, generation,
+  the transfer atlas and mixture ablations;
 * :mod:`experiments.viz` -- every figure;
 * :mod:`experiments.cli` -- ``probe-atlas``.
 """
@@ -13,10 +14,20 @@ their results, every figure, and the ``probe-atlas`` command line. The top floor
 from __future__ import annotations
 
 from experiments.analysis.frontier import claims_table, frontier_summary, pareto_front
+from experiments.analysis.mixtures import mixture_ablation
 from experiments.analysis.report import best_per_cost_band, headline_table
 from experiments.analysis.robustness import run_robustness
 from experiments.analysis.scoring import score_dataset, score_file
 from experiments.analysis.selection import annotate, pick, primary_metric
+from experiments.analysis.transfer import (
+    TransferError,
+    TransferSpec,
+    generalization_gap,
+    layer_profile,
+    load_transfer_spec,
+    read_transfer,
+    run_transfer,
+)
 from experiments.backends import BACKENDS, Backend, get_backend
 from experiments.kinds.finish import finish_run
 from experiments.kinds.registry import RUNNERS, register_runner
@@ -40,6 +51,12 @@ from experiments.viz.results import (
     roc_curves,
 )
 from experiments.viz.save import save_figure
+from experiments.viz.transfer import (
+    layer_profile_figure,
+    overrefusal_recall,
+    transfer_heatmap,
+    write_transfer_figures,
+)
 
 __all__ = [
     "BACKENDS",
@@ -53,6 +70,8 @@ __all__ = [
     "SweepContext",
     "SweepError",
     "SweepSpec",
+    "TransferError",
+    "TransferSpec",
     "annotate",
     "auroc_by_layer",
     "best_per_cost_band",
@@ -62,12 +81,18 @@ __all__ = [
     "expand",
     "finish_run",
     "frontier_summary",
+    "generalization_gap",
     "get_backend",
     "headline_table",
     "layer_pooling_heatmap",
+    "layer_profile",
+    "layer_profile_figure",
     "load_run_scores",
     "load_spec",
     "load_sweep_data",
+    "load_transfer_spec",
+    "mixture_ablation",
+    "overrefusal_recall",
     "pareto_front",
     "parse_spec",
     "pick",
@@ -75,11 +100,15 @@ __all__ = [
     "prepare",
     "primary_metric",
     "read_results",
+    "read_transfer",
     "register_runner",
     "roc_curves",
     "run_robustness",
     "run_sweep",
+    "run_transfer",
     "save_figure",
     "score_dataset",
     "score_file",
+    "transfer_heatmap",
+    "write_transfer_figures",
 ]

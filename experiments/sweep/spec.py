@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 import sae  # noqa: F401  (registers the SAE-feature sweep kinds, and every family of probes, for validation)
 from activations.augment import augment_dataset, get_transform
+from activations.collect import parse_layers
 from activations.data import DataError, PromptDataset, load_dataset, normalize_text, with_canonical_groups
 from activations.decontam import DecontamConfig
 from activations.matched import rewrap
@@ -324,7 +325,8 @@ class DecontamSpec(_Frozen):
 class ProbeSpec(_Frozen):
     """A probe kind (a sweep kind of :mod:`probes.base`; ``probe-atlas kinds`` lists them) and its options.
 
-    ``layers``: the layers a multi-layer kind reads (default: every collected layer). ``params``: options
+    ``layers``: the layers a multi-layer kind reads, or the layers a per-layer kind runs at (default: every
+    collected layer). ``params``: options
     of plug-in kinds (each kind declares the keys it accepts).
     """
 
@@ -526,6 +528,25 @@ class Run:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _probe_layers(probe: ProbeSpec, layers: list[int]) -> list[int]:
+    """The layers a per-layer kind runs at: its own ``layers`` (a subset of the collected ones), else all."""
+    if probe.layers is None:
+        return layers
+    if isinstance(probe.layers, list):
+        own = [int(la) for la in probe.layers]
+    else:
+        try:
+            own = parse_layers(probe.layers, max(layers) + 1) if layers else []
+        except ValueError as e:
+            raise SpecError(f"probes.{probe.kind}.layers: {e}") from None
+    missing = [la for la in own if la not in layers]
+    if missing:
+        raise SpecError(
+            f"probes.{probe.kind}.layers: layers {missing} are not collected (spec layers: {layers})"
+        )
+    return [la for la in layers if la in own]
+
+
 def expand(spec: SweepSpec, layers: list[int], data_key: str) -> Iterator[Run]:
     """All runs of a spec over resolved ``layers``; ``data_key`` ties run ids to the data's fingerprints."""
     common = {
@@ -543,5 +564,5 @@ def expand(spec: SweepSpec, layers: list[int], data_key: str) -> Iterator[Run]:
                     if not SWEEP_KINDS[probe.kind].per_layer:
                         yield Run(probe, hook, -1, pooling, seed, spec_key)
                         continue
-                    for layer in layers:
+                    for layer in _probe_layers(probe, layers):
                         yield Run(probe, hook, layer, pooling, seed, spec_key)
