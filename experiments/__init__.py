@@ -13,6 +13,7 @@ their results, every figure, and the ``probe-atlas`` command line. The top floor
 from __future__ import annotations
 
 from experiments.analysis.frontier import claims_table, frontier_summary, pareto_front
+from experiments.analysis.models import signal_table
 from experiments.analysis.report import best_per_cost_band, headline_table
 from experiments.analysis.robustness import run_robustness
 from experiments.analysis.scoring import score_dataset, score_file
@@ -31,6 +32,7 @@ from experiments.sweep.results import (
     read_results,
 )
 from experiments.sweep.spec import CONFIG_DIR, SpecError, SweepSpec, expand, load_spec, parse_spec
+from experiments.viz.models import metric_by_depth, metric_vs_flops
 from experiments.viz.report import build_report
 from experiments.viz.results import (
     auroc_by_layer,
@@ -68,6 +70,8 @@ __all__ = [
     "load_run_scores",
     "load_spec",
     "load_sweep_data",
+    "metric_by_depth",
+    "metric_vs_flops",
     "pareto_front",
     "parse_spec",
     "pick",
@@ -82,4 +86,5 @@ __all__ = [
     "save_figure",
     "score_dataset",
     "score_file",
+    "signal_table",
 ]
