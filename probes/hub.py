@@ -43,7 +43,7 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
-def hub_snapshot(ref: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+def hub_snapshot(ref: str, cache_dir: str | Path | None = None) -> Path:
     """The local folder of the card ``ref`` (downloaded, or from the cache); a :class:`HubError` otherwise."""
     repo, rev = parse_hub_ref(ref)
     try:
