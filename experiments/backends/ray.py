@@ -261,7 +261,7 @@ def _fit_group(
 class _RaySession(Session):
     def __init__(self, backend: RayBackend, spec: SweepSpec, model: HookedTransformer | None) -> None:
         self.backend = backend
-        self.factory = backend.model_factory or default_model_factory(spec.model)
+        self.factory = backend.model_factory or default_model_factory(str(spec.model))
         if model is None:
             console.print(f"[bold]loading model[/] {spec.model} (driver)")
             model = self.factory()

@@ -74,6 +74,8 @@ def finish_run(
                 "val": val,
             },
         )
+    layer = int(layers[0]) if len(layers) == 1 else -1
+    n_model = int(ctx.cost.n_layers)
     rows = []
     for eval_set, m in evaluate_scores(ctx, scores, run.seed).items():
         row = ResultRow(
@@ -82,7 +84,9 @@ def finish_run(
             model=ctx.model_fp["model_id"],
             probe=probe or run.probe.kind,
             hook=hook or run.hook_kind,
-            layer=int(layers[0]) if len(layers) == 1 else -1,
+            layer=layer,
+            depth=layer / n_model if layer >= 0 else float("nan"),
+            model_layers=n_model,
             layers=hook or ",".join(str(x) for x in layers),
             n_layers_read=1 if hook else len(layers),
             pooling=pooling or run.pooling.name,

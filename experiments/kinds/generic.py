@@ -120,6 +120,6 @@ def _run_own_view(g: RunGroup, run: Run) -> list[dict[str, Any]]:
         scores,
         layers=scorer.row_layers(ctx.cost.n_layers) or [],
         fit_seconds=fit_s,
-        extra=scorer.row_extras(ctx.spec.model, ctx.cost.n_layers),
+        extra=scorer.row_extras(str(ctx.spec.model), ctx.cost.n_layers),
         pooling=scorer.pooling_label(run.pooling),
     )

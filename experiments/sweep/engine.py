@@ -24,14 +24,13 @@ from activations.collect import (
     default_store_dir,
     estimate_collection,
     model_fingerprint,
-    parse_layers,
 )
 from activations.lock import folder_lock
 from activations.models import load_model
 from activations.store import ActivationStore, StoreKey
 from experiments.backends import Backend, get_backend
 from experiments.sweep.context import SweepContext
-from experiments.sweep.data import load_sweep_data, write_splits
+from experiments.sweep.data import SweepData, load_sweep_data, write_splits
 from experiments.sweep.groups import groups_of
 from experiments.sweep.preflight import check_disk, check_requirements
 from experiments.sweep.results import RESULTS, check_sweep_dir, finalize_results, read_results
@@ -55,19 +54,27 @@ def prepare(
     progress: bool = True,
     collect_fn: Callable[..., ActivationStore] | None = None,
     check_space: bool = True,
+    check: bool = True,
+    data: SweepData | None = None,
 ) -> SweepContext:
     """Check the folder, load data, collect missing stores; everything a sweep needs before fitting.
 
     Before the first collection, the bytes every store still needs are compared with the free space
     (``check_space``; :func:`experiments.sweep.preflight.check_disk`). ``collect_fn`` replaces
-    :func:`activations.collect.collect` (same signature), e.g. the Ray backend's collection on actors."""
-    check_sweep_dir(out, spec)
-    data = load_sweep_data(spec, base)
-    write_splits(out, data)
+    :func:`activations.collect.collect` (same signature), e.g. the Ray backend's collection on actors. One
+    model's part of a multi-model sweep passes ``check=False`` (the folder was checked against the whole
+    spec) and the ``data`` already loaded."""
+    if len(spec.models()) > 1:
+        raise SpecError(f"prepare runs one model; this spec lists {spec.models()} (use spec.for_model)")
+    if check:
+        check_sweep_dir(out, spec)
+    if data is None:
+        data = load_sweep_data(spec, base)
+        write_splits(out, data)
     if model is None:
         console.print(f"[bold]loading model[/] {spec.model}")
-        model = (model_loader or load_model)(spec.model)
-    layers = parse_layers(spec.layers, model.cfg.n_layers)
+        model = (model_loader or load_model)(str(spec.model))
+    layers = spec.resolve_layers(model.cfg.n_layers)
     hook_names = {h: [HOOK_KINDS[h].format(l=layer) for layer in layers] for h in spec.hooks}
     for h in spec.hooks:
         if h not in HOOK_KINDS:
@@ -156,6 +163,7 @@ def run_sweep(
     wait_timeout: float | None = None,
     force: bool = False,
     png: bool = False,
+    model_loader: Callable[[str], HookedTransformer] | None = None,
     **backend_options: Any,
 ) -> pd.DataFrame:
     """Run (or resume) a sweep; returns the full results table.
@@ -169,7 +177,11 @@ def run_sweep(
 
     ``backend``: ``local`` (this process, the default) or ``ray`` (``address``: the cluster; further
     ``backend_options`` such as ``model_factory``, ``n_collectors``, ``task_cpus`` go to
-    :class:`~experiments.backends.ray.RayBackend`), or a :class:`~experiments.backends.base.Backend`."""
+    :class:`~experiments.backends.ray.RayBackend`), or a :class:`~experiments.backends.base.Backend`.
+
+    A spec with several models runs them one after the other (each loaded by ``model_loader``, default
+    :func:`~activations.models.load_model`, and released before the next) on the same data, into one
+    table whose ``model`` column tells them apart (``depth`` = layer / model_layers lines them up)."""
     out = Path(out)
     with folder_lock(out, wait=wait, timeout=wait_timeout, force=force, what="results folder", on_wait=_say):
         check_requirements(
@@ -179,7 +191,9 @@ def run_sweep(
             png=png,
             model_given=model is not None,
         )
-        return _run_locked(spec, out, base, model, store_root, progress, backend, address, backend_options)
+        return _run_locked(
+            spec, out, base, model, store_root, progress, backend, address, backend_options, model_loader
+        )
 
 
 def _say(msg: str) -> None:
@@ -196,20 +210,38 @@ def _run_locked(
     backend: str | Backend,
     address: str | None,
     backend_options: dict[str, Any],
+    model_loader: Callable[[str], HookedTransformer] | None = None,
 ) -> pd.DataFrame:
     be = get_backend(backend, address=address, **backend_options)
     t_start = time.perf_counter()
-    with be.session(spec, model) as session:
-        ctx = prepare(
-            spec,
-            out,
-            base=base,
-            model=session.model,
-            store_root=store_root,
-            progress=progress,
-            collect_fn=session.collect_fn,
-        )
-        session.run_groups(ctx, groups_of(ctx), progress=progress)
+    names = spec.models()
+    if model is not None and len(names) > 1:
+        raise SpecError(f"the spec lists {len(names)} models; pass model_loader, not one model")
+    if model is None and model_loader is not None and len(names) == 1:
+        model = model_loader(names[0])
+    check_sweep_dir(out, spec)
+    data = load_sweep_data(spec, base)
+    write_splits(out, data)
+    for name in names:
+        sub = spec.for_model(name)
+        m = model
+        if m is None and len(names) > 1:
+            console.print(f"[bold]loading model[/] {name} ({names.index(name) + 1}/{len(names)})")
+            m = (model_loader or load_model)(name)
+        with be.session(sub, m) as session:
+            ctx = prepare(
+                sub,
+                out,
+                base=base,
+                model=session.model,
+                store_root=store_root,
+                progress=progress,
+                collect_fn=session.collect_fn,
+                check=False,
+                data=data,
+            )
+            session.run_groups(ctx, groups_of(ctx), progress=progress)
+        del ctx, session, m
     df = finalize_results(out)
     console.print(
         f"[green]done[/] in {time.perf_counter() - t_start:.1f}s: {len(df)} rows in {out / RESULTS}"

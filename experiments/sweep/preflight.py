@@ -117,9 +117,10 @@ def missing_requirements(
         missing.append("Ray (--backend ray) is not installed: pip install 'probe-atlas[ray]'")
     if png and not _has("kaleido"):
         missing.append("kaleido (PNG figures) is not installed: pip install 'probe-atlas[png]'")
-    model_problem = None if model_given else model_unavailable(spec.model)
-    if model_problem:
-        missing.append(model_problem)
+    for name in [] if model_given else spec.models():
+        model_problem = model_unavailable(name)
+        if model_problem:
+            missing.append(model_problem)
     files: list[str] = []
     for ds in _datasets(spec.datasets):
         ref = ds.resolve_path(base)

@@ -73,6 +73,8 @@ HEAD: tuple[str, ...] = (
     "probe",
     "hook",
     "layer",  # -1 for multi-layer and layer-less scorers
+    "depth",  # normalized depth layer / model_layers (NaN where layer is -1): models of any depth line up
+    "model_layers",  # the model's number of layers
     "layers",
     "n_layers_read",
     "pooling",
@@ -116,6 +118,8 @@ class ResultRow:
     probe: str
     hook: str
     layer: int
+    depth: float
+    model_layers: int
     layers: str
     n_layers_read: int
     pooling: str

@@ -365,7 +365,9 @@ class ProbeSpec(_Frozen):
 
 class SweepSpec(_Frozen):
     name: str
-    model: str = "smollm2"
+    #: one model or several (a model axis: the sweep runs once per model into one results table); each is a
+    #: bundled name, a TransformerLens official name (online) or a local HF folder
+    model: str | list[str] = "smollm2"
     max_len: int = Field(default=256, gt=0)
     token_budget: int = Field(default=4096, gt=0)
     positions: Literal["auto", "prompt", "response", "prompt+response", "all"] = "auto"
@@ -375,6 +377,9 @@ class SweepSpec(_Frozen):
     datasets: DatasetsSpec
     hooks: list[str] = Field(default_factory=lambda: ["resid_post"])
     layers: str | list[int] = "all"
+    #: layers as fractions of each model's depth (``"0.25,0.5,0.75"``, a list, or ``all``), instead of
+    #: ``layers``: fraction f reads layer floor(f * n_layers + 0.5), capped at the last one, so models line up
+    depth: str | list[float] | None = None
     poolings: list[str | dict[str, Any]] = Field(default_factory=lambda: list[str | dict[str, Any]](["mean"]))
     probes: list[ProbeSpec]
     Cs: list[float] = Field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0])
@@ -394,6 +399,31 @@ class SweepSpec(_Frozen):
             raise ValueError(f"{info.field_name}: the grid is empty")
         return v
 
+    @field_validator("model")
+    @classmethod
+    def _models(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("model: the list of models is empty")
+            if len(set(v)) != len(v):
+                raise ValueError(f"model: a model is listed twice ({v})")
+            return v[0] if len(v) == 1 else v
+        return v
+
+    @field_validator("depth")
+    @classmethod
+    def _depth(cls, v: str | list[float] | None) -> str | list[float] | None:
+        if v is not None:
+            _fractions(v)
+        return v
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: str | list[int]) -> str | list[int]:
+        if isinstance(v, str) and "." in v:
+            _fractions(v)
+        return v
+
     @field_validator("Cs")
     @classmethod
     def _positive(cls, v: list[float]) -> list[float]:
@@ -411,7 +441,45 @@ class SweepSpec(_Frozen):
                 raise ValueError(f"poolings: {e}") from e
         return v
 
+    @model_validator(mode="after")
+    def _one_layer_choice(self) -> SweepSpec:
+        if self.depth is not None and self.layers != "all":
+            raise ValueError("give either `layers` or `depth` (fractions of depth), not both")
+        return self
+
     # ------------------------------------------------------------------ helpers
+    def models(self) -> list[str]:
+        """The spec's models, in order (one for a single-model spec)."""
+        return list(self.model) if isinstance(self.model, list) else [self.model]
+
+    def for_model(self, model: str) -> SweepSpec:
+        """The single-model spec of one of this spec's models (what one model's part of a sweep runs)."""
+        if model not in self.models():
+            raise SpecError(f"model {model!r} is not one of the spec's models {self.models()}")
+        return self.model_copy(update={"model": model})
+
+    def resolve_layers(self, n_layers: int) -> list[int]:
+        """The layer indices of a model with ``n_layers`` layers: ``depth`` fractions (or fractions in
+        ``layers``, e.g. ``"0.25,0.5"``) map to floor(f * n_layers + 0.5), capped at the last layer."""
+        from activations.collect import parse_layers
+
+        frac = (
+            self.depth
+            if self.depth is not None
+            else (self.layers if isinstance(self.layers, str) and "." in self.layers else None)
+        )
+        if frac is None:
+            return parse_layers(self.layers, n_layers)
+        fr = _fractions(frac)
+        if fr is None:
+            return list(range(n_layers))
+        out: list[int] = []
+        for f in fr:
+            layer = min(n_layers - 1, int(np.floor(f * n_layers + 0.5)))
+            if layer not in out:
+                out.append(layer)
+        return out
+
     def pooling_objs(self) -> list[Pooling]:
         return [Pooling.parse(p) for p in self.poolings]
 
@@ -426,9 +494,32 @@ class SweepSpec(_Frozen):
 
     def fingerprint(self) -> str:
         d = self.model_dump(mode="json")
-        if d.get("keep") is None:  # specs written before `keep` existed keep their fingerprint
-            d.pop("keep", None)
+        for k in ("keep", "depth"):  # specs written before these keys existed keep their fingerprint
+            if d.get(k) is None:
+                d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _fractions(v: str | list[float]) -> list[float] | None:
+    """Depth fractions in [0, 1] (None for ``all``: every layer); an error names the bad entry."""
+    if isinstance(v, str):
+        if v.strip().lower() == "all":
+            return None
+        items: list[Any] = [x.strip() for x in v.split(",") if x.strip()]
+    else:
+        items = list(v)
+    if not items:
+        raise ValueError("depth: no fractions given")
+    out = []
+    for x in items:
+        try:
+            f = float(x)
+        except (TypeError, ValueError):
+            raise ValueError(f"depth: {x!r} is not a fraction of depth (e.g. 0.25,0.5,0.75 or all)") from None
+        if not 0.0 <= f <= 1.0:
+            raise ValueError(f"depth: {x!r} is outside [0, 1] (a fraction of the model's depth)")
+        out.append(f)
+    return out
 
 
 def _read_yaml(p: Path) -> dict[str, Any]:

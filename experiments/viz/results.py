@@ -726,6 +726,12 @@ def plot_results(
                         f"frontier_{metric}_{cost}_{es}",
                         lambda m=metric, c=cost, e=es: cost_frontier(df, m, c, e),
                     )
+    if "model" in df.columns and df["model"].nunique() > 1:  # a model axis: every model on one plot
+        from experiments.viz.models import metric_by_depth, metric_vs_flops
+
+        for es in eval_sets:
+            attempt(f"models_auroc_vs_flops_{es}", lambda e=es: metric_vs_flops(df, e))
+            attempt(f"models_auroc_by_depth_{es}", lambda e=es: metric_by_depth(df, e))
     if not figs:
         raise ValueError("plot_results: the table supports none of the standard figures")
     written = [write_html(fig, base) for fig, base in figs]
