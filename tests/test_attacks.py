@@ -256,6 +256,10 @@ def test_gradients_match_finite_differences(model64, data, harmful):
     def loss(emb):
         return evaluate(model64, t, batch, obj, suffix_embeds=emb).loss.sum()
 
+    def fd_loss(emb):
+        with torch.no_grad():
+            return float(loss(emb))
+
     # w.r.t. the suffix embeddings
     e0 = W[batch.tokens.gather(1, batch.suffix_pos)].clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(loss(e0), [e0])
@@ -264,7 +268,7 @@ def test_gradients_match_finite_differences(model64, data, harmful):
         idx = tuple(int(torch.randint(n, (1,), generator=g)) for n in e0.shape)
         d = torch.zeros_like(e0)
         d[idx] = eps
-        fd = (loss(e0.detach() + d) - loss(e0.detach() - d)) / (2 * eps)
+        fd = (fd_loss(e0.detach() + d) - fd_loss(e0.detach() - d)) / (2 * eps)
         assert float(fd) == pytest.approx(float(grad[idx]), rel=1e-5, abs=1e-8)
     # w.r.t. the one-hot token indicators (GCG's linearization)
     allowed = torch.arange(8, W.shape[0])
@@ -275,7 +279,7 @@ def test_gradients_match_finite_differences(model64, data, harmful):
         idx = tuple(int(torch.randint(n, (1,), generator=g)) for n in oh.shape)
         d = torch.zeros_like(oh)
         d[idx] = eps
-        fd = (loss((oh.detach() + d) @ W[allowed]) - loss((oh.detach() - d) @ W[allowed])) / (2 * eps)
+        fd = (fd_loss((oh.detach() + d) @ W[allowed]) - fd_loss((oh.detach() - d) @ W[allowed])) / (2 * eps)
         assert float(fd) == pytest.approx(float(goh[idx]), rel=1e-5, abs=1e-8)
 
 
@@ -493,6 +497,32 @@ def test_bad_inputs_are_clear_errors_or_warnings(planted_model, probe, target, h
         )
     with pytest.raises(AttackError, match="does not have"):
         embedding_attack(planted_model, adapt(probe, hooks=["blocks.7.hook_resid_post"]), harmful, cfg)
+
+
+def test_load_target_from_saved_folders(planted_model, data, probe, target, harmful, tmp_path):
+    from activations.collect import model_fingerprint
+    from probes.baselines import TfidfClassifier
+
+    meta = {**model_fingerprint(planted_model), "hook_names": [HOOK], "pooling": {"kind": "mean"}}
+    probe.save(tmp_path / "p", metadata={**meta, "positions": "prompt"})
+    loaded = load_target(tmp_path / "p", planted_model)
+    assert loaded.family == "linear" and loaded.fingerprint["weights_hash"] == meta["weights_hash"]
+    got = score_prompts(planted_model, [loaded, target], harmful)
+    np.testing.assert_allclose(got[loaded.name], got["logistic"], rtol=1e-6)
+    ft, _ = _build("finetune", planted_model, data)
+    ft.save(tmp_path / "ft", metadata=meta)
+    assert load_target(tmp_path / "ft", planted_model).family == "finetune"
+    TfidfClassifier().fit([e.text for e in data], [e.label for e in data]).save(tmp_path / "tf")
+    assert load_target(tmp_path / "tf", planted_model).family == "text"
+    with pytest.raises(AttackError, match="not a saved probe"):
+        load_target(tmp_path, planted_model)
+
+
+def test_the_suffix_token_set_is_sane(planted_model):
+    tok = planted_model.tokenizer
+    allowed = set(allowed_token_ids(tok).tolist())
+    assert not allowed & set(tok.all_special_ids) and not allowed & set(tok.get_added_vocab().values())
+    assert tok.convert_tokens_to_ids("bomb") in allowed
 
 
 # ------------------------------------------------------------------------------------------------ persistence
