@@ -125,30 +125,22 @@ class AttackConfig:
 
 
 def greedy_targets(
-    model: HookedTransformer, prepared: Sequence[PreparedExample], n_tokens: int
+    model: HookedTransformer, prepared: Sequence[PreparedExample], n_tokens: int, *, batch_size: int = 32
 ) -> list[np.ndarray]:
-    """The model's own greedy completion of each clean prompt (``n_tokens`` tokens, cut after the first
-    end-of-sequence token)."""
-    tok = model.tokenizer
-    eos = getattr(tok, "eos_token_id", None)
-    out = []
-    for p in prepared:
-        ids = torch.from_numpy(p.clean_ids)[None]
+    """The model's own greedy completion of each clean prompt (``n_tokens`` tokens, up to and including the
+    first end-of-sequence token), generated in batches with the KV cache
+    (:func:`probes.stream.generate_tokens`)."""
+    from probes.stream import generate_tokens
+
+    out: list[np.ndarray] = []
+    for lo in range(0, len(prepared), batch_size):
+        chunk = prepared[lo : lo + batch_size]
         with torch.no_grad():
-            gen = model.generate(
-                ids,
-                max_new_tokens=n_tokens,
-                do_sample=False,
-                stop_at_eos=eos is not None,
-                verbose=False,
-                return_type="tokens",
-            )
-        new = gen[0, ids.shape[1] :].cpu().numpy().astype(np.int64)
-        if eos is not None and (new == eos).any():
-            new = new[: int(np.nonzero(new == eos)[0][0]) + 1]
-        if len(new) == 0:  # pragma: no cover - generate always returns a token
-            raise AttackError(f"example {p.example.id!r}: the model generated nothing")
-        out.append(new)
+            gens = generate_tokens(model, [p.clean_ids.tolist() for p in chunk], max_new_tokens=n_tokens)
+        for p, g in zip(chunk, gens, strict=True):
+            if not g.ids:  # pragma: no cover - generation always returns a token
+                raise AttackError(f"example {p.example.id!r}: the model generated nothing")
+            out.append(np.asarray(g.ids, dtype=np.int64))
     return out
 
 
@@ -389,62 +381,67 @@ def run_attack(
         allowed_token_ids(tok),
         int(getattr(tok, "pad_token_id", None) or 0),
     )
-    outcomes: list[ChunkOutcome] = []
+    # optimize in chunks of similar lengths (less padding); everything is reported in the input order
+    n = len(prepared)
+    order = sorted(range(n), key=lambda i: (prepared[i].n_prompt + len(prepared[i].target_ids), i))
     bs = config.batch_size
-    for lo in range(0, len(prepared), bs):
-        chunk = prepared[lo : lo + bs]
+    per: list[dict[str, Any]] = [{} for _ in range(n)]
+    ids = None
+    embs = None
+    for lo in range(0, n, bs):
+        rows = order[lo : lo + bs]
         t0 = time.perf_counter()
-        out = chunk_fn(chunk, ctx)
-        out.seconds = time.perf_counter() - t0
-        outcomes.append(out)
+        out = chunk_fn([prepared[i] for i in rows], ctx)
+        seconds = time.perf_counter() - t0
+        if out.suffix_ids is not None:
+            ids = ids if ids is not None else torch.zeros((n, out.suffix_ids.shape[1]), dtype=torch.long)
+            ids[rows] = out.suffix_ids
+        if out.suffix_embeds is not None:
+            embs = embs if embs is not None else torch.zeros((n, *out.suffix_embeds.shape[1:]))
+            embs[rows] = out.suffix_embeds.float()
+        for r, i in enumerate(rows):
+            per[i] = {
+                "steps": int(out.steps[r]),
+                "seconds": seconds / len(rows),
+                "flops": float(out.flops[r]),
+                "best_step": int(out.best_step[r]),
+                "loss_history": [float(x) for x in out.loss_history[r]],
+                "score_history": [float(x) for x in out.score_history[r]],
+            }
         if progress:
-            print(f"[{method}] {lo + len(chunk)}/{len(prepared)} examples, {out.seconds:.1f} s", flush=True)
-    ids = None if outcomes[0].suffix_ids is None else torch.cat([o.suffix_ids for o in outcomes])  # type: ignore[misc]
-    embs = None if outcomes[0].suffix_embeds is None else torch.cat([o.suffix_embeds for o in outcomes])  # type: ignore[misc]
+            print(f"[{method}] {lo + len(rows)}/{n} examples, {seconds:.1f} s", flush=True)
     scorer = [(target.name, target)]
     obj = ctx.objective
     clean = replay(model, scorer, prepared, objective=obj, batch_size=bs)
     att = replay(model, scorer, prepared, suffix_ids=ids, suffix_embeds=embs, objective=obj, batch_size=bs)
     replayable = replays_as_text(tok, prepared, ids.tolist()) if ids is not None else None
     results = []
-    j = 0
-    for o in outcomes:
-        b = len(o.steps)
-        for i in range(b):
-            p = prepared[j]
-            sid = ids[j].tolist() if ids is not None else None
-            stext = suffix_text(tok, sid, p.placement) if sid is not None else None
-            results.append(
-                ExampleResult(
-                    example_id=p.example.id,
-                    label=float(p.example.label),
-                    split=p.example.split,
-                    group=p.example.group_key,
-                    clean_score=float(clean.scores[target.name][j]),
-                    score=float(att.scores[target.name][j]),
-                    clean_ce=float(clean.ce[j]),
-                    ce=float(att.ce[j]),
-                    clean_kept=bool(clean.kept[j]),
-                    kept=bool(att.kept[j]),
-                    ce_kept=bool(att.ce[j] <= clean.ce[j] + obj.ce_margin),
-                    steps=int(o.steps[i]),
-                    seconds=o.seconds / b,
-                    flops=float(o.flops[i]),
-                    best_step=int(o.best_step[i]),
-                    target_ids=[int(x) for x in p.target_ids],
-                    target_text=tok.decode(
-                        [int(x) for x in p.target_ids], clean_up_tokenization_spaces=False
-                    ),
-                    suffix_ids=sid,
-                    suffix_text=stext,
-                    attacked_text=p.attacked_example(stext).prompt if stext is not None else None,
-                    replays_as_text=replayable[j] if replayable is not None else None,
-                    suffix_norm=float(embs[j].norm(dim=-1).mean()) if embs is not None else None,
-                    loss_history=[float(x) for x in o.loss_history[i]],
-                    score_history=[float(x) for x in o.score_history[i]],
-                )
+    for j, p in enumerate(prepared):
+        sid = ids[j].tolist() if ids is not None else None
+        stext = suffix_text(tok, sid, p.placement) if sid is not None else None
+        results.append(
+            ExampleResult(
+                example_id=p.example.id,
+                label=float(p.example.label),
+                split=p.example.split,
+                group=p.example.group_key,
+                clean_score=float(clean.scores[target.name][j]),
+                score=float(att.scores[target.name][j]),
+                clean_ce=float(clean.ce[j]),
+                ce=float(att.ce[j]),
+                clean_kept=bool(clean.kept[j]),
+                kept=bool(att.kept[j]),
+                ce_kept=bool(att.ce[j] <= clean.ce[j] + obj.ce_margin),
+                target_ids=[int(x) for x in p.target_ids],
+                target_text=tok.decode([int(x) for x in p.target_ids], clean_up_tokenization_spaces=False),
+                suffix_ids=sid,
+                suffix_text=stext,
+                attacked_text=p.attacked_example(stext).prompt if stext is not None else None,
+                replays_as_text=replayable[j] if replayable is not None else None,
+                suffix_norm=float(embs[j].norm(dim=-1).mean()) if embs is not None else None,
+                **per[j],
             )
-            j += 1
+        )
     return AttackRun(
         method=method,
         probe=target.name,
