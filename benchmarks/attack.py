@@ -5,7 +5,9 @@ probe on one mid layer trained here on a store of the built-in data (train split
 Both attacks run twice per repeat, batched (``batch_size = --prompts``) and one example at a time
 (``batch_size = 1``), in alternating order after a one-step warm-up of each; the figure is attack
 *example-steps per second* (examples × optimization steps / wall seconds of the attack loop, the targets'
-generation and the final evaluations excluded: they are the same work either way and not attack steps).
+generation and the final evaluations excluded: they are the same work either way and not attack steps),
+the median over ``--repeats`` runs of each; the same with the process's CPU time is reported beside it (on
+a shared machine wall time also counts waiting for a core).
 Both runs must find the same suffixes (the GCG suffix ids, the embedding suffixes to float tolerance): the
 JSON says whether they did.
 
@@ -33,9 +35,10 @@ from experiments.analysis.attacks.common import prepare_attack
 from experiments.analysis.attacks.run import advbench_prompts, train_reference_probe
 
 
-def attack_seconds(run: Any) -> float:
-    """Wall seconds of the attack loops (the per-example shares of the chunks' times add up to them)."""
-    return float(sum(r.seconds for r in run.results))
+def attack_seconds(run: Any) -> tuple[float, float]:
+    """Wall and CPU seconds of the attack loops (the per-example shares of the chunks' times add up to
+    them)."""
+    return float(sum(r.seconds for r in run.results)), float(sum(r.cpu_seconds for r in run.results))
 
 
 def main() -> None:
@@ -47,7 +50,7 @@ def main() -> None:
     ap.add_argument("--gcg-candidates", type=int, default=16)
     ap.add_argument("--suffix-len", type=int, default=10)
     ap.add_argument("--target-tokens", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2, help="pairs of runs, in alternating order (ABBA)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -74,18 +77,22 @@ def main() -> None:
         fn = fns[method]
         for bs in (len(prompts), 1):  # warm-up: one step each
             fn(model, target, prompts[: min(bs, 2)], replace(cfg, steps=1, batch_size=bs))
-        times: dict[str, list[float]] = {"batched": [], "single": []}
+        wall: dict[str, list[float]] = {"batched": [], "single": []}
+        cpu: dict[str, list[float]] = {"batched": [], "single": []}
         runs: dict[str, Any] = {}
         for rep in range(args.repeats):
             order = ("batched", "single") if rep % 2 == 0 else ("single", "batched")
             for mode in order:
                 bs = len(prompts) if mode == "batched" else 1
                 run = fn(model, target, prompts, replace(cfg, batch_size=bs))
-                times[mode].append(attack_seconds(run))
+                w, c = attack_seconds(run)
+                wall[mode].append(w)
+                cpu[mode].append(c)
                 runs[mode] = run
-                print(f"{method} {mode}: {times[mode][-1]:.1f} s of attack steps", flush=True)
+                print(f"{method} {mode}: {w:.1f} s of attack steps ({c:.1f} s CPU)", flush=True)
         steps = sum(r.steps for r in runs["batched"].results)
-        rate = {m: steps / float(np.median(t)) for m, t in times.items()}
+        rate = {m: steps / float(np.median(t)) for m, t in wall.items()}
+        rate_cpu = {m: steps / float(np.median(t)) for m, t in cpu.items()}
         b, s = runs["batched"].results, runs["single"].results
         if method == "gcg":
             same = all(x.suffix_ids == y.suffix_ids for x, y in zip(b, s, strict=True))
@@ -97,6 +104,7 @@ def main() -> None:
             )
         out[method] = {
             "speedup": rate["batched"] / rate["single"],
+            "speedup_cpu_time": rate_cpu["batched"] / rate_cpu["single"],
             "steps_per_s_batched": rate["batched"],
             "steps_per_s_single": rate["single"],
             "flops_per_step": float(np.mean([r.flops / max(r.steps, 1) for r in b])),
@@ -112,6 +120,8 @@ def main() -> None:
             {
                 "attack_speedup_batched": round(e["speedup"], 3),
                 "gcg_speedup_batched": round(g["speedup"], 3),
+                "attack_speedup_batched_cpu_time": round(e["speedup_cpu_time"], 3),
+                "gcg_speedup_batched_cpu_time": round(g["speedup_cpu_time"], 3),
                 "flops_per_attack_step": e["flops_per_step"],
                 "gcg_flops_per_attack_step": g["flops_per_step"],
                 "steps_per_s_batched": round(e["steps_per_s_batched"], 4),

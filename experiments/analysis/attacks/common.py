@@ -307,7 +307,6 @@ class ChunkOutcome:
     best_step: list[int]
     loss_history: list[list[float]]
     score_history: list[list[float]]
-    seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -390,9 +389,9 @@ def run_attack(
     embs = None
     for lo in range(0, n, bs):
         rows = order[lo : lo + bs]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = chunk_fn([prepared[i] for i in rows], ctx)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         if out.suffix_ids is not None:
             ids = ids if ids is not None else torch.zeros((n, out.suffix_ids.shape[1]), dtype=torch.long)
             ids[rows] = out.suffix_ids
@@ -403,6 +402,7 @@ def run_attack(
             per[i] = {
                 "steps": int(out.steps[r]),
                 "seconds": seconds / len(rows),
+                "cpu_seconds": cpu / len(rows),
                 "flops": float(out.flops[r]),
                 "best_step": int(out.best_step[r]),
                 "loss_history": [float(x) for x in out.loss_history[r]],

@@ -28,8 +28,9 @@ class ExampleResult:
     attacked (the kept suffix); ``ce`` the behaviour cross-entropy (mean over target tokens);
     ``kept`` is ``behaviour_kept`` (the greedy continuation of the attacked prompt starts with the target's
     first ``match_tokens`` tokens), ``ce_kept`` the CE criterion (``ce <= clean_ce + ce_margin``). ``steps``,
-    ``seconds`` (this example's share of its batch's wall time) and ``flops`` are what the attack spent on
-    this example (see :mod:`.budget`)."""
+    ``seconds`` (this example's share of its batch's wall time), ``cpu_seconds`` (the same share of the
+    process's CPU time: robust to waiting for a core on a shared machine) and ``flops`` are what the attack
+    spent on this example (see :mod:`.budget`)."""
 
     example_id: str
     label: float
@@ -48,6 +49,7 @@ class ExampleResult:
     best_step: int
     target_ids: list[int]
     target_text: str
+    cpu_seconds: float = math.nan
     suffix_ids: list[int] | None = None
     suffix_text: str | None = None
     attacked_text: str | None = None
