@@ -360,23 +360,65 @@ def test_flops_and_steps_are_recorded(planted_model, target, harmful):
     fc = FlopCounter.for_model(planted_model)
     prep = attach_targets(prepare(planted_model, harmful[:2]), [r.target_ids for r in run.results])
     for p, r in zip(prep, run.results, strict=True):
-        f = fc.forward(p.n_prompt + 4 + len(p.target_ids), 2, len(p.target_ids))
-        assert r.steps == 4 and r.flops == pytest.approx((3 * 4 + 1) * f)
-        assert r.seconds > 0
+        n, nt, a = p.n_prompt + 4 + len(p.target_ids), len(p.target_ids), len(p.prefix_ids)
+        f = fc.forward(n, 2, nt, cached=a)  # a step's forward: the cached prefix is run once
+        assert f < fc.forward(n, 2, nt)
+        assert r.steps == 4 and r.flops == pytest.approx(fc.forward(a, 2) + (3 * 4 + 1) * f)
+        assert r.seconds > 0 and r.cpu_seconds > 0
+    uncached = embedding_attack(
+        planted_model, target, harmful[:2], EmbeddingConfig(steps=4, prefix_cache=False, **FAST)
+    )
+    for p, r in zip(prep, uncached.results, strict=True):
+        assert r.flops == pytest.approx(
+            13 * fc.forward(p.n_prompt + 4 + len(p.target_ids), 2, len(p.target_ids))
+        )
     g = gcg_attack(
         planted_model,
         target,
         harmful[:2],
         GCGConfig(steps=2, n_candidates=8, top_k=4, text_filter=False, **FAST),
     )
+    proj = fc.one_hot_projection(4, len(allowed_token_ids(planted_model.tokenizer)))
     for p, r in zip(prep, g.results, strict=True):
-        f = fc.forward(p.n_prompt + 4 + len(p.target_ids), 2, len(p.target_ids))
-        proj = fc.one_hot_projection(4, len(allowed_token_ids(planted_model.tokenizer)))
-        assert r.flops == pytest.approx(3 * f + 2 * (2 * f + proj + 8 * f))
+        n, nt, a = p.n_prompt + 4 + len(p.target_ids), len(p.target_ids), len(p.prefix_ids)
+        f = fc.forward(n, 2, nt, cached=a)
+        assert r.flops == pytest.approx(fc.forward(a, 2) + 3 * f + 2 * (2 * f + proj + 8 * f))
     capped = embedding_attack(
         planted_model, target, harmful[:2], EmbeddingConfig(steps=50, max_flops=10 * f, **FAST)
     )
     assert all(r.steps < 50 and r.flops <= 10 * f for r in capped.results)
+
+
+@pytest.mark.parametrize("pos_type", ["standard", "rotary"])
+def test_a_cached_prefix_gives_the_full_pass(pos_type, data, harmful):
+    from experiments.analysis.attacks.objective import build_prefix_cache
+
+    m = make_tiny_model(
+        n_layers=3, d_model=32, n_heads=4, d_mlp=64, seed=0, positional_embedding_type=pos_type
+    )
+    plant_direction(m, HARM_WORDS, scale=6.0)
+    prep = attach_targets(prepare(m, harmful[:6]), [[20, 21, 22, 23][: 2 + i % 3] for i in range(6)])
+    ids = torch.randint(10, 100, (6, 4), generator=torch.Generator().manual_seed(0))
+    obj = Objective(lam=1.0)
+    for family in ("logistic", "token_ema", "finetune"):
+        p, kw = _build(family, m, data)
+        t = adapt(p, **kw)
+        cache = build_prefix_cache(m, prep, t.hooks, depth=3)
+        e = m.W_E.detach()[ids].clone().requires_grad_(True)
+        full = evaluate(m, t, build_batch(prep, ids), obj, suffix_embeds=e)
+        cached = evaluate(m, t, build_batch(prep, ids, skip_prefix=True), obj, suffix_embeds=e, prefix=cache)
+        torch.testing.assert_close(cached.score, full.score, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cached.ce, full.ce, atol=1e-5, rtol=1e-5)
+        assert torch.equal(cached.kept, full.kept)
+        (g1,) = torch.autograd.grad(full.loss.sum(), [e])
+        (g2,) = torch.autograd.grad(cached.loss.sum(), [e])
+        torch.testing.assert_close(g2, g1, atol=1e-5, rtol=1e-4)
+    # and the attacks find the same suffixes with or without it
+    t = adapt(_build("logistic", m, data)[0], hooks=[HOOK], pooling="mean")
+    cfg = GCGConfig(steps=2, n_candidates=8, top_k=4, **FAST)
+    a = gcg_attack(m, t, harmful[:3], cfg)
+    b = gcg_attack(m, t, harmful[:3], GCGConfig(steps=2, n_candidates=8, top_k=4, prefix_cache=False, **FAST))
+    assert [r.suffix_ids for r in a.results] == [r.suffix_ids for r in b.results]
 
 
 def test_stop_below_freezes_examples_that_evade(planted_model, target, harmful):

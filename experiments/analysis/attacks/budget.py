@@ -8,6 +8,9 @@ probe runs itself (copied fine-tuned blocks). Padding is not counted: this is th
 the same batched or not (the benchmark measures what batching does to wall time). The probe's own read-out
 is negligible next to the forward pass and not counted.
 
+* the prefix of every row (everything before the suffix slot) is run once and its keys and values cached
+  (:class:`~.objective.PrefixCache`): it is counted once, and each step counts only the later positions
+  (which still attend to the prefix: positions ``P+1..n`` cost ``n·f(n) − P·f(P)``);
 * an embedding-attack step: forward + backward = 3 × forward;
 * a GCG step: forward + backward for the one-hot gradient, the gradient's projection on the allowed
   tokens (``2·k·d·|V|``), and one forward pass per candidate.
@@ -44,23 +47,29 @@ class FlopCounter:
             self._by_len[n] = self.cost.with_context_len(max(1, n))
         return self._by_len[n]
 
-    def forward(self, n_tokens: int, up_to_layer: int, n_logits: int = 0, extra_blocks: int = 0) -> float:
+    def _body(self, n: int, up_to_layer: int) -> float:
+        """Blocks ``0..up_to_layer`` over positions ``1..n`` (the sum over positions, ``n`` × the mean)."""
+        if n <= 0:
+            return 0.0
+        cm = self._at(n)
+        if up_to_layer < 0:
+            return float(n * cm.embed)
+        return float(n * cm.forward_flops_per_token(up_to_layer, include_unembed=False))
+
+    def forward(
+        self, n_tokens: int, up_to_layer: int, n_logits: int = 0, extra_blocks: int = 0, cached: int = 0
+    ) -> float:
         """FLOPs of a forward pass over ``n_tokens`` tokens through blocks ``0..up_to_layer`` (-1: the
         embedding only), with ``n_logits`` positions unembedded and ``extra_blocks`` more blocks run by the
-        probe over every token."""
+        probe over every token. ``cached``: the first tokens come from a KV cache (their blocks are not run
+        again; the later tokens still attend to them)."""
         if n_tokens <= 0:
             return 0.0
+        total = self._body(n_tokens, up_to_layer) - self._body(min(cached, n_tokens), up_to_layer)
         cm = self._at(n_tokens)
-        per_tok = (
-            cm.embed if up_to_layer < 0 else cm.forward_flops_per_token(up_to_layer, include_unembed=False)
-        )
         if extra_blocks:
-            per_tok += sum(b.total for b in cm.blocks[-extra_blocks:])
-        return float(n_tokens * per_tok + n_logits * (cm.final_norm + cm.unembed))
-
-    def train_step(self, n_tokens: int, up_to_layer: int, n_logits: int = 0, extra_blocks: int = 0) -> float:
-        """Forward + backward."""
-        return (1.0 + BACKWARD_FACTOR) * self.forward(n_tokens, up_to_layer, n_logits, extra_blocks)
+            total += n_tokens * sum(b.total for b in cm.blocks[-extra_blocks:])
+        return float(total + n_logits * (cm.final_norm + cm.unembed))
 
     def one_hot_projection(self, suffix_len: int, n_allowed: int) -> float:
         """The one-hot gradient from the embedding gradient: ``[k, d] @ [d, |V|]``."""

@@ -23,12 +23,14 @@ from experiments.analysis.attacks.objective import (
     Evaluation,
     Objective,
     Placement,
+    PrefixCache,
     PreparedExample,
     Scorer,
     allowed_token_ids,
     attach_targets,
     behaviour_metrics,
     build_batch,
+    build_prefix_cache,
     check_layers,
     evaluate,
     example_generator,
@@ -61,6 +63,8 @@ class AttackConfig:
     Budget: ``steps`` optimization steps per example (>= 1), and optionally ``max_flops`` per example (an
     example stops before a step that would exceed it). ``stop_below``: an example whose score is at or
     below this (e.g. the probe's threshold) with its behaviour kept stops early (its suffix is frozen).
+    ``prefix_cache``: run the part of every row before the suffix once and cache it (equal results, fewer
+    FLOPs).
     Objective: ``lam``, ``probe_loss``, ``margin``, ``match_tokens``, ``ce_margin`` (:class:`Objective`).
     Behaviour target: ``target="greedy"`` (the model's own greedy completion of the clean prompt,
     ``target_tokens`` long, cut after an end-of-sequence token) or ``"affirmative"`` (``affirmative``, e.g.
@@ -85,6 +89,7 @@ class AttackConfig:
     batch_size: int = 16
     stop_below: float | None = None
     max_len: int | None = None
+    prefix_cache: bool = True
 
     def objective(self) -> Objective:
         return Objective(
@@ -343,14 +348,37 @@ class Context:
         """The deepest block an optimization step runs."""
         return int(self.model.cfg.n_layers) - 1 if self.objective.lam > 0 else self.target.layer
 
-    def forward_flops(self, p: PreparedExample, k: int, behaviour: bool | None = None) -> float:
-        beh = self.objective.lam > 0 if behaviour is None else behaviour
-        n = p.n_prompt + k + len(p.target_ids)
-        layer = int(self.model.cfg.n_layers) - 1 if beh else self.target.layer
-        return self.flops.forward(n, layer, len(p.target_ids) if beh else 0, self.target.extra_blocks)
+    @property
+    def cached(self) -> bool:
+        """Whether the steps continue a cached prefix (not for a probe on the embeddings alone)."""
+        return self.config.prefix_cache and self.step_layer() >= 0
 
-    def eval(self, batch: Any, suffix_embeds: Tensor | None = None) -> Evaluation:
-        return evaluate(self.model, self.target, batch, self.objective, suffix_embeds=suffix_embeds)
+    def prefix(self, chunk: Sequence[PreparedExample]) -> PrefixCache | None:
+        if not self.cached:
+            return None
+        return build_prefix_cache(self.model, chunk, self.target.hooks, self.step_layer() + 1, self.pad_id)
+
+    def prefix_flops(self, p: PreparedExample) -> float:
+        """The prefix pass, once per example (0 without the cache)."""
+        return self.flops.forward(len(p.prefix_ids), self.step_layer()) if self.cached else 0.0
+
+    def forward_flops(self, p: PreparedExample, k: int) -> float:
+        """One step's forward pass of one example (the cached prefix excluded)."""
+        beh = self.objective.lam > 0
+        n = p.n_prompt + k + len(p.target_ids)
+        cached = len(p.prefix_ids) if self.cached else 0
+        n_logits = len(p.target_ids) if beh else 0
+        return self.flops.forward(n, self.step_layer(), n_logits, self.target.extra_blocks, cached=cached)
+
+    def batch(self, chunk: Sequence[PreparedExample], ids: Tensor) -> Any:
+        return build_batch(chunk, ids, pad_id=self.pad_id, skip_prefix=self.cached)
+
+    def eval(
+        self, batch: Any, suffix_embeds: Tensor | None = None, prefix: PrefixCache | None = None
+    ) -> Evaluation:
+        return evaluate(
+            self.model, self.target, batch, self.objective, suffix_embeds=suffix_embeds, prefix=prefix
+        )
 
 
 def run_attack(
@@ -370,7 +398,7 @@ def run_attack(
     t_all = time.perf_counter()
     prepared = prepare_attack(model, target, examples, config)
     assert isinstance(target, ProbeTarget)
-    tok = model.tokenizer
+    tok: Any = model.tokenizer
     ctx = Context(
         model,
         target,
@@ -433,7 +461,9 @@ def run_attack(
                 kept=bool(att.kept[j]),
                 ce_kept=bool(att.ce[j] <= clean.ce[j] + obj.ce_margin),
                 target_ids=[int(x) for x in p.target_ids],
-                target_text=tok.decode([int(x) for x in p.target_ids], clean_up_tokenization_spaces=False),
+                target_text=str(
+                    tok.decode([int(x) for x in p.target_ids], clean_up_tokenization_spaces=False)
+                ),
                 suffix_ids=sid,
                 suffix_text=stext,
                 attacked_text=p.attacked_example(stext).prompt if stext is not None else None,

@@ -23,7 +23,7 @@ from transformer_lens import HookedTransformer
 from activations.data import Example
 from experiments.analysis.attacks.adapters import ProbeTarget, TextTarget
 from experiments.analysis.attacks.common import AttackConfig, ChunkOutcome, Context, run_attack
-from experiments.analysis.attacks.objective import AttackError, PreparedExample, build_batch
+from experiments.analysis.attacks.objective import AttackError, PreparedExample
 from experiments.analysis.attacks.result import AttackRun
 
 __all__ = ["EmbeddingConfig", "embedding_attack"]
@@ -59,7 +59,8 @@ def _chunk(chunk: list[PreparedExample], ctx: Context) -> ChunkOutcome:
     model = ctx.model
     b, k = len(chunk), cfg.suffix_len
     init = ctx.init_ids(chunk)
-    batch = build_batch(chunk, init, pad_id=ctx.pad_id)
+    prefix = ctx.prefix(chunk)
+    batch = ctx.batch(chunk, init)
     W = model.W_E.detach().float()
     lr = cfg.lr if cfg.lr is not None else 0.1 * float(W.abs().mean())
     bound = (
@@ -78,12 +79,12 @@ def _chunk(chunk: list[PreparedExample], ctx: Context) -> ChunkOutcome:
     best_x = x.detach().clone()
     best_step = torch.zeros(b, dtype=torch.long)
     steps = torch.zeros(b, dtype=torch.long)
-    flops = torch.zeros(b, dtype=torch.float64)
+    flops = torch.tensor([ctx.prefix_flops(p) for p in chunk], dtype=torch.float64)
     loss_hist: list[list[float]] = [[] for _ in range(b)]
     score_hist: list[list[float]] = [[] for _ in range(b)]
     need_kept = ctx.objective.lam > 0
     for step in range(cfg.steps + 1):
-        ev = ctx.eval(batch, suffix_embeds=x)
+        ev = ctx.eval(batch, suffix_embeds=x, prefix=prefix)
         loss, score = ev.loss.detach(), ev.score.detach()
         flops += torch.where(active, fwd, 0.0)
         for i in torch.nonzero(active)[:, 0].tolist():

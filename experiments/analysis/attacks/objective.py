@@ -45,6 +45,7 @@ __all__ = [
     "ForwardOut",
     "Objective",
     "Placement",
+    "PrefixCache",
     "PreparedExample",
     "ProbeLayerWarning",
     "Scorer",
@@ -52,6 +53,7 @@ __all__ = [
     "attach_targets",
     "behaviour_metrics",
     "build_batch",
+    "build_prefix_cache",
     "evaluate",
     "example_generator",
     "hook_layer",
@@ -331,11 +333,13 @@ def build_batch(
     suffix_active: Bool[Tensor, "b k"] | None = None,
     with_target: bool = True,
     pad_id: int = 0,
+    skip_prefix: bool = False,
 ) -> Batch:
     """A batch of ``prepared`` rows with ``suffix_ids`` in their slots (``None``: no suffix).
 
     ``suffix_active`` masks suffix slots out (attention mask 0, not read by the probe, no position
-    advance): an all-inactive suffix gives the clean prompt's activations and logits."""
+    advance): an all-inactive suffix gives the clean prompt's activations and logits. ``skip_prefix``: the
+    rows start at the suffix (the prefix comes from a :class:`PrefixCache`); positions are relative to it."""
     b = len(prepared)
     if b == 0:
         raise AttackError("no examples in the batch")
@@ -348,7 +352,10 @@ def build_batch(
     active = torch.ones((b, k), dtype=torch.bool) if suffix_active is None else suffix_active.to(torch.bool)
     n_t = [len(p.target_ids) if with_target else 0 for p in prepared]
     t = max(n_t)
-    lengths = [p.n_prompt + k + n for p, n in zip(prepared, n_t, strict=True)]
+    starts = [len(p.prefix_ids) if skip_prefix else 0 for p in prepared]
+    lengths = [p.n_prompt + k + n - a0 for p, n, a0 in zip(prepared, n_t, starts, strict=True)]
+    if skip_prefix and any(k + len(p.post_ids) == 0 for p in prepared):
+        raise AttackError("a cached prefix needs at least one token after it (a suffix or the template)")
     s = max(lengths)
     tokens = torch.full((b, s), pad_id, dtype=torch.long)
     attn = torch.zeros((b, s), dtype=torch.long)
@@ -358,9 +365,9 @@ def build_batch(
     tids = torch.zeros((b, t), dtype=torch.long)
     tmask = torch.zeros((b, t), dtype=torch.bool)
     for i, p in enumerate(prepared):
-        a = len(p.prefix_ids)
-        tokens[i, :a] = torch.from_numpy(p.prefix_ids)
-        roles[i, :a] = torch.from_numpy(p.prefix_roles.astype(np.int64))
+        a = len(p.prefix_ids) - starts[i]
+        tokens[i, :a] = torch.from_numpy(p.prefix_ids[starts[i] :])
+        roles[i, :a] = torch.from_numpy(p.prefix_roles[starts[i] :].astype(np.int64))
         tokens[i, a : a + k] = suffix_ids[i]
         roles[i, a : a + k] = ROLE_PROMPT
         spos[i] = torch.arange(a, a + k)
@@ -376,6 +383,108 @@ def build_batch(
         attn[i, : lengths[i]] = 1
         attn[i, a : a + k] = active[i].long()
     return Batch(tokens, attn, roles, spos, active, tpos, tids, tmask, torch.tensor(lengths))
+
+
+@dataclass(frozen=True)
+class PrefixCache:
+    """The constant part of every row (everything before the suffix slot: template, system prompt, the
+    user's text), run once: its keys and values per block (TransformerLens's frozen KV cache), its
+    activations of the probe's hooks, roles and attention mask. Rows are right-padded to ``width``; the
+    padding is masked, and positions after it follow the attention mask, so a cached pass over
+    ``suffix | post | target`` equals the full pass (up to floating-point summation order)."""
+
+    keys: tuple[Tensor, ...]
+    values: tuple[Tensor, ...]
+    attention_mask: Int[Tensor, "b p"]
+    roles: Int[Tensor, "b p"]
+    acts: dict[str, Tensor]
+    depth: int  # blocks run (the cached passes must not go deeper)
+    lengths: Int[Tensor, " b"]
+
+    @property
+    def width(self) -> int:
+        return int(self.attention_mask.shape[1])
+
+    def select(self, rows: Int[Tensor, " n"]) -> PrefixCache:
+        """The cache of rows ``rows`` (e.g. one row per GCG candidate)."""
+        return PrefixCache(
+            tuple(k.index_select(0, rows) for k in self.keys),
+            tuple(v.index_select(0, rows) for v in self.values),
+            self.attention_mask.index_select(0, rows),
+            self.roles.index_select(0, rows),
+            {h: a.index_select(0, rows) for h, a in self.acts.items()},
+            self.depth,
+            self.lengths.index_select(0, rows),
+        )
+
+    def read_mask(self, roles: Sequence[int]) -> Bool[Tensor, "b p"]:
+        want = torch.tensor(sorted(set(int(r) for r in roles)), dtype=self.roles.dtype)
+        return torch.isin(self.roles, want) & self.attention_mask.bool()
+
+    def tl_cache(self) -> Any:
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+        entries = [
+            TransformerLensKeyValueCacheEntry(k, v, frozen=True)
+            for k, v in zip(self.keys, self.values, strict=True)
+        ]
+        return TransformerLensKeyValueCache(entries, self.attention_mask, frozen=True)
+
+
+def build_prefix_cache(
+    model: HookedTransformer,
+    prepared: Sequence[PreparedExample],
+    hooks: Sequence[str],
+    depth: int,
+    pad_id: int = 0,
+) -> PrefixCache:
+    """Run every row's prefix once through ``depth`` blocks (all the later cached passes may run)."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    if not prepared:
+        raise AttackError("no examples in the batch")
+    if depth < 1:
+        raise AttackError("a prefix cache needs at least one block (the probe reads the embeddings)")
+    lens = torch.tensor([len(p.prefix_ids) for p in prepared])
+    if int(lens.min()) < 1:
+        raise AttackError("an example has an empty prefix")
+    b, w = len(prepared), int(lens.max())
+    tokens = torch.full((b, w), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, w), dtype=torch.long)
+    roles = torch.full((b, w), ROLE_PAD, dtype=torch.long)
+    for i, p in enumerate(prepared):
+        n = len(p.prefix_ids)
+        tokens[i, :n] = torch.from_numpy(p.prefix_ids)
+        attn[i, :n] = 1
+        roles[i, :n] = torch.from_numpy(p.prefix_roles.astype(np.int64))
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, b)
+    acts: dict[str, Tensor] = {}
+
+    def keep(x: Tensor, hook: Any) -> None:
+        acts[hook.name] = x.detach()
+
+    with torch.no_grad():
+        model.run_with_hooks(
+            tokens,
+            attention_mask=attn,
+            past_kv_cache=cache,
+            stop_at_layer=depth,
+            fwd_hooks=[(h, keep) for h in dict.fromkeys(hooks)],
+        )
+    missing = [h for h in hooks if h not in acts]
+    if missing:
+        raise AttackError(f"the prefix pass never reached hook(s) {missing}")
+    entries = cache.entries[:depth]
+    return PrefixCache(
+        tuple(e.past_keys.detach() for e in entries),
+        tuple(e.past_values.detach() for e in entries),
+        attn,
+        roles,
+        acts,
+        depth,
+        lens,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -414,12 +523,15 @@ def run_model(
     suffix_embeds: Float[Tensor, "b k d"] | None = None,
     logits: bool = True,
     extra_hook: Callable[[Tensor, Any], Tensor | None] | None = None,
+    prefix: PrefixCache | None = None,
 ) -> ForwardOut:
     """Run ``model`` on ``batch``: the activations of ``hooks`` and, with ``logits``, the logits at the
     target positions (final norm and unembedding applied there only). ``suffix_embeds`` replace the token
-    embeddings at the suffix positions (``hook_embed``); gradients flow to them."""
+    embeddings at the suffix positions (``hook_embed``); gradients flow to them. With ``prefix`` (and a
+    batch built with ``skip_prefix``) the rows continue the cached prefixes, and the activations returned
+    cover ``prefix | rest``."""
     acts: dict[str, Tensor] = {}
-    fwd: list[tuple[str, Callable[..., Any]]] = []
+    fwd: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = []
     if suffix_embeds is not None:
         if suffix_embeds.shape[:2] != batch.suffix_pos.shape:
             raise AttackError(
@@ -442,12 +554,21 @@ def run_model(
         fwd.append((h, keep))
     n_layers = int(model.cfg.n_layers)
     stop = n_layers if logits else stop_layer_for(hooks)
+    kw: dict[str, Any] = {}
+    if prefix is not None:
+        if stop > prefix.depth:
+            raise AttackError(f"the prefix cache covers {prefix.depth} blocks, the pass needs {stop}")
+        if prefix.attention_mask.shape[0] != batch.size:
+            raise AttackError("the prefix cache and the batch have different rows")
+        kw["past_kv_cache"] = prefix.tl_cache()
     resid = model.run_with_hooks(
-        batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=stop, fwd_hooks=fwd
+        batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=stop, fwd_hooks=fwd, **kw
     )
     missing = [h for h in hooks if h not in acts]
     if missing:
         raise AttackError(f"the forward pass never reached hook(s) {missing}")
+    if prefix is not None:
+        acts = {h: torch.cat([prefix.acts[h].to(a.dtype), a], dim=1) for h, a in acts.items()}
     out_logits = None
     if logits and batch.target_pos.shape[1] > 0:
         rows_t = torch.arange(batch.size)[:, None].expand_as(batch.target_pos)
@@ -533,6 +654,7 @@ def evaluate(
     *,
     suffix_embeds: Float[Tensor, "b k d"] | None = None,
     behaviour: bool | None = None,
+    prefix: PrefixCache | None = None,
 ) -> Evaluation:
     """Score, behaviour and loss of every row. ``behaviour=None`` computes the behaviour when it is part of
     the loss (``lam > 0``); ``True`` always (reports), ``False`` never (the pass then stops at the probe's
@@ -540,13 +662,17 @@ def evaluate(
     want = objective.lam > 0 if behaviour is None else behaviour
     if objective.lam > 0 and not want:
         raise AttackError("the behaviour loss is part of the objective (lam > 0): it must be computed")
-    out = run_model(model, batch, scorer.hooks, suffix_embeds=suffix_embeds, logits=want)
+    out = run_model(model, batch, scorer.hooks, suffix_embeds=suffix_embeds, logits=want, prefix=prefix)
     mask = batch.read_mask(scorer.roles)
+    attention = batch.attention_mask
+    if prefix is not None:
+        mask = torch.cat([prefix.read_mask(scorer.roles), mask], dim=1)
+        attention = torch.cat([prefix.attention_mask, attention], dim=1)
     empty = ~mask.any(1)
     if bool(empty.any()):
         i = int(torch.nonzero(empty)[0, 0])
         raise AttackError(f"row {i} has no token the probe reads (roles {scorer.roles})")
-    score = scorer.score(out.acts, mask, batch.attention_mask)
+    score = scorer.score(out.acts, mask, attention)
     score = score if score.dtype == torch.float64 else score.float()
     nan = torch.full_like(score, torch.nan)
     if out.target_logits is not None:

@@ -37,8 +37,8 @@ from experiments.analysis.attacks.common import AttackConfig, ChunkOutcome, Cont
 from experiments.analysis.attacks.objective import (
     AttackError,
     Evaluation,
+    PrefixCache,
     PreparedExample,
-    build_batch,
     example_generator,
     replays_as_text,
 )
@@ -65,14 +65,18 @@ class GCGConfig(AttackConfig):
 
 
 def one_hot_gradient(
-    ctx: Context, batch: object, one_hot_idx: Int[Tensor, "b k"], active: torch.Tensor
+    ctx: Context,
+    batch: object,
+    one_hot_idx: Int[Tensor, "b k"],
+    active: torch.Tensor,
+    prefix: PrefixCache | None = None,
 ) -> tuple[Evaluation, Float[Tensor, "b k v"]]:
     """The evaluation of the current suffixes and the gradient of the (active rows') summed loss w.r.t. the
     one-hot indicators of the suffix tokens over the allowed set."""
     W = ctx.model.W_E.detach()[ctx.allowed].float()  # [v d]
     one_hot = F.one_hot(one_hot_idx, num_classes=len(ctx.allowed)).float().requires_grad_(True)
     emb = one_hot @ W
-    ev = ctx.eval(batch, suffix_embeds=emb)
+    ev = ctx.eval(batch, suffix_embeds=emb, prefix=prefix)
     (grad,) = torch.autograd.grad((ev.loss * active).sum(), [one_hot])
     return ev.detach(), grad
 
@@ -115,20 +119,21 @@ def _chunk(chunk: list[PreparedExample], ctx: Context) -> ChunkOutcome:
     best_ids = ids.clone()
     best_step = torch.zeros(b, dtype=torch.long)
     steps = torch.zeros(b, dtype=torch.long)
-    flops = torch.zeros(b, dtype=torch.float64)
+    flops = torch.tensor([ctx.prefix_flops(p) for p in chunk], dtype=torch.float64)
+    prefix = ctx.prefix(chunk)
     loss_hist: list[list[float]] = [[] for _ in range(b)]
     score_hist: list[list[float]] = [[] for _ in range(b)]
     need_kept = ctx.objective.lam > 0
     n_filtered = 0
     for step in range(cfg.steps + 1):
-        batch = build_batch(chunk, ids, pad_id=ctx.pad_id)
+        batch = ctx.batch(chunk, ids)
         last = step == cfg.steps
         if last:
             with torch.no_grad():
-                ev = ctx.eval(batch).detach()
+                ev = ctx.eval(batch, prefix=prefix).detach()
             grad = None
         else:
-            ev, grad = one_hot_gradient(ctx, batch, index_of[ids], active)
+            ev, grad = one_hot_gradient(ctx, batch, index_of[ids], active, prefix)
         flops += torch.where(active, fwd, 0.0)
         for i in torch.nonzero(active)[:, 0].tolist():
             loss_hist[i].append(float(ev.loss[i]))
@@ -155,8 +160,8 @@ def _chunk(chunk: list[PreparedExample], ctx: Context) -> ChunkOutcome:
                 for i in rows
             ]
         )
-        owners = [i for i in rows for _ in range(cfg.n_candidates)]
-        prepared = [chunk[i] for i in owners]
+        owners = torch.tensor([i for i in rows for _ in range(cfg.n_candidates)], dtype=torch.long)
+        prepared = [chunk[i] for i in owners.tolist()]
         if cfg.text_filter:
             ok = torch.tensor(replays_as_text(tok, prepared, cands.tolist()))
             n_filtered += int((~ok).sum())
@@ -167,8 +172,9 @@ def _chunk(chunk: list[PreparedExample], ctx: Context) -> ChunkOutcome:
         with torch.no_grad():
             for lo in range(0, len(keep), cfg.eval_rows):
                 sel = keep[lo : lo + cfg.eval_rows]
-                cb = build_batch([prepared[j] for j in sel.tolist()], cands[sel], pad_id=ctx.pad_id)
-                cand_loss[sel] = ctx.eval(cb).loss.detach()
+                cb = ctx.batch([prepared[j] for j in sel.tolist()], cands[sel])
+                cp = prefix.select(owners[sel]) if prefix is not None else None
+                cand_loss[sel] = ctx.eval(cb, prefix=cp).loss.detach()
         cand_loss = cand_loss.view(len(rows), cfg.n_candidates)
         for r, i in enumerate(rows):
             j = int(torch.argmin(cand_loss[r]))
