@@ -614,7 +614,11 @@ def test_attacks_run_on_smollm2():
     )
     X = torch.randn(16, m.cfg.d_model)
     t = adapt(LogisticProbe().fit(X, torch.tensor([0, 1] * 8)), hooks=["blocks.10.hook_resid_post"])
-    run = gcg_attack(m, t, exs, GCGConfig(steps=1, n_candidates=4, top_k=4, suffix_len=3, target_tokens=4))
+    cfg = GCGConfig(steps=1, n_candidates=4, top_k=4, suffix_len=3, target_tokens=4)
+    run = gcg_attack(m, t, exs, cfg)
     assert all(r.replays_as_text for r in run.results)
+    uncached = gcg_attack(m, t, exs, GCGConfig(**{**cfg.to_json(), "prefix_cache": False}))
+    assert [r.suffix_ids for r in run.results] == [r.suffix_ids for r in uncached.results]
+    assert all(r.clean_kept for r in run.results)  # the greedy target is the model's own completion
     rows = transfer(m, run, [t])
     np.testing.assert_allclose(rows["attacked_score"], [r.score for r in run.results], rtol=1e-5, atol=1e-5)

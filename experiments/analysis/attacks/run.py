@@ -165,6 +165,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--suffix-len", type=int, default=16)
     ap.add_argument("--target-tokens", type=int, default=24)
     ap.add_argument("--lam", type=float, default=1.0)
+    ap.add_argument(
+        "--probe-loss",
+        choices=["score", "softplus"],
+        default="softplus",
+        help="softplus(score - (threshold - margin)): the probe term stops pushing once the score is "
+        "well below the threshold, so the behaviour term is not drowned (the raw score is unbounded)",
+    )
+    ap.add_argument("--margin", type=float, default=1.0, help="how far below the threshold (softplus)")
     ap.add_argument("--emb-steps", type=int, default=30)
     ap.add_argument("--gcg-steps", type=int, default=8)
     ap.add_argument("--gcg-candidates", type=int, default=32)
@@ -186,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "suffix_len": args.suffix_len,
         "target_tokens": args.target_tokens,
         "lam": args.lam,
+        "probe_loss": args.probe_loss,
+        "margin": thr["threshold"] - args.margin,
         "batch_size": args.batch_size,
         "stop_below": thr["threshold"],
     }
