@@ -40,7 +40,7 @@ from experiments.analysis.attacks import (
 from experiments.analysis.attacks.budget import FlopCounter
 from experiments.analysis.attacks.common import greedy_targets
 from experiments.analysis.attacks.objective import attach_targets
-from probes.linear import LogisticProbe
+from probes import LogisticProbe
 from tests.conftest import HARM_WORDS, planted_dataset
 
 HOOK = "blocks.1.hook_resid_post"
@@ -138,19 +138,19 @@ def _build(family, model, data):
     hooks2 = ["blocks.0.hook_resid_post", HOOK]
     acts, mask, batch = features(model, data, hooks2)
     if family in ("logistic", "diffmeans", "lda"):
-        from probes.linear import DiffMeansProbe, LDAProbe
+        from probes import DiffMeansProbe, LDAProbe
 
         pool = {"logistic": "mean", "diffmeans": "ema0.5", "lda": "window3"}[family]
         cls = {"logistic": LogisticProbe, "diffmeans": DiffMeansProbe, "lda": LDAProbe}[family]
         X = Pooling.parse(pool)(acts[HOOK], mask).detach()
         return cls().fit(X, y), {"hooks": [HOOK], "pooling": pool}
     if family == "multilayer":
-        from probes.linear import MultiLayerProbe
+        from probes import MultiLayerProbe
 
         X = torch.stack([Pooling.parse("last")(acts[h], mask) for h in hooks2], 1).detach()
         return MultiLayerProbe(layers=[0, 1]).fit(X, y), {"hooks": hooks2, "pooling": "last"}
     if family.startswith("token"):
-        from probes.token import AttentionProbe, MultiMaxProbe, TokenProbe
+        from probes import AttentionProbe, MultiMaxProbe, TokenProbe
 
         kw = {"epochs": 2, "hooks": hooks2 if family == "token_multi" else [HOOK]}
         p = {
@@ -179,12 +179,12 @@ def _build(family, model, data):
         real = batch.attention_mask.bool()
         off = np.concatenate([[0], np.cumsum(real.sum(1).numpy())])
         if family == "finetune":
-            clf = FinetunedLayers(k=1, epochs=1, pooling="max")
+            clf = FinetunedLayers(model, k=1, epochs=1, pooling="max")
             seqs = Sequences(acts[HOOK].detach()[real], off, mask[real])
         else:
-            clf = TruncatedModelClassifier(n_layers=2, epochs=1, pooling="mean")
+            clf = TruncatedModelClassifier(model, n_layers=2, epochs=1, pooling="mean")
             seqs = Sequences(batch.tokens[real], off, mask[real])
-        return clf.fit(model, seqs, y.numpy()), {}
+        return clf.fit(seqs, y.numpy()), {}
     raise AssertionError(family)
 
 
@@ -225,7 +225,7 @@ def test_adapter_equals_the_probes_own_decision_function(planted_model, data, ha
 
 
 def test_text_classifiers_are_transfer_targets_only(planted_model, harmful, data):
-    from probes.baselines import TfidfClassifier
+    from probes.tfidf import TfidfClassifier
 
     clf = TfidfClassifier().fit([e.text for e in data], [e.label for e in data])
     t = adapt(clf, name="tfidf")
@@ -431,7 +431,7 @@ def test_stop_below_freezes_examples_that_evade(planted_model, target, harmful):
 
 # ------------------------------------------------------------------------------------------------ transfer
 def test_transfer_to_the_same_probe_equals_the_attacks_final_score(planted_model, data, target, harmful):
-    from probes.baselines import TfidfClassifier
+    from probes.tfidf import TfidfClassifier
 
     acts, mask, _ = features(planted_model, data, ["blocks.0.hook_resid_post"])
     X = Pooling.parse("max")(acts["blocks.0.hook_resid_post"], mask).detach()
@@ -543,7 +543,7 @@ def test_bad_inputs_are_clear_errors_or_warnings(planted_model, probe, target, h
 
 def test_load_target_from_saved_folders(planted_model, data, probe, target, harmful, tmp_path):
     from activations.collect import model_fingerprint
-    from probes.baselines import TfidfClassifier
+    from probes.tfidf import TfidfClassifier
 
     meta = {**model_fingerprint(planted_model), "hook_names": [HOOK], "pooling": {"kind": "mean"}}
     probe.save(tmp_path / "p", metadata={**meta, "positions": "prompt"})

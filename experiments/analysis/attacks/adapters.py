@@ -226,7 +226,7 @@ def _stack(clf: Any, hooks: tuple[str, ...], from_tokens: bool) -> tuple[ScoreFn
         h = stack.ln_final(h)
         if stack.pooling == "max":
             return stack.head(h)[..., 0].masked_fill(~mask, float("-inf")).amax(dim=1)
-        return stack.head(stack.pool(h, mask, stack.pooling))[..., 0]
+        return stack.head(Pooling.parse(stack.pooling).padded(h, mask))[..., 0]
 
     def ref(acts: Mapping[str, Tensor], mask: Tensor, attention_mask: Tensor | None, tokens: Any) -> Tensor:
         real = (
@@ -273,9 +273,9 @@ def adapt(
     pooling of a pooled probe (default ``mean``); ``positions``: which tokens it reads (the store's
     ``positions``; ``auto`` reads an attacked prompt's prompt tokens); ``fingerprint``: the model it was
     trained on (checked by :func:`check_target`)."""
-    from probes.baselines import TextClassifier
-    from probes.finetune import FinetunedLayers, SequenceClassifier, TruncatedModelClassifier
-    from probes.linear import DiffMeansProbe, LDAProbe, LogisticProbe, MultiLayerProbe
+    from probes import DiffMeansProbe, LDAProbe, LogisticProbe, MultiLayerProbe
+    from probes.finetune import FinetunedLayers, LayerStack, TruncatedModelClassifier
+    from probes.text import TextClassifier
     from probes.token import TokenProbeBase
     from sae.probe import SAEFeatureProbe
 
@@ -309,7 +309,7 @@ def adapt(
         if hk is None:
             raise AttackError("the SAE-feature probe records no hook: pass hooks")
         family, (fn, ref) = "sae", _sae(probe, hk)
-    elif isinstance(probe, SequenceClassifier):
+    elif isinstance(probe, LayerStack):
         if not probe.fitted_:
             raise AttackError(f"{type(probe).__name__} is not fitted")
         if isinstance(probe, FinetunedLayers):
@@ -409,9 +409,9 @@ def load_target(
         doc = json.loads((p / "classifier.json").read_text())
         kind = doc.get("kind") if isinstance(doc, dict) else None
         if kind in ("finetune", "truncated"):
-            from probes.finetune import load_sequence_classifier
+            from probes.io import load_sequence
 
-            clf: Any = load_sequence_classifier(p, model)
+            clf: Any = load_sequence(p, model)
             meta = dict(doc.get("metadata") or {})
             fp = {k: str(meta[k]) for k in FINGERPRINT_KEYS if k in meta}
             target = adapt(
@@ -423,9 +423,9 @@ def load_target(
                 meta=meta,
             )
         else:
-            from probes.baselines import TextClassifier
+            from probes.io import load_classifier
 
-            target = adapt(TextClassifier.load(p), name=label, path=str(p))
+            target = adapt(load_classifier(p), name=label, path=str(p))
     elif (p / "ensemble.json").is_file():
         raise AttackError(f"{p}: ensembles are not adapted (attack or transfer to their members)")
     else:

@@ -25,7 +25,7 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -77,6 +77,7 @@ class ProbeLayerWarning(UserWarning):
     """The probe reads where hiding from it and keeping the behaviour are in direct conflict."""
 
 
+@runtime_checkable
 class Scorer(Protocol):
     """What :func:`evaluate` needs of a probe: the hooks it reads, the roles of the tokens it reads, the
     blocks it runs itself (FLOPs) and a differentiable score ``score(acts, mask, attention_mask) -> [b]``
