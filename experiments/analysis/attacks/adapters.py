@@ -433,3 +433,63 @@ def load_target(
     if isinstance(target, ProbeTarget):
         check_target(model, target)
     return target
+
+
+def zscore_ensemble(
+    members: Sequence[ProbeTarget],
+    means: Sequence[float],
+    stds: Sequence[float],
+    *,
+    weights: Sequence[float] | None = None,
+    name: str = "ensemble",
+) -> ProbeTarget:
+    """A z-scored average of activation probes as one attack target: ``Σ w_i·(s_i − μ_i)/σ_i`` with weights
+    summing to 1 (equal by default), as :class:`probes.ZScoreEnsemble`; it reads the union of its members'
+    hooks, and its gradient flows through every member. Members must read the same token roles."""
+    ms = list(members)
+    if len(ms) < 2:
+        raise AttackError("an ensemble needs at least two members")
+    if len({m.roles for m in ms}) > 1:
+        raise AttackError("ensemble members must read the same token roles")
+    if not (len(means) == len(stds) == len(ms)):
+        raise AttackError("one mean and one std per member")
+    w = np.ones(len(ms)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(ms),) or (w < 0).any() or w.sum() <= 0:
+        raise AttackError("weights: one non-negative weight per member, with a positive sum")
+    w = w / w.sum()
+    hooks: list[str] = []
+    for m in ms:
+        hooks += [h for h in m.hooks if h not in hooks]
+
+    def fn(acts: Mapping[str, Tensor], mask: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        out = 0.0
+        for m, mu, sd, wi in zip(ms, means, stds, w, strict=True):
+            out = out + float(wi) * (m.fn(acts, mask, attention_mask) - mu) / sd
+        assert isinstance(out, Tensor)
+        return out
+
+    def ref(acts: Mapping[str, Tensor], mask: Tensor, attention_mask: Tensor | None, tokens: Any) -> Tensor:
+        out = 0.0
+        for m, mu, sd, wi in zip(ms, means, stds, w, strict=True):
+            out = out + float(wi) * (m.reference(acts, mask, attention_mask, tokens).float() - mu) / sd
+        assert isinstance(out, Tensor)
+        return out
+
+    fps = [m.fingerprint for m in ms if m.fingerprint]
+    return ProbeTarget(
+        name=name,
+        family="ensemble",
+        hooks=tuple(hooks),
+        fn=fn,
+        reference=ref,
+        roles=ms[0].roles,
+        fingerprint=fps[0] if fps else None,
+        source=ms,
+        extra_blocks=sum(m.extra_blocks for m in ms),
+        meta={
+            "members": [m.name for m in ms],
+            "means": list(means),
+            "stds": list(stds),
+            "weights": w.tolist(),
+        },
+    )
