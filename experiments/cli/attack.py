@@ -54,6 +54,13 @@ def attack(
     lam: Annotated[float, typer.Option("--lambda", help="weight of the behaviour loss")] = 1.0,
     rounds: Annotated[int, typer.Option("--rounds", help="adversarial-training rounds")] = 0,
     n: Annotated[int, typer.Option("--n", help="at most N harmful prompts")] = 32,
+    n_control: Annotated[
+        int, typer.Option("--n-control", help="harmless control prompts (seeded subsample; >= 100 for 1% FPR)")
+    ] = 400,
+    refit: Annotated[
+        list[str] | None,
+        typer.Option("--refit", help="recipe families to adversarially train (repeatable; default all)"),
+    ] = None,
     suffix_len: Annotated[int, typer.Option("--suffix-len", help="suffix tokens / vectors")] = 10,
     target_tokens: Annotated[
         int, typer.Option("--target-tokens", help="tokens of the target completion")
@@ -102,6 +109,8 @@ def attack(
         data=data,
         control=control,
         n=n,
+        n_control=n_control,
+        refit=list(refit) if refit else None,
         cfg=cfg,
         layers=[int(x) for x in layers.split(",") if x.strip()],
         model_name=model_name,

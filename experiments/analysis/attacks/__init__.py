@@ -52,7 +52,8 @@ Modules
 differentiable scores; the only module that knows probe classes), :mod:`.embedding`, :mod:`.suffix` (GCG),
 :mod:`.budget`, :mod:`.transfer` (replay a suffix to any probe or text classifier; clean scores;
 transforms), :mod:`.training` (adversarial training data), :mod:`.result` (records, JSON),
-:mod:`.run` (thresholds and the TPR-under-attack measurement).
+:mod:`.run` (thresholds and the TPR-under-attack measurement), :mod:`.campaign` (probe × attack × round,
+transfer, adversarial training: ``probe-atlas attack``), :mod:`.driver` (what the command loads and runs).
 """
 
 from experiments.analysis.attacks.adapters import (
@@ -62,9 +63,19 @@ from experiments.analysis.attacks.adapters import (
     check_target,
     load_target,
     reference_scores,
+    zscore_ensemble,
 )
 from experiments.analysis.attacks.budget import FlopCounter
+from experiments.analysis.attacks.campaign import (
+    ATTACK_COLUMNS,
+    CampaignConfig,
+    Refitter,
+    ensemble_target,
+    fit_affine_target,
+    run_campaign,
+)
 from experiments.analysis.attacks.common import AttackConfig, replay
+from experiments.analysis.attacks.driver import best_per_family, recipe_targets, run_cli_campaign
 from experiments.analysis.attacks.embedding import EmbeddingConfig, embedding_attack
 from experiments.analysis.attacks.objective import (
     AttackError,
@@ -83,9 +94,11 @@ from experiments.analysis.attacks.training import adversarial_examples
 from experiments.analysis.attacks.transfer import score_prompts, transfer, transfer_table, transform_baseline
 
 __all__ = [
+    "ATTACK_COLUMNS",
     "AttackConfig",
     "AttackError",
     "AttackRun",
+    "CampaignConfig",
     "EmbeddingConfig",
     "ExampleResult",
     "FlopCounter",
@@ -93,23 +106,31 @@ __all__ = [
     "Objective",
     "ProbeLayerWarning",
     "ProbeTarget",
+    "Refitter",
     "TextTarget",
     "adapt",
     "adversarial_examples",
     "allowed_token_ids",
+    "best_per_family",
     "build_batch",
     "check_target",
     "embedding_attack",
+    "ensemble_target",
     "evaluate",
+    "fit_affine_target",
     "gcg_attack",
     "load_target",
     "prepare",
+    "recipe_targets",
     "reference_scores",
     "replay",
     "replays_as_text",
+    "run_campaign",
+    "run_cli_campaign",
     "run_model",
     "score_prompts",
     "transfer",
     "transfer_table",
     "transform_baseline",
+    "zscore_ensemble",
 ]

@@ -132,6 +132,8 @@ class Refitter:
     train: PromptDataset
     val: PromptDataset
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: False for a probe rebuilt from refit members (an ensemble): no attack of its own on train prompts
+    attack_train: bool = True
 
 
 def check_campaign_inputs(
@@ -347,6 +349,10 @@ def run_campaign(
             t = current[name]
             assert isinstance(t, ProbeTarget)
             ref = refitters[name]
+            if not ref.attack_train:
+                current[name] = ref.fit(None)
+                log(f"[adv-train r{rnd + 1}] {name}: rebuilt from its refit members")
+                continue
             train_harm = [e for e in ref.train if e.label >= 0.5][: cfg.adv_train_n]
             _, gcg = _attack_configs(cfg, thr[name])
             run = gcg_attack(model, t, train_harm, gcg, progress=progress)

@@ -102,7 +102,7 @@ def recipe_targets(
         # the members are refit in the same round (they come first); z-scored again on validation
         return ensemble_target([members["logistic"], members["lda"]], list(val), model, name="ensemble")
 
-    refitters["ensemble"] = Refitter(refit_ens, train, val)
+    refitters["ensemble"] = Refitter(refit_ens, train, val, attack_train=False)
     tfidf = TfidfClassifier().fit(
         [example_text(e) for e in train], train.labels, val=[example_text(e) for e in val], val_y=val.labels
     )
@@ -120,6 +120,8 @@ def run_cli_campaign(
     control: str,
     n: int,
     cfg: CampaignConfig,
+    n_control: int | None = None,
+    refit: Sequence[str] | None = None,
     layers: Sequence[int],
     model_name: str,
     device: str,
@@ -141,7 +143,10 @@ def run_cli_campaign(
     if not harmful:
         raise AttackError(f"{data}: the labels are all harmless, there is nothing to attack")
     examples = harmful[:n]
-    ctrl = list(load_dataset(_resolve(control)))
+    cds = load_dataset(_resolve(control))
+    if n_control is not None and n_control < len(cds):
+        cds = cds.subsample(n_control, seed=cfg.seed)
+    ctrl = list(cds)
     model = load_model(model_name, device=device)
     targets: list[Target] = []
     refitters: dict[str, Refitter] = {}
@@ -151,6 +156,13 @@ def run_cli_campaign(
     if train is not None:
         t, r = recipe_targets(model, train, layers, log=log)
         targets += t
+        if refit is not None:
+            unknown = sorted(set(refit) - set(r))
+            if unknown:
+                raise AttackError(f"--refit: unknown recipe families {unknown}; choose from {sorted(r)}")
+            if "ensemble" in refit and not {"logistic", "lda"} <= set(refit):
+                raise AttackError("--refit ensemble needs its members: add --refit logistic --refit lda")
+            r = {k: v for k, v in r.items() if k in refit}
         refitters.update(r)
     if cfg.rounds and not refitters:
         warnings.warn(
