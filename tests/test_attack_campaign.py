@@ -22,7 +22,7 @@ from experiments.analysis.attacks.campaign import (
 )
 from experiments.analysis.attacks.objective import AttackError
 from experiments.analysis.attacks.transfer import score_prompts
-from experiments.viz.attacks import attack_figures, robustness_points
+from experiments.viz.attacks import attack_figures, build_attack_report, robustness_points
 from tests.conftest import HARM_WORDS, planted_dataset
 
 HOOK_LAYERS = (0, 1)
@@ -96,14 +96,18 @@ def test_the_ensemble_target_is_the_zscored_average_of_its_members(model, data, 
         ensemble_target(members[:1], list(val), model)
 
 
-def test_campaign_writes_one_row_per_probe_attack_round_and_refits_on_train_only(model, data, fitted, tmp_path):
+def test_campaign_writes_one_row_per_probe_attack_round_and_refits_on_train_only(
+    model, data, fitted, tmp_path
+):
     targets, cache = fitted
     train, val, test, control = data
     seen: list = []
 
     def refit(extra):
         seen.append(extra)
-        return fit_affine_target(model, "logistic", train, val, HOOK_LAYERS, name="logistic", extra=extra, cache=cache)[0]
+        return fit_affine_target(
+            model, "logistic", train, val, HOOK_LAYERS, name="logistic", extra=extra, cache=cache
+        )[0]
 
     cfg = CampaignConfig(
         attacks=("embedding", "suffix", "transforms"),
@@ -156,11 +160,15 @@ def test_campaign_writes_one_row_per_probe_attack_round_and_refits_on_train_only
     for _, r in same.iterrows():
         own = r0[(r0["probe"] == r["source_probe"]) & (r0["attack"] == "suffix")]["tpr_attacked"].item()
         assert r["tpr_attacked"] == pytest.approx(own)
+    page = build_attack_report(tmp_path / "out").read_text()
+    assert "Transfer" in page and "robustness_frontier" in page
     figs = attack_figures(tmp_path / "out")
     assert set(figs) == {"attack_rounds", "robustness_frontier", "transfer_heatmap"}
     pts = robustness_points(df, 0)
     assert set(pts["probe"]) == {"logistic", "multilayer"}
-    assert (pts["tpr_attacked"] <= r0.groupby("probe")["tpr_attacked"].max().loc[pts["probe"]].to_numpy()).all()
+    assert (
+        pts["tpr_attacked"] <= r0.groupby("probe")["tpr_attacked"].max().loc[pts["probe"]].to_numpy()
+    ).all()
     # the multi-layer probe reads a deeper layer: it costs more per token
     cost = df.groupby("probe")["probe_flops_per_token"].first()
     assert cost["multilayer"] >= cost["logistic"] > 0
@@ -180,21 +188,34 @@ def test_bad_input_writes_nothing(model, data, fitted, tmp_path):
         ([t], harmful, CampaignConfig(steps=1, attacks=("nope",)), "--attack"),
         ([], harmful, CampaignConfig(steps=1), "no probes"),
     ]
-    foreign = adapt(t.source, hooks=list(t.hooks), fingerprint={"model_id": "other-model", "weights_hash": "0"})
+    foreign = adapt(
+        t.source, hooks=list(t.hooks), fingerprint={"model_id": "other-model", "weights_hash": "0"}
+    )
     cases.append(([foreign], harmful, CampaignConfig(steps=1), "other-model"))
     for tg, d, cfg, msg in cases:
         with pytest.raises(AttackError, match=msg):
             run_campaign(model, tg, d, control, out, cfg, progress=False, log=lambda s: None)
         assert not out.exists()
     with pytest.raises(AttackError, match="too few"):
-        run_campaign(model, [t], harmful, control[:20], out, CampaignConfig(steps=1), progress=False, log=lambda s: None)
+        run_campaign(
+            model,
+            [t],
+            harmful,
+            control[:20],
+            out,
+            CampaignConfig(steps=1),
+            progress=False,
+            log=lambda s: None,
+        )
     assert not out.exists()
 
 
 def test_cli_bad_input_is_one_line_with_status_2(tmp_path):
     from experiments.cli import app
 
-    r = CliRunner().invoke(app, ["attack", "--out", str(tmp_path / "o"), "--steps", "0", "--train", "builtin"])
+    r = CliRunner().invoke(
+        app, ["attack", "--out", str(tmp_path / "o"), "--steps", "0", "--train", "builtin"]
+    )
     assert r.exit_code == 2 and "steps must be" in r.output
     r = CliRunner().invoke(app, ["attack", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "--probe" in r.output

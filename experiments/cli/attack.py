@@ -55,7 +55,8 @@ def attack(
     rounds: Annotated[int, typer.Option("--rounds", help="adversarial-training rounds")] = 0,
     n: Annotated[int, typer.Option("--n", help="at most N harmful prompts")] = 32,
     n_control: Annotated[
-        int, typer.Option("--n-control", help="harmless control prompts (seeded subsample; >= 100 for 1% FPR)")
+        int,
+        typer.Option("--n-control", help="harmless control prompts (seeded subsample; >= 100 for 1% FPR)"),
     ] = 400,
     refit: Annotated[
         list[str] | None,

@@ -167,7 +167,11 @@ def demo(
 
 
 @command()
-def plot(results: Annotated[Path, typer.Argument(help="a sweep folder with results.parquet")]) -> None:
+def plot(
+    results: Annotated[
+        Path, typer.Argument(help="a sweep folder (results.parquet) or an attack folder (attack.parquet)")
+    ],
+) -> None:
     """Write the standard figures (HTML, and PNG where kaleido works) into DIR/plots/."""
     _plot(results)
 
@@ -185,6 +189,13 @@ def score(
 
 
 def _plot(out: Path) -> None:
+    if (out / "attack.parquet").is_file():  # an attack campaign (probe-atlas attack)
+        from experiments.viz.attacks import write_attack_figures
+
+        paths = write_attack_figures(out, png=True)
+        console.print(f"[green]wrote[/] {len(paths)} attack figure files under {out / 'plots'}")
+        if not (out / "results.parquet").is_file():
+            return
     paths = plot_results(out, out)
     console.print(f"[green]wrote[/] {len(paths)} figure files under {out / 'plots'}")
 

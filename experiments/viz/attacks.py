@@ -15,6 +15,7 @@ from experiments.viz.save import save_figure
 
 __all__ = [
     "attack_figures",
+    "build_attack_report",
     "robustness_frontier",
     "robustness_points",
     "rounds_figure",
@@ -171,3 +172,34 @@ def write_attack_figures(out: str | Path, png: bool = False) -> list[Path]:
     for name, fig in attack_figures(out).items():
         paths += save_figure(fig, Path(out) / "plots" / name, png=png)
     return paths
+
+
+def build_attack_report(out_dir: str | Path, out: str | Path | None = None) -> Path:
+    """One self-contained HTML page of an attack campaign (default ``DIR/report.html``): the attack table,
+    the transfer table and every figure of :func:`attack_figures`."""
+    import html
+
+    import plotly.io as pio
+
+    d = Path(out_dir)
+    df = pd.read_parquet(d / "attack.parquet")
+    if df.empty:
+        raise ValueError(f"{d / 'attack.parquet'}: the attack table is empty")
+    page = Path(out) if out is not None else d / "report.html"
+    parts = [f"<h1>Attack campaign: {html.escape(d.name)}</h1>", "<h2>TPR at the clean 1%-FPR threshold</h2>"]
+    parts.append(df.to_html(index=False, float_format=lambda v: f"{v:.3g}", na_rep="–"))
+    if (d / "transfer.parquet").is_file():
+        parts.append("<h2>Transfer</h2>")
+        parts.append(
+            pd.read_parquet(d / "transfer.parquet").to_html(index=False, float_format=lambda v: f"{v:.3g}")
+        )
+    parts.append("<h2>Figures</h2>")
+    for i, (name, fig) in enumerate(attack_figures(d).items()):
+        div = pio.to_html(fig, include_plotlyjs=i == 0, full_html=False, div_id=f"fig{i}")
+        parts.append(f"<h3>{html.escape(name)}</h3>{div}")
+    page.write_text(
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'></head><body>"
+        + "".join(parts)
+        + "</body></html>"
+    )
+    return page
