@@ -74,7 +74,7 @@ def fitted(model, data):
 
 def test_fitted_families_select_on_validation_and_adapt_exactly(model, data, fitted):
     targets, _ = fitted
-    train, val, test, _ = data
+    _, _, test, _ = data
     for t in targets.values():
         assert t.meta["val_auroc"] > 0.9  # the planted direction is easy
         s = score_prompts(model, [t], test)[t.name]
@@ -176,7 +176,7 @@ def test_campaign_writes_one_row_per_probe_attack_round_and_refits_on_train_only
 
 def test_bad_input_writes_nothing(model, data, fitted, tmp_path):
     targets, _ = fitted
-    train, val, test, control = data
+    _, _, test, control = data
     harmful = [e for e in test if e.label == 1][:2]
     harmless = [e for e in test if e.label == 0][:2]
     out = tmp_path / "bad"

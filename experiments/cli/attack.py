@@ -1,5 +1,6 @@
-"""``probe-atlas attack``: white-box adaptive attacks (embedding suffix, GCG token suffix, fixed transforms) on
-saved probes, transfer between them, and adversarial training in rounds (:mod:`experiments.analysis.attacks`)."""
+"""``probe-atlas attack``: white-box adaptive attacks (embedding suffix, GCG token suffix, fixed transforms)
+on saved probes, transfer between them, and adversarial training in rounds
+(:mod:`experiments.analysis.attacks`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Annotated
 
 import torch
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from experiments.analysis.attacks.campaign import CampaignConfig
@@ -78,7 +80,8 @@ def attack(
     png: Annotated[bool, typer.Option("--png/--no-png", help="also write PNG figures")] = False,
 ) -> None:
     """Attack every probe (clean 1%-FPR threshold on --control) with each --attack on the harmful prompts of
-    --data; writes OUT/attack.parquet (probe × attack × round), OUT/suffixes/ (replayable), OUT/transfer.parquet
+    --data; writes OUT/attack.parquet (probe × attack × round), OUT/suffixes/ (replayable),
+    OUT/transfer.parquet
     and the transfer heatmap, by-round and robustness-frontier figures."""
     from experiments.analysis.attacks.driver import run_cli_campaign
 
@@ -117,7 +120,7 @@ def attack(
         model_name=model_name,
         device=device,
         png=png,
-        log=console.print,
+        log=lambda s: console.print(escape(s)),
     )
     table = Table(title="TPR at the clean 1%-FPR threshold, clean → attacked")
     for c in ("probe", "attack", "round", "tpr_clean", "tpr_attacked", "behaviour_kept"):

@@ -462,14 +462,14 @@ def zscore_ensemble(
         hooks += [h for h in m.hooks if h not in hooks]
 
     def fn(acts: Mapping[str, Tensor], mask: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        out = 0.0
+        out: Tensor | float = 0.0
         for m, mu, sd, wi in zip(ms, means, stds, w, strict=True):
             out = out + float(wi) * (m.fn(acts, mask, attention_mask) - mu) / sd
         assert isinstance(out, Tensor)
         return out
 
     def ref(acts: Mapping[str, Tensor], mask: Tensor, attention_mask: Tensor | None, tokens: Any) -> Tensor:
-        out = 0.0
+        out: Tensor | float = 0.0
         for m, mu, sd, wi in zip(ms, means, stds, w, strict=True):
             out = out + float(wi) * (m.reference(acts, mask, attention_mask, tokens).float() - mu) / sd
         assert isinstance(out, Tensor)

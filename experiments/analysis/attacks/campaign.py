@@ -21,7 +21,8 @@ Transfer: every token / embedding suffix of round 0 is replayed to every other p
 
 Adversarial training (``rounds`` ≥ 1, for probes with a :class:`Refitter`): the GCG attack runs on the
 *train* split's harmful prompts of the training data; attacked harmful prompts (label 1) and harmless train
-prompts carrying the same suffixes (label 0) join the training set only (:func:`.training.adversarial_examples`
+prompts carrying the same suffixes (label 0) join the training set only
+(:func:`.training.adversarial_examples`
 never uses test or validation examples); the probe is refit with validation selection; its threshold is
 fixed again on the control; the new probe is attacked again on the same test prompts.
 """
@@ -366,7 +367,8 @@ def run_campaign(
             ref.history.append({"round": rnd + 1, "extra": extra, "n_extra": len(extra)})
             current[name] = new
             log(
-                f"[adv-train r{rnd + 1}] {name}: refit on {len(ref.train)} + {len(extra)} adversarial examples"
+                f"[adv-train r{rnd + 1}] {name}: refit on {len(ref.train)} + {len(extra)} "
+                "adversarial examples"
             )
     df = pd.DataFrame(rows).reindex(columns=ATTACK_COLUMNS)
     if cfg.transfer and runs0:
@@ -421,7 +423,8 @@ def fit_affine_target(
     cache: dict[str, Any] | None = None,
 ) -> tuple[ProbeTarget, dict[str, Any]]:
     """Fit one family on pooled activations (``kind``: ``logistic``, ``diffmeans``, ``lda`` at each of
-    ``layers``, or ``multilayer``: a logistic probe on all of ``layers`` at once), selecting the layer and ``C``
+    ``layers``, or ``multilayer``: a logistic probe on all of ``layers`` at once), selecting the layer and
+    ``C``
     on validation AUROC, and adapt it as an attack target. ``extra`` (adversarial examples) joins train only.
     ``cache`` keeps pooled features of ``train`` / ``val`` between calls."""
     from activations.collect import model_fingerprint

@@ -1,4 +1,5 @@
-"""What ``probe-atlas attack`` runs: load the model, the probes (``--probe`` folders, a sweep's best per family
+"""What ``probe-atlas attack`` runs: load the model, the probes (``--probe`` folders, a sweep's best per
+family
 with ``--best-of``, or the ``--train`` recipe), the data and the control set, run the campaign
 (:mod:`.campaign`) and draw its figures (:mod:`experiments.viz.attacks`).
 

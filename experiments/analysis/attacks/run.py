@@ -50,6 +50,7 @@ def train_reference_probe(
     split of ``data`` (collected into a store), ``C`` chosen by validation AUROC."""
     from activations.collect import collect, model_fingerprint
     from probes.metrics import auroc
+    from probes.logistic import LogisticProbe
     from probes.solver import fit_logistic_batched
 
     ds = load_dataset(data)
@@ -68,7 +69,7 @@ def train_reference_probe(
     val = path.decision_function(feats["val"])[0]  # [c, n]
     aucs = [float(auroc(labels["val"].numpy(), val[c].numpy())) for c in range(len(Cs))]
     best = int(np.argmax(aucs))
-    probe = path.probe(0, best)
+    probe = LogisticProbe.from_path(path, 0, best)
     info = {
         "hook": hook,
         "pooling": pooling,
