@@ -220,3 +220,27 @@ def test_cli_bad_input_is_one_line_with_status_2(tmp_path):
     r = CliRunner().invoke(app, ["attack", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "--probe" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_best_of_takes_each_familys_val_chosen_probe(tmp_path):
+    from experiments.analysis.attacks import best_per_family
+
+    sweep = tmp_path / "sweep"
+    (sweep / "probes").mkdir(parents=True)
+    rows = [
+        ("a", "logistic_l2", 0.90, 0.99),
+        ("b", "logistic_l2", 0.95, 0.50),  # best on validation, worse on test: chosen
+        ("c", "diffmeans", 0.80, 0.90),
+        ("d", "tfidf", 0.70, 0.70),
+        ("e", "diffmeans", 0.85, 0.10),
+    ]
+    df = pd.DataFrame(
+        [
+            {"run_id": r, "probe": k, "val_auroc": v, "auroc": t, "probe_path": str(sweep / "probes" / r)}
+            for r, k, v, t in rows
+        ]
+    )
+    df.to_parquet(sweep / "results.parquet")
+    assert [p.name for p in best_per_family(sweep)] == ["e", "b", "d"]
+    with pytest.raises(AttackError, match="not a sweep folder"):
+        best_per_family(tmp_path)
