@@ -28,6 +28,7 @@ from experiments.analysis.scoring import score_file
 from experiments.sweep.engine import run_sweep
 from experiments.sweep.results import SweepError
 from experiments.sweep.spec import load_spec
+from experiments.viz.attacks import write_attack_figures
 from experiments.viz.results import plot_results
 from probes.base import SWEEP_KINDS
 from sae.load import SAELoadError
@@ -228,7 +229,9 @@ def demo(
 
 @command()
 def plot(
-    results: Annotated[Path, typer.Argument(help="a sweep folder with results.parquet")],
+    results: Annotated[
+        Path, typer.Argument(help="a sweep folder (results.parquet) or an attack folder (attack.parquet)")
+    ],
     wait: WaitOpt = False,
     wait_timeout: WaitTimeoutOpt = None,
 ) -> None:
@@ -252,6 +255,11 @@ def score(
 
 
 def _plot(out: Path, png: bool = True) -> None:
+    if (out / "attack.parquet").is_file():  # an attack campaign (probe-atlas attack)
+        paths = write_attack_figures(out, png=png)
+        console.print(f"[green]wrote[/] {len(paths)} attack figure files under {out / 'plots'}")
+        if not (out / "results.parquet").is_file():
+            return
     paths = plot_results(out, out, png=png)
     console.print(f"[green]wrote[/] {len(paths)} figure files under {out / 'plots'}")
 
