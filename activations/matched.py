@@ -138,7 +138,7 @@ def wrap_like(requests: PromptDataset, wrapped: PromptDataset, *, name: str | No
         assert r.text is not None
         lo, hi, form = where
         text = w.text[:lo] + _styled(r.text, form) + w.text[hi:]
-        text = _TARGET.sub(lambda m, t=r.text: m.group(1) + _noun_phrase(t), text)
+        text = _TARGET.sub(functools.partial(_target_sub, _noun_phrase(r.text)), text)
         meta = {**r.meta_dict(), "wrapper_of": w.id, "request": r.text}
         out.append(replace(r, id=f"{r.id}@{w.id}", text=text, meta=tuple(sorted(meta.items()))))
     if not out:

@@ -33,6 +33,7 @@ corpus report and every fold's split counts; the CLI writes the figures to ``OUT
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -114,6 +115,10 @@ class TransferError(ValueError):
     """A bad transfer spec or an atlas that cannot be built from it."""
 
 
+def _default_modes() -> list[Literal["loso", "train_on_one"]]:
+    return ["loso"]
+
+
 class TransferSpec(BaseModel):
     """What ``probe-atlas transfer`` runs (see the module docstring)."""
 
@@ -127,7 +132,7 @@ class TransferSpec(BaseModel):
     sources: list[str] = Field(min_length=2)
     #: per-source caps (over each source's default cap)
     caps: dict[str, int] = Field(default_factory=dict)
-    modes: list[Literal["loso", "train_on_one"]] = Field(default_factory=lambda: ["loso"], min_length=1)
+    modes: list[Literal["loso", "train_on_one"]] = Field(default_factory=_default_modes, min_length=1)
     #: loso: the sources held out in turn (default: every source with harmful prompts or look-alikes)
     held_out: list[str] | None = None
     #: train_on_one: the training sources (default: every source with harmful prompts)
@@ -556,7 +561,7 @@ def _fold_rows(
                     pooling.name,
                     Cs[sel.index] if Cs is not None else None,
                     sel.metrics[sel.index],
-                    lambda ds, sc=scorer, p=pooling, la=la: np.asarray(sc.score(feats.get(ds, p, la)), float),
+                    functools.partial(_score_with, scorer, feats, pooling, la),
                     np.asarray(val_scores[i][sel.index], float),
                 )
     if spec.surface_baseline:
@@ -710,3 +715,8 @@ def layer_profile(df: pd.DataFrame, mode: str = "loso") -> pd.DataFrame:
             g[c] = math.nan
     g["gap"] = g["in_source_auroc"] - g["out_of_source_auroc"]
     return g
+
+
+def _score_with(scorer: Any, feats: Any, pooling: Any, layer: int, ds: Any) -> np.ndarray:
+    """``scorer``'s scores of dataset ``ds`` read from the feature cache at ``pooling`` and ``layer``."""
+    return np.asarray(scorer.score(feats.get(ds, pooling, layer)), float)

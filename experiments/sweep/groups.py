@@ -40,7 +40,7 @@ def run_group(
     hook_kind: str,
     pooling: Pooling,
     group: list[Run],
-    sink: Callable[[list[dict[str, Any]]], None] | None = None,
+    sink: Callable[[list[dict[str, Any]]], object] | None = None,
 ) -> list[dict[str, Any]]:
     """Fit and evaluate every run of one (seed, hook, pooling) group, kind by kind.
 
