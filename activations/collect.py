@@ -83,10 +83,11 @@ def bound_heap(threshold: int | None = None) -> bool:
 
     Left alone, glibc raises the threshold to the largest block freed so far (up to 32 MiB), so the MiB-sized
     tensors of every forward pass come from the heap, which fragments: the peak RSS of a collection grows
-    with its number of batches although nothing is kept alive across batches (SmolLM2, 1 thread: +340 MiB
-    above the post-load baseline for 100 prompts, +491 MiB for 1000; fixed at 1 MiB: +330 and +330). The
-    price is a fresh, zero-filled mapping for every large tensor: about 30% more CPU time (system time of
-    page faults), which is why it is off by default (``benchmarks/collect_memory.py``). Applies to the whole
+    with the data although nothing is kept alive across batches (SmolLM2, 1 thread, above the post-load
+    baseline: +382 MiB for 100 prompts, +555 MiB for 1000; fixed at 1 MiB: +336 and +350). The price is a
+    fresh, zero-filled mapping for every large tensor: 41-43 s of CPU instead of 31-32 s to load the model
+    and collect 100 prompts (page faults: system time), which is why it is off by default
+    (``benchmarks/collect.py``, ``benchmarks/collect_memory.py``). Applies to the whole
     process, once; returns whether the threshold is fixed (False when off, or off glibc)."""
     global _heap_bounded
     if _heap_bounded is not None:
