@@ -8,18 +8,26 @@ from pathlib import Path
 import pytest
 
 from activations.data import canonical_group, normalize_text
+from experiments.analysis.transfer import load_transfer_spec
 from experiments.sweep.data import load_sweep_data
 from experiments.sweep.spec import CONFIG_DIR, SpecError, load_spec
 from probes.metrics import min_control_size
 from tests.conftest import SHARED_DATASETS
 
-CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+#: specs of other commands than ``sweep`` (``probe-atlas transfer``)
+OTHER_SPECS = {"transfer.yaml"}
+CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.yaml") if p.name not in OTHER_SPECS)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_shipped_spec_parses(name: str) -> None:
     spec, base = load_spec(name)
     assert spec.name and spec.datasets.test and base == CONFIG_DIR
+
+
+def test_the_transfer_spec_parses() -> None:
+    spec = load_transfer_spec(CONFIG_DIR / "transfer.yaml")
+    assert len(spec.sources) >= 2
 
 
 def test_datasets_include_and_its_errors(tmp_path: Path) -> None:
