@@ -69,6 +69,20 @@ def test_two_model_sweep(tmp_path) -> None:
     sel = df[df["selected"] & (df["probe"] == "logistic_l2")]
     assert sorted(sel["model"]) == ["tiny-a", "tiny-b"]
     assert (probe["auroc"] > 0.8).all()
+    # every model on one AUROC-vs-FLOPs figure per eval set, and the metric by depth
+    from experiments import metric_by_depth, metric_vs_flops, plot_results, signal_table
+
+    fig = metric_vs_flops(df, "heldout")
+    assert {t.legendgroup for t in fig.data} == {"tiny-a", "tiny-b"}
+    assert {t.name.split(" · ")[0] for t in metric_by_depth(df, "heldout", probe="logistic_l2").data} == {
+        "tiny-a",
+        "tiny-b",
+    }
+    names = {p.name for p in plot_results(out, out, png=False)}
+    assert {"models_auroc_vs_flops_heldout.html", "models_auroc_by_depth_heldout.html"} <= names
+    tab = signal_table(df)
+    assert sorted(tab["model"]) == ["tiny-a", "tiny-b"]
+    assert (tab["depth"] == tab["layer"] / tab["model_layers"]).all()
     # resuming runs nothing new
     again = run_sweep(spec, out, base=tmp_path, model_loader=_loader, progress=False)
     assert len(again) == len(df)

@@ -47,9 +47,9 @@ def sweep_of(probe_dir: Path) -> Path | None:
 
 
 def best_runs(df: pd.DataFrame) -> pd.DataFrame:
-    """The validation-best saved probe of each probe family: among the ``selected`` runs (the layer and C
-    chosen on validation per pooling), the one with the best primary validation metric (ties: cheaper);
-    the surface baselines are left out."""
+    """The validation-best saved probe of each probe family (of each model): among the ``selected`` runs
+    (the layer and C chosen on validation per pooling), the one with the best primary validation metric
+    (ties: cheaper); the surface baselines are left out."""
     if "selected" not in df.columns:
         raise CardError("the results have no 'selected' column (an unfinished sweep?)")
     sel = df[
@@ -63,7 +63,8 @@ def best_runs(df: pd.DataFrame) -> pd.DataFrame:
     runs = sel.drop_duplicates("run_id").sort_values(
         [metric, "flops_per_token"], ascending=[False, True], kind="stable"
     )
-    return runs.groupby("probe", sort=False).head(1).reset_index(drop=True)
+    keys = ["model", "probe"] if "model" in runs.columns else ["probe"]
+    return runs.groupby(keys, sort=False).head(1).reset_index(drop=True)
 
 
 def _num(x: Any) -> float | None:

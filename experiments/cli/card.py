@@ -53,7 +53,9 @@ def card(
             fail(f"{probe_dir}: no results.parquet (--best takes a sweep folder)")
         for _, r in best_runs(df).iterrows():
             src = probe_dir / "probes" / str(r["run_id"])
-            dest = out / f"{r['probe']}-{r['pooling']}-L{int(r['layer']) if r['layer'] >= 0 else 'multi'}"
+            layer = f"L{int(r['layer'])}" if r["layer"] >= 0 else "multi"
+            model = f"{r['model']}-" if df["model"].nunique() > 1 else ""
+            dest = out / f"{model}{r['probe']}-{r['pooling']}-{layer}"
             make_card(src, dest, sweep=probe_dir)
             console.print(f"[green]wrote[/] {dest / README}")
         return
