@@ -49,8 +49,8 @@ def train_reference_probe(
     """A logistic probe on ``blocks.{layer}.hook_resid_post`` with ``pooling``, trained on the ``train``
     split of ``data`` (collected into a store), ``C`` chosen by validation AUROC."""
     from activations.collect import collect, model_fingerprint
-    from probes.metrics import auroc
     from probes.logistic import LogisticProbe
+    from probes.metrics import auroc
     from probes.solver import fit_logistic_batched
 
     ds = load_dataset(data)
