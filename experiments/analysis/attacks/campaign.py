@@ -385,7 +385,10 @@ def run_campaign(
             tr = tr.assign(
                 threshold=thr_map,
                 clean_flag=tr["clean_score"] > thr_map,
-                attacked_flag=tr["attacked_score"] > thr_map,
+                # an embedding suffix has no text: a text classifier's attacked score is NaN (not "unflagged")
+                attacked_flag=(tr["attacked_score"] > thr_map)
+                .astype(float)
+                .where(tr["attacked_score"].notna()),
             )
             tab = (
                 tr.groupby(["method", "source_probe", "target_probe"], sort=False)
