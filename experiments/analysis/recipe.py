@@ -2,9 +2,9 @@
 
 Per family, the run the sweep chose on validation (``selected``); the recipe's probe is the one with the best
 validation figures among those at <= ``max_overhead`` % of the forward pass. For each: AUROC on every
-held-out harmful set, the share of CoCoNot look-alikes flagged at the control's 1%-FPR threshold and CoCoNot's
-AUROC (its unsafe requests vs its look-alikes), the jailbreak set's TPR at the threshold flagging 1% of its own
-matched negatives (out of sample; NaN under 100 of them), and refusal_direction test TPR@1%FPR. No figure
+held-out harmful set, the share of CoCoNot look-alikes flagged at the control's 1%-FPR threshold and
+CoCoNot's AUROC (its unsafe requests vs its look-alikes), the jailbreak set's TPR at the threshold flagging 1%
+of its own matched negatives (out of sample; NaN under 100 of them), and refusal_direction test TPR@1%FPR. No figure
 here chooses anything: selection happened on validation in the sweep.
 
 ``python -m experiments.analysis.recipe SPEC OUT`` prints the table (markdown) and writes
@@ -61,7 +61,7 @@ def recipe_table(
     in_distribution: str = "refusal_direction_test",
     max_overhead: float = 0.1,
 ) -> pd.DataFrame:
-    """One row per validation-chosen family (see the module docstring); ``recipe`` marks the recipe's probe."""
+    """One row per validation-chosen family (module docstring); ``recipe`` marks the recipe's probe."""
     df = read_results(out)
     sel = df[df["selected"].astype(bool)]
     if sel.empty:
@@ -100,7 +100,8 @@ def recipe_table(
     cheap = t[t["overhead_pct"] <= max_overhead]
     t["recipe"] = False
     if len(cheap):
-        best = cheap.sort_values(["val_tpr_at_1pct_fpr", "val_auroc"], ascending=False, na_position="last").index[0]
+        order = cheap.sort_values(["val_tpr_at_1pct_fpr", "val_auroc"], ascending=False, na_position="last")
+        best = order.index[0]
         t.loc[best, "recipe"] = True
     for name, (col, op, bound) in TARGETS.items():
         v = t[col]
