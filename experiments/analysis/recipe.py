@@ -4,8 +4,8 @@ Per family, the run the sweep chose on validation (``selected``); the recipe's p
 validation figures among those at <= ``max_overhead`` % of the forward pass. For each: AUROC on every
 held-out harmful set, the share of CoCoNot look-alikes flagged at the control's 1%-FPR threshold and
 CoCoNot's AUROC (its unsafe requests vs its look-alikes), the jailbreak set's TPR at the threshold flagging 1%
-of its own matched negatives (out of sample; NaN under 100 of them), and refusal_direction test TPR@1%FPR. No figure
-here chooses anything: selection happened on validation in the sweep.
+of its own matched negatives (out of sample; NaN under 100 of them), and refusal_direction test TPR@1%FPR.
+No figure here chooses anything: selection happened on validation in the sweep.
 
 ``python -m experiments.analysis.recipe SPEC OUT`` prints the table (markdown) and writes
 ``OUT/recipe_targets.csv``.
