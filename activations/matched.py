@@ -114,6 +114,16 @@ def rewrap(requests: PromptDataset, wrapped: PromptDataset, goals: PromptDataset
     return PromptDataset(out, name=f"{requests.name}@{wrapped.name}")
 
 
+def _retarget(text: str, request: str) -> str:
+    """``text`` with each "Sure, here is <target>" naming ``request`` instead."""
+    target = _noun_phrase(request)
+
+    def sub(m: re.Match[str]) -> str:
+        return m.group(1) + target
+
+    return _TARGET.sub(sub, text)
+
+
 def wrap_like(requests: PromptDataset, wrapped: PromptDataset, *, name: str | None = None) -> PromptDataset:
     """Harmless ``requests`` placed into the wrappers of ``wrapped`` (e.g. GPTFuzz templates), one request per
     wrapper in order (cycling through ``requests``), where each wrapped example records the request it wraps
@@ -138,7 +148,7 @@ def wrap_like(requests: PromptDataset, wrapped: PromptDataset, *, name: str | No
         assert r.text is not None
         lo, hi, form = where
         text = w.text[:lo] + _styled(r.text, form) + w.text[hi:]
-        text = _TARGET.sub(functools.partial(_target_sub, _noun_phrase(r.text)), text)
+        text = _retarget(text, r.text)
         meta = {**r.meta_dict(), "wrapper_of": w.id, "request": r.text}
         out.append(replace(r, id=f"{r.id}@{w.id}", text=text, meta=tuple(sorted(meta.items()))))
     if not out:

@@ -309,3 +309,43 @@ def test_per_layer_kinds_run_at_their_own_layers() -> None:
     raw["probes"] = [{"kind": "diffmeans", "layers": [5]}]
     with pytest.raises(SpecError, match="not collected"):
         list(expand(parse_spec(raw), [0, 1, 2], "k"))
+
+
+def test_recipe_table_reads_the_validation_chosen_runs(tmp_path: Path, tiny_model) -> None:
+    from experiments.analysis.recipe import TARGETS, recipe_table
+    from experiments.sweep.engine import run_sweep
+    from experiments.sweep.spec import parse_spec
+
+    ds = planted_dataset(n=160, seed=1).with_splits({"train": 0.5, "val": 0.5}, seed=0)
+    ds.to_jsonl(tmp_path / "planted.jsonl")
+    for i, n in enumerate(("sr", "sst", "jb", "cc", "rd")):
+        planted_dataset(n=240 if n == "jb" else 60, seed=20 + i, name=n).to_jsonl(tmp_path / f"{n}.jsonl")
+    planted_dataset(n=240, seed=11, name="control").to_jsonl(tmp_path / "control.jsonl")
+    names = {"strongreject": "sr", "simple_safety_tests": "sst", "jbb_jailbreaks": "jb"}
+    names |= {"coconot_contrast": "cc", "refusal_direction_test": "rd"}
+    spec = parse_spec(
+        {
+            "name": "r",
+            "model": "tiny",
+            "max_len": 64,
+            "datasets": {
+                "train": {"path": "planted.jsonl", "split": "train"},
+                "val": {"path": "planted.jsonl", "split": "val"},
+                "test": {k: {"path": f"{v}.jsonl"} for k, v in names.items()},
+                "benign_control": {"path": "control.jsonl", "label": 0},
+            },
+            "layers": [0, 2],
+            "poolings": ["mean"],
+            "probes": [{"kind": "logistic_l2"}, {"kind": "diffmeans"}],
+            "Cs": [0.1, 1.0],
+            "bootstrap": 0,
+        }
+    )
+    out = tmp_path / "out"
+    run_sweep(spec, out, base=tmp_path, model=tiny_model, progress=False)
+    t = recipe_table(out, spec, tmp_path)
+    assert {"logistic_l2", "diffmeans"} <= set(t["probe"]) and t["recipe"].sum() == 1
+    assert (t["jailbreak_tpr_vs_matched"].between(0, 1)).all()  # 120 matched negatives: resolvable
+    assert (t["harmful_auroc_min"] <= t["strongreject_auroc"]).all()
+    for name, (col, op, bound) in TARGETS.items():
+        assert (t[f"met: {name}"] == ((t[col] >= bound) if op == ">=" else (t[col] <= bound))).all()

@@ -32,6 +32,7 @@ from experiments.sweep.context import FeatureCache, SweepContext, evaluate_score
 from experiments.sweep.spec import SpecError
 from probes.base import SWEEP_KINDS
 from probes.metrics import conservative_threshold
+from probes.scorer import Scorer
 from probes.selection import select_scores
 
 __all__ = ["DEFAULT_VARIANTS", "Keep", "mixture_ablation", "train_components"]
@@ -108,6 +109,7 @@ def mixture_ablation(
             entry = {"kind": probe, "params": {}, "seed": seed, "class_weight": "balanced", "penalty": "l2",
                      "l1_ratio": 0.5, "shrinkage": None, "layers": [ctx.layers[0]], "hooks": []}  # fmt: skip
             cls, config = kind.build(entry)
+            assert issubclass(cls, Scorer)
             X = [feats.layer("train", la)[mask] for la in ctx.layers]
             Cs = list(ctx.spec.Cs) if kind.uses_C else None
             grid = cls.fit_grid(X, y_all[mask.numpy()], Cs, **config)

@@ -33,7 +33,6 @@ corpus report and every fold's split counts; the CLI writes the figures to ``OUT
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -70,6 +69,7 @@ from activations.shared_sources import (
 from activations.store import ActivationStore, StoreKey
 from probes.base import POOLED, SWEEP_KINDS, TEXT
 from probes.metrics import auroc, conservative_threshold
+from probes.scorer import Scorer
 from probes.selection import DEFAULT_SELECT, SELECTION_METRICS, select_best, val_metrics
 from probes.text import example_text
 
@@ -87,6 +87,7 @@ __all__ = [
 ]
 
 console = Console(stderr=True)
+Mode = Literal["loso", "train_on_one"]
 TRANSFER = "transfer.parquet"
 #: the columns every atlas row has (besides the validation figures)
 TRANSFER_COLUMNS: tuple[str, ...] = (
@@ -115,10 +116,6 @@ class TransferError(ValueError):
     """A bad transfer spec or an atlas that cannot be built from it."""
 
 
-def _default_modes() -> list[Literal["loso", "train_on_one"]]:
-    return ["loso"]
-
-
 class TransferSpec(BaseModel):
     """What ``probe-atlas transfer`` runs (see the module docstring)."""
 
@@ -132,7 +129,7 @@ class TransferSpec(BaseModel):
     sources: list[str] = Field(min_length=2)
     #: per-source caps (over each source's default cap)
     caps: dict[str, int] = Field(default_factory=dict)
-    modes: list[Literal["loso", "train_on_one"]] = Field(default_factory=_default_modes, min_length=1)
+    modes: list[Mode] = Field(default_factory=lambda: list[Mode](["loso"]), min_length=1)
     #: loso: the sources held out in turn (default: every source with harmful prompts or look-alikes)
     held_out: list[str] | None = None
     #: train_on_one: the training sources (default: every source with harmful prompts)
@@ -167,7 +164,7 @@ class TransferSpec(BaseModel):
         for k in v:
             if k not in SWEEP_KINDS:
                 raise ValueError(f"unknown probe kind {k!r}; known kinds: {sorted(SWEEP_KINDS)}")
-            cls_, _ = SWEEP_KINDS[k].build({"kind": k, "params": {}, "seed": 0, "layers": [0], "hooks": []})
+            cls_ = _scorer_class(k, {"kind": k, "params": {}, "seed": 0, "layers": [0], "hooks": []})
             if cls_.view != POOLED or SWEEP_KINDS[k].hook is not None:
                 raise ValueError(
                     f"probe kind {k!r} reads the {cls_.view!r} view; the atlas runs families on one pooled "
@@ -206,6 +203,12 @@ class TransferSpec(BaseModel):
         for n in self.caps:
             if n not in self.sources and n != self.negatives:
                 raise TransferError(f"caps: {n!r} is not a source of the spec")
+
+
+def _scorer_class(kind: str, entry: dict[str, Any]) -> type[Scorer]:
+    cls, _ = SWEEP_KINDS[kind].build(entry)
+    assert issubclass(cls, Scorer)
+    return cls
 
 
 def load_transfer_spec(path: str | Path) -> TransferSpec:
@@ -547,6 +550,7 @@ def _fold_rows(
             entry = {"kind": kind, "params": {}, "seed": spec.seed, "class_weight": "balanced",
                      "penalty": "l2", "l1_ratio": 0.5, "shrinkage": None}  # fmt: skip
             cls, config = sk.build({**entry, "layers": [layers[0]], "hooks": [feats.hook_names[layers[0]]]})
+            assert issubclass(cls, Scorer)
             X_tr = [feats.get(fold.train, pooling, la) for la in layers]
             X_val = [feats.get(fold.val, pooling, la) for la in layers]
             Cs = list(spec.Cs) if sk.uses_C else None
@@ -561,12 +565,13 @@ def _fold_rows(
                     pooling.name,
                     Cs[sel.index] if Cs is not None else None,
                     sel.metrics[sel.index],
-                    functools.partial(_score_with, scorer, feats, pooling, la),
+                    _layer_scorer(scorer, feats, pooling, la),
                     np.asarray(val_scores[i][sel.index], float),
                 )
     if spec.surface_baseline:
         sk = SWEEP_KINDS[SURFACE]
         cls, kw = sk.build({"kind": SURFACE, "params": {}, "seed": spec.seed, "layers": [], "hooks": []})
+        assert issubclass(cls, Scorer)
         if cls.view != TEXT:
             raise TransferError(f"surface baseline {SURFACE!r} does not read text")
         texts: dict[str, list[str]] = {}
@@ -581,6 +586,15 @@ def _fold_rows(
         emit(SURFACE, -1, "text", None, val_metrics(y_val, val_s),
              lambda ds: np.asarray(scorer.score([example_text(e) for e in ds]), float), val_s)  # fmt: skip
     return rows
+
+
+def _layer_scorer(
+    scorer: Scorer, feats: _Features, pooling: Pooling, layer: int
+) -> Callable[[PromptDataset], np.ndarray]:
+    def score(ds: PromptDataset) -> np.ndarray:
+        return np.asarray(scorer.score(feats.get(ds, pooling, layer)), float)
+
+    return score
 
 
 def _mark_selected(df: pd.DataFrame, primary: str) -> pd.DataFrame:
@@ -715,8 +729,3 @@ def layer_profile(df: pd.DataFrame, mode: str = "loso") -> pd.DataFrame:
             g[c] = math.nan
     g["gap"] = g["in_source_auroc"] - g["out_of_source_auroc"]
     return g
-
-
-def _score_with(scorer: Any, feats: Any, pooling: Any, layer: int, ds: Any) -> np.ndarray:
-    """``scorer``'s scores of dataset ``ds`` read from the feature cache at ``pooling`` and ``layer``."""
-    return np.asarray(scorer.score(feats.get(ds, pooling, layer)), float)

@@ -151,12 +151,16 @@ def overrefusal_recall(
     keys = [k for k in ("probe", "pooling", "variant") if k in results.columns]
     pts = []
     for name, g in results.groupby(keys, sort=False, dropna=False):
-        best = g.sort_values(["val_tpr_at_1pct_fpr", "val_auroc"], ascending=False, na_position="last")
-        first = best.iloc[0]
-        same = g["layer"].astype(str) == str(first["layer"])
-        if "C" in g.columns:
-            same &= g["C"].astype(str) == str(first["C"])
-        pick = g[same]
+        if "selected" in g.columns and "run_id" in g.columns and g["selected"].any():
+            first = g[g["selected"].astype(bool)].iloc[0]  # the sweep's validation-chosen run
+            pick = g[g["run_id"] == first["run_id"]]
+        else:
+            best = g.sort_values(["val_tpr_at_1pct_fpr", "val_auroc"], ascending=False, na_position="last")
+            first = best.iloc[0]
+            same = g["layer"].astype(str) == str(first["layer"])
+            if "C" in g.columns:
+                same &= g["C"].astype(str) == str(first["C"])
+            pick = g[same]
         over = pick[pick["eval_set"] == overrefusal_set][flag]
         rec = pick[pick["eval_set"].isin(recall_sets)][tpr]
         if over.empty or rec.empty:
