@@ -43,7 +43,7 @@ from activations.matched import rewrap
 from activations.models import load_model
 from activations.pooling import POOLINGS, Pooling, PoolingError, pool, pool_ragged, register_pooling
 from activations.render import POSITIONS, render_example
-from activations.shared_sources import SOURCES, load_source, loso_splits
+from activations.shared_sources import SOURCES, load_source, loso_splits, shared_available
 from activations.store import (
     ActivationStore,
     DiskFullError,
@@ -109,6 +109,7 @@ __all__ = [
     "register_source",
     "render_example",
     "rewrap",
+    "shared_available",
     "verify_store",
     "words_of",
 ]

@@ -13,6 +13,7 @@ their results, every figure, and the ``probe-atlas`` command line. The top floor
 
 from __future__ import annotations
 
+from experiments.analysis.attacks import CampaignConfig, recipe_targets, run_campaign
 from experiments.analysis.frontier import claims_table, frontier_summary, pareto_front
 from experiments.analysis.mixtures import mixture_ablation
 from experiments.analysis.models import signal_table
@@ -43,6 +44,7 @@ from experiments.sweep.results import (
     read_results,
 )
 from experiments.sweep.spec import CONFIG_DIR, SpecError, SweepSpec, expand, load_spec, parse_spec
+from experiments.viz.attacks import attack_figures
 from experiments.viz.models import metric_by_depth, metric_vs_flops
 from experiments.viz.report import build_report
 from experiments.viz.results import (
@@ -66,6 +68,7 @@ __all__ = [
     "CONFIG_DIR",
     "RUNNERS",
     "Backend",
+    "CampaignConfig",
     "ResultRow",
     "RunGroup",
     "SpecError",
@@ -75,6 +78,7 @@ __all__ = [
     "TransferError",
     "TransferSpec",
     "annotate",
+    "attack_figures",
     "auroc_by_layer",
     "best_per_cost_band",
     "build_report",
@@ -105,8 +109,10 @@ __all__ = [
     "primary_metric",
     "read_results",
     "read_transfer",
+    "recipe_targets",
     "register_runner",
     "roc_curves",
+    "run_campaign",
     "run_robustness",
     "run_sweep",
     "run_transfer",

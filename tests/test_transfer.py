@@ -4,6 +4,7 @@ and ``probe-atlas transfer`` rejects bad input with one clear line and nothing o
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -64,14 +65,27 @@ def _benign(root: Path, seed: int) -> PromptDataset:
     return _renamed(planted_dataset(n=300, seed=4), "t_benign", keep="harmless")
 
 
-for _name, _kind, _labels, _load in (
+TEST_SOURCES = (
     ("t_alpha", "mixed", (0, 1), _alpha),
     ("t_beta", "mixed", (0, 1), _beta),
     ("t_gamma", "harmful", (1,), _gamma),
     ("t_benign", "benign", (0,), _benign),
-):
-    if _name not in SOURCES:
-        register_source(Source(_name, _kind, _labels, f"test source {_name}", _load))  # type: ignore[arg-type]
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def test_sources() -> Iterator[None]:
+    """The planted test sources, registered for this module only (the registry is global: other modules'
+    tests list every registered source)."""
+    added = []
+    for name, kind, labels, load in TEST_SOURCES:
+        if name not in SOURCES:
+            register_source(Source(name, kind, labels, f"test source {name}", load))  # type: ignore[arg-type]
+            added.append(name)
+    yield
+    for name in added:
+        SOURCES.pop(name, None)
+
 
 SPEC = {
     "name": "t",

@@ -189,7 +189,7 @@ def run_sweep(
             base,
             backend=backend if isinstance(backend, str) else "local",
             png=png,
-            model_given=model is not None,
+            model_given=model is not None or model_loader is not None,
         )
         return _run_locked(
             spec, out, base, model, store_root, progress, backend, address, backend_options, model_loader
