@@ -85,4 +85,3 @@ def test_fixed_threshold_maps_large_blocks() -> None:
 
 def test_environment_variable_turns_it_on() -> None:
     assert _run("env", env_value="1048576") == (1, 1, 1)
-
