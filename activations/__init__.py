@@ -19,6 +19,7 @@ from activations.collect import (
     estimate_collection,
     model_fingerprint,
     parse_layers,
+    resolve_store_dtype,
 )
 from activations.constitution import (
     generate_prompts,
@@ -108,6 +109,7 @@ __all__ = [
     "register_pooling",
     "register_source",
     "render_example",
+    "resolve_store_dtype",
     "rewrap",
     "shared_available",
     "verify_store",

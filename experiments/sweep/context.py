@@ -142,6 +142,7 @@ class SweepContext:
                 keep="all",
                 max_len=st.key["max_len"],
                 token_budget=self.spec.token_budget,
+                store_dtype=st.dtype,
             )
         return self.cache.full_stores[key]
 

@@ -24,6 +24,7 @@ from activations.collect import (
     default_store_dir,
     estimate_collection,
     model_fingerprint,
+    resolve_store_dtype,
 )
 from activations.lock import folder_lock
 from activations.models import load_model
@@ -86,6 +87,7 @@ def prepare(
             all_hooks.append(fixed)
     store_root = store_root or out / "stores"
     fp = model_fingerprint(model)
+    dtype = resolve_store_dtype(model, spec.store_dtype)
     plan: dict[str, tuple[Path, Any]] = {}
     for role, ds in data.all().items():
         key = StoreKey(
@@ -97,10 +99,11 @@ def prepare(
             keep=spec.keep or spec.positions,
             max_len=min(spec.max_len, model.cfg.n_ctx),
             chat_template=bool(getattr(model.tokenizer, "chat_template", None)),
+            dtype=dtype,
         )
         plan[role] = (default_store_dir(store_root, key), ds)
     if check_space:
-        _check_space(model, plan, all_hooks, spec, store_root)
+        _check_space(model, plan, all_hooks, spec, store_root, dtype)
     stores = {}
     for role, (path, ds) in plan.items():
         stores[role] = (collect_fn or collect)(
@@ -113,6 +116,7 @@ def prepare(
             keep=spec.keep or spec.positions,
             max_len=min(spec.max_len, model.cfg.n_ctx),
             token_budget=spec.token_budget,
+            store_dtype=dtype,
             progress=progress,
         )
     cost = CostModel.from_config(model.cfg, context_len=spec.context_len)
@@ -128,6 +132,7 @@ def _check_space(
     hooks: list[str],
     spec: SweepSpec,
     store_root: Path,
+    store_dtype: str = "float16",
 ) -> None:
     """Every store's remaining bytes (the estimate of ``collect --dry-run``) against the free space."""
     needs: dict[Path, int] = {}
@@ -144,6 +149,7 @@ def _check_space(
             keep=spec.keep or spec.positions,
             max_len=min(spec.max_len, model.cfg.n_ctx),
             token_budget=spec.token_budget,
+            store_dtype=store_dtype,
         )
         needs[path] = est.bytes_needed
     check_disk(needs, store_root)

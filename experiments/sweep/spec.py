@@ -374,6 +374,9 @@ class SweepSpec(_Frozen):
     #: the tokens the stores keep (default: the scored ``positions``); ``all`` keeps every rendered token,
     #: which fine-tuned final layers need (they re-run attention over the whole sequence)
     keep: Literal["auto", "prompt", "response", "prompt+response", "all"] | None = None
+    #: the dtype of the activation stores: ``auto`` is each model's registry preference (float32 for
+    #: Gemma-3-270m, whose residual stream leaves the fp16 range; float16 otherwise)
+    store_dtype: Literal["auto", "float16", "float32"] = "auto"
     datasets: DatasetsSpec
     hooks: list[str] = Field(default_factory=lambda: ["resid_post"])
     layers: str | list[int] = "all"
@@ -497,6 +500,8 @@ class SweepSpec(_Frozen):
         for k in ("keep", "depth"):  # specs written before these keys existed keep their fingerprint
             if d.get(k) is None:
                 d.pop(k, None)
+        if d.get("store_dtype") == "auto":
+            d.pop("store_dtype")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
