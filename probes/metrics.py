@@ -59,6 +59,7 @@ __all__ = [
     "roc_points",
     "threshold_at_fpr",
     "tpr_at_fpr",
+    "tpr_vs_own_negatives",
 ]
 
 Scores: TypeAlias = Real[np.ndarray, " n ..."] | Real[torch.Tensor, " n ..."] | Sequence[float]
@@ -309,6 +310,18 @@ def tpr_at_fpr(harmful_scores: Scores, benign_scores: ControlScores, fpr: float)
     h = _scores(harmful_scores, "harmful_scores")
     thr = conservative_threshold(benign_scores, fpr).threshold
     return float(np.count_nonzero(h > thr)) / h.size
+
+
+def tpr_vs_own_negatives(y: Labels, s: Scores, fpr: float = 0.01) -> float:
+    """TPR of a set's harmful prompts at the conservative threshold that flags ``fpr`` of the *same set's*
+    harmless prompts (its matched negatives), out of sample; NaN when either side is empty or the negatives
+    are too few to resolve ``fpr`` (``n < 1 / fpr``)."""
+    yy, ss = _check(y, s, need_both=False)
+    neg, pos = ss[yy < 0.5], ss[yy >= 0.5]
+    if not len(neg) or not len(pos):
+        return math.nan
+    info = conservative_threshold(neg, fpr, warn=False)
+    return math.nan if info.limited_by_n else float(np.count_nonzero(pos > info.threshold)) / len(pos)
 
 
 def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:

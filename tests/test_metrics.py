@@ -358,3 +358,19 @@ def test_evaluate_realized_fpr_on_a_heldout_benign_set() -> None:
 
 def test_fpr_key() -> None:
     assert [M.fpr_key(f) for f in (0.01, 0.001, 0.05, 0.0001)] == ["1pct", "0.1pct", "5pct", "0.01pct"]
+
+
+def test_tpr_vs_own_negatives_known_answer(unchecked: None) -> None:
+    # 200 negatives 0..199: (m + 1) / 201 <= 1% allows m = 1, so the threshold is the 199th smallest (198)
+    neg = np.arange(200, dtype=float)
+    pos = np.array([198.5, 199.5, 50.0])
+    y = np.r_[np.zeros(200), np.ones(3)]
+    s = np.r_[neg, pos]
+    assert M.tpr_vs_own_negatives(y, s) == pytest.approx(2 / 3)
+    order = np.random.default_rng(0).permutation(len(y))  # order-free
+    assert M.tpr_vs_own_negatives(y[order], s[order]) == pytest.approx(2 / 3)
+    # too few negatives to resolve 1% (n < 100), or one side empty: not a number
+    assert np.isnan(M.tpr_vs_own_negatives(np.r_[np.zeros(50), np.ones(3)], np.r_[neg[:50], pos]))
+    assert np.isnan(M.tpr_vs_own_negatives(np.zeros(200), neg))
+    with pytest.raises(M.MetricsError, match="length mismatch"):
+        M.tpr_vs_own_negatives(y[:-1], s)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from activations.data import Example, PromptDataset, normalize_text
@@ -337,24 +338,23 @@ def test_recipe_table_reads_the_validation_chosen_runs(tmp_path: Path, tiny_mode
     planted_dataset(n=240, seed=11, name="control").to_jsonl(tmp_path / "control.jsonl")
     names = {"strongreject": "sr", "simple_safety_tests": "sst", "jbb_jailbreaks": "jb"}
     names |= {"coconot_contrast": "cc", "refusal_direction_test": "rd"}
-    spec = parse_spec(
-        {
-            "name": "r",
-            "model": "tiny",
-            "max_len": 64,
-            "datasets": {
-                "train": {"path": "planted.jsonl", "split": "train"},
-                "val": {"path": "planted.jsonl", "split": "val"},
-                "test": {k: {"path": f"{v}.jsonl"} for k, v in names.items()},
-                "benign_control": {"path": "control.jsonl", "label": 0},
-            },
-            "layers": [0, 2],
-            "poolings": ["mean"],
-            "probes": [{"kind": "logistic_l2"}, {"kind": "diffmeans"}],
-            "Cs": [0.1, 1.0],
-            "bootstrap": 0,
-        }
-    )
+    raw = {
+        "name": "r",
+        "model": "tiny",
+        "max_len": 64,
+        "datasets": {
+            "train": {"path": "planted.jsonl", "split": "train"},
+            "val": {"path": "planted.jsonl", "split": "val"},
+            "test": {k: {"path": f"{v}.jsonl"} for k, v in names.items()},
+            "benign_control": {"path": "control.jsonl", "label": 0},
+        },
+        "layers": [0, 2],
+        "poolings": ["mean"],
+        "probes": [{"kind": "logistic_l2"}, {"kind": "diffmeans"}],
+        "Cs": [0.1, 1.0],
+        "bootstrap": 0,
+    }
+    spec = parse_spec(raw)
     out = tmp_path / "out"
     run_sweep(spec, out, base=tmp_path, model=tiny_model, progress=False)
     t = recipe_table(out, spec, tmp_path)
@@ -363,3 +363,14 @@ def test_recipe_table_reads_the_validation_chosen_runs(tmp_path: Path, tiny_mode
     assert (t["harmful_auroc_min"] <= t["strongreject_auroc"]).all()
     for name, (col, op, bound) in TARGETS.items():
         assert (t[f"met: {name}"] == ((t[col] >= bound) if op == ">=" else (t[col] <= bound))).all()
+    # the CLI writes the same table next to the sweep; a folder without results is one line, nothing written
+    spec_file = tmp_path / "r.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    res = runner.invoke(app, ["recipe", str(spec_file), str(out)])
+    assert res.exit_code == 0, res.output
+    written = pd.read_csv(out / "recipe_targets.csv")
+    assert list(written["probe"]) == list(t["probe"])
+    np.testing.assert_allclose(written["harmful_auroc_min"], t["harmful_auroc_min"])
+    res = runner.invoke(app, ["mixtures", str(spec_file), str(tmp_path / "empty")])
+    assert res.exit_code == 2 and "no results.parquet" in res.output
+    assert not (tmp_path / "empty").exists()

@@ -9,15 +9,12 @@ and reports every test set: AUROC and TPR at 1% FPR (the control's threshold), t
 harmless prompts flagged at that threshold, and ``tpr_vs_own_1pct`` (TPR at the threshold that flags 1% of
 the set's own harmless prompts, out of sample; NaN with < 100 of them). Selection never sees a test figure.
 
-``python -m experiments.analysis.mixtures SPEC OUT`` runs :data:`DEFAULT_VARIANTS` on a finished sweep and
+``probe-atlas mixtures SPEC OUT`` runs :data:`DEFAULT_VARIANTS` on a finished sweep and
 writes ``OUT/mixture_ablation.csv``.
 """
 
 from __future__ import annotations
 
-import math
-import sys
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +28,7 @@ from activations.pooling import Pooling
 from experiments.sweep.context import FeatureCache, SweepContext, evaluate_scores
 from experiments.sweep.spec import SpecError
 from probes.base import SWEEP_KINDS
-from probes.metrics import conservative_threshold
+from probes.metrics import tpr_vs_own_negatives
 from probes.scorer import Scorer
 from probes.selection import select_scores
 
@@ -71,16 +68,6 @@ def train_components(ctx: SweepContext, base: Path | None = None) -> list[str]:
         for e in ds:
             owner.setdefault(e.id, c.name or f"train[{i}]")
     return [owner.get(e.id, "?") for e in ctx.data.train]
-
-
-def _tpr_vs_own(y: np.ndarray, s: np.ndarray) -> float:
-    neg, pos = s[y < 0.5], s[y >= 0.5]
-    if not len(neg) or not len(pos):
-        return math.nan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        info = conservative_threshold(neg, 0.01)
-    return math.nan if info.limited_by_n else float(np.count_nonzero(pos > info.threshold)) / len(pos)
 
 
 def mixture_ablation(
@@ -138,25 +125,7 @@ def mixture_ablation(
                         "auroc": m["auroc"],
                         "tpr_at_1pct_fpr": m["tpr_at_1pct_fpr"],
                         "flag_rate_at_1pct": m["benign_flag_rate_at_1pct_fpr"],
-                        "tpr_vs_own_1pct": _tpr_vs_own(y, scores[f"test:{test}"]),
+                        "tpr_vs_own_1pct": tpr_vs_own_negatives(y, scores[f"test:{test}"]),
                     }
                 )
     return pd.DataFrame(rows)
-
-
-def main(argv: Sequence[str]) -> None:
-    from experiments.sweep.engine import prepare
-    from experiments.sweep.spec import load_spec
-
-    spec_path, out = argv[0], Path(argv[1])
-    spec, base = load_spec(spec_path)
-    ctx = prepare(spec, out, base=base, progress=False)
-    df = mixture_ablation(ctx, base=base)
-    df.to_csv(out / "mixture_ablation.csv", index=False)
-    cols = ["variant", "pooling", "layer", "eval_set", "auroc", "tpr_at_1pct_fpr", "flag_rate_at_1pct"]
-    with pd.option_context("display.width", 200, "display.max_rows", 200):
-        print(df[[*cols, "tpr_vs_own_1pct"]].round(3).to_string(index=False))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
