@@ -63,7 +63,7 @@ from activations.collect import (
 )
 from activations.data import DataError, Example, PromptDataset
 from activations.matched import wrap_like
-from activations.pooling import Pooling, PoolingError
+from activations.pooling import Pooling
 from activations.shared_sources import (
     SOURCES,
     Corpus,
@@ -74,6 +74,7 @@ from activations.shared_sources import (
     train_on_one_source,
 )
 from activations.store import ActivationStore, StoreKey
+from experiments.sweep.spec import check_poolings
 from probes.base import POOLED, SWEEP_KINDS, TEXT
 from probes.metrics import auroc, conservative_threshold
 from probes.scorer import Scorer
@@ -182,12 +183,7 @@ class TransferSpec(BaseModel):
     @field_validator("poolings")
     @classmethod
     def _poolings(cls, v: list[str]) -> list[str]:
-        for p in v:
-            try:
-                Pooling.parse(p)
-            except PoolingError as e:
-                raise ValueError(f"poolings: {e}") from e
-        return v
+        return check_poolings(v)
 
     @field_validator("hook")
     @classmethod

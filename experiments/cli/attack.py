@@ -10,11 +10,10 @@ from typing import Annotated
 import torch
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from experiments.analysis.attacks.campaign import CampaignConfig
 from experiments.analysis.attacks.objective import AttackError
-from experiments.cli.main import command, console
+from experiments.cli.main import command, console, frame_table
 
 
 @command("attack")
@@ -122,17 +121,6 @@ def attack(
         png=png,
         log=lambda s: console.print(escape(s)),
     )
-    table = Table(title="TPR at the clean 1%-FPR threshold, clean → attacked")
-    for c in ("probe", "attack", "round", "tpr_clean", "tpr_attacked", "behaviour_kept"):
-        table.add_column(c)
-    for _, r in df.iterrows():
-        table.add_row(
-            str(r["probe"]),
-            str(r["attack"]),
-            str(r["round"]),
-            f"{r['tpr_clean']:.2f}",
-            f"{r['tpr_attacked']:.2f}",
-            f"{r['behaviour_kept']:.2f}",
-        )
-    console.print(table)
+    cols = ("probe", "attack", "round", "tpr_clean", "tpr_attacked", "behaviour_kept")
+    console.print(frame_table(df, cols, "TPR at the clean 1%-FPR threshold, clean → attacked", digits=2))
     console.print(f"wrote {out / 'attack.parquet'}")

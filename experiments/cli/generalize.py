@@ -7,29 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import pandas as pd
 import typer
-from rich.table import Table
 
-from activations.data import DataError
 from experiments.analysis.mixtures import mixture_ablation
 from experiments.analysis.recipe import TARGETS, recipe_table
-from experiments.cli.main import command, console, fail
+from experiments.cli.main import command, console, fail, frame_table
 from experiments.sweep.engine import prepare
-from experiments.sweep.results import SweepError
-from experiments.sweep.spec import SpecError, load_spec
+from experiments.sweep.spec import load_spec
 
 SpecArg = Annotated[Path, typer.Argument(help="the sweep's spec YAML (e.g. generalize.yaml)")]
 SweepArg = Annotated[Path, typer.Argument(help="the finished sweep folder (its results.parquet and stores)")]
-
-
-def _table(df: pd.DataFrame, cols: list[str], title: str) -> Table:
-    t = Table(title=title)
-    for c in cols:
-        t.add_column(c)
-    for _, r in df[cols].iterrows():
-        t.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r))
-    return t
 
 
 def _check_sweep(sweep: Path) -> None:
@@ -43,15 +30,12 @@ def recipe(spec: SpecArg, sweep: SweepArg) -> None:
     harmful AUROC, CoCoNot look-alikes flagged and AUROC, jailbreak TPR vs matched negatives, in-distribution
     TPR. Writes SWEEP/recipe_targets.csv."""
     _check_sweep(sweep)
-    try:
-        s, base = load_spec(spec)
-        t = recipe_table(sweep, s, base)
-    except (SpecError, DataError, SweepError) as e:
-        fail(str(e))
+    s, base = load_spec(spec)  # bad specs and sweep folders: one line via @command
+    t = recipe_table(sweep, s, base)
     t.to_csv(sweep / "recipe_targets.csv", index=False)
     cols = ["recipe", "probe", "pooling", "layer", "overhead_pct", "val_tpr_at_1pct_fpr"]
     cols += [c for c, _, _ in TARGETS.values()] + ["jailbreak_auroc", "jailbreak_matched_flagged"]
-    console.print(_table(t, [c for c in cols if c in t.columns], "recipe figures (val-chosen runs)"))
+    console.print(frame_table(t, [c for c in cols if c in t.columns], "recipe figures (val-chosen runs)"))
     console.print(f"[green]wrote[/] {sweep / 'recipe_targets.csv'}")
 
 
@@ -64,13 +48,10 @@ def mixtures(
     """Refit one family on subsets of the sweep's training mixture (stores reused; layer and C chosen on the
     sweep's validation set) and evaluate each on the test sets. Writes SWEEP/mixture_ablation.csv."""
     _check_sweep(sweep)
-    try:
-        s, base = load_spec(spec)
-        ctx = prepare(s, sweep, base=base, progress=False)
-        df = mixture_ablation(ctx, probe=probe, base=base)
-    except (SpecError, DataError, SweepError) as e:
-        fail(str(e))
+    s, base = load_spec(spec)
+    ctx = prepare(s, sweep, base=base, progress=False)
+    df = mixture_ablation(ctx, probe=probe, base=base)
     df.to_csv(sweep / "mixture_ablation.csv", index=False)
     cols = ["variant", "pooling", "layer", "eval_set", "auroc", "tpr_at_1pct_fpr", "flag_rate_at_1pct"]
-    console.print(_table(df, [*cols, "tpr_vs_own_1pct"], f"mixture ablation ({probe})"))
+    console.print(frame_table(df, [*cols, "tpr_vs_own_1pct"], f"mixture ablation ({probe})"))
     console.print(f"[green]wrote[/] {sweep / 'mixture_ablation.csv'}")

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import pandas as pd
 import torch
 import typer
 from rich.console import Console
@@ -42,6 +43,7 @@ __all__ = [
     "command",
     "console",
     "fail",
+    "frame_table",
     "writing",
 ]
 
@@ -72,6 +74,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 def fail(msg: str) -> None:
     console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
     raise typer.Exit(2)
+
+
+def frame_table(df: pd.DataFrame, cols: Sequence[str], title: str, digits: int = 3) -> Table:
+    """A rich table of ``df[cols]``: floats with ``digits`` decimals, everything else as ``str``."""
+    t = Table(title=title)
+    for c in cols:
+        t.add_column(c)
+    for _, r in df[list(cols)].iterrows():
+        t.add_row(*(f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in r))
+    return t
 
 
 def command(name: str | None = None, **kwargs: Any) -> Callable[[F], F]:

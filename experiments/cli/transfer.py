@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from activations.data import DataError
 from experiments.analysis.transfer import (
     TransferError,
     generalization_gap,
@@ -16,7 +15,7 @@ from experiments.analysis.transfer import (
     load_transfer_spec,
     run_transfer,
 )
-from experiments.cli.main import command, console, fail
+from experiments.cli.main import command, console
 from experiments.viz.transfer import write_transfer_figures
 
 
@@ -28,13 +27,10 @@ def transfer(
 ) -> None:
     """Train each probe family on some sources and evaluate it on sources it never saw (leave-one-source-out
     by default): OUT/transfer.parquet, OUT/transfer.json and OUT/figures."""
-    try:
-        s = load_transfer_spec(spec)
-        if out.exists() and not out.is_dir():
-            raise TransferError(f"--out {out}: exists and is not a folder")
-        df = run_transfer(s, out)
-    except (TransferError, DataError) as e:
-        fail(str(e))
+    s = load_transfer_spec(spec)  # bad specs and data: one line via @command
+    if out.exists() and not out.is_dir():
+        raise TransferError(f"--out {out}: exists and is not a folder")
+    df = run_transfer(s, out)
     if plot:
         write_transfer_figures(df, out / "figures")
     t = Table(title="out-of-source AUROC (layer chosen on validation), mean over held-out sources")

@@ -41,6 +41,7 @@ __all__ = [
     "Run",
     "SpecError",
     "SweepSpec",
+    "check_poolings",
     "expand",
     "load_spec",
     "parse_spec",
@@ -52,6 +53,17 @@ SURFACE_KINDS: tuple[str, ...] = ("tfidf", "embedding")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def check_poolings(v: list[Any]) -> list[Any]:
+    """A spec's ``poolings`` (names or mappings), each parsed once to check it; a bad one is a ``ValueError``
+    naming it (pydantic validators of every spec kind call this)."""
+    for p in v:
+        try:
+            Pooling.parse(p)
+        except PoolingError as e:
+            raise ValueError(f"poolings: {e}") from e
+    return v
 
 
 class SpecError(ValueError):
@@ -437,12 +449,7 @@ class SweepSpec(_Frozen):
     @field_validator("poolings")
     @classmethod
     def _poolings(cls, v: list[Any]) -> list[Any]:
-        for p in v:
-            try:
-                Pooling.parse(p)
-            except PoolingError as e:
-                raise ValueError(f"poolings: {e}") from e
-        return v
+        return check_poolings(v)
 
     @model_validator(mode="after")
     def _one_layer_choice(self) -> SweepSpec:
