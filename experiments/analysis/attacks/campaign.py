@@ -47,6 +47,7 @@ from transformer_lens import HookedTransformer
 
 from activations.data import Example, PromptDataset
 from experiments.analysis.attacks.adapters import ProbeTarget, TextTarget, adapt, check_target
+from experiments.analysis.attacks.common import harmful_examples
 from experiments.analysis.attacks.embedding import EmbeddingConfig, embedding_attack
 from experiments.analysis.attacks.objective import AttackError, hook_layer
 from experiments.analysis.attacks.result import AttackRun
@@ -149,13 +150,7 @@ def check_campaign_inputs(
     names = [t.name for t in targets]
     if len(set(names)) < len(names):
         raise AttackError(f"probe names must be unique, got {names}")
-    if not data:
-        raise AttackError("the attack data is empty")
-    harmful = [e for e in data if e.label >= 0.5]
-    if not harmful:
-        raise AttackError(
-            f"the attack data's {len(data)} labels are all harmless: there is nothing to attack"
-        )
+    harmful = harmful_examples(data)
     for t in targets:
         if isinstance(t, ProbeTarget):
             check_target(model, t)

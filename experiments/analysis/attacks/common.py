@@ -47,6 +47,7 @@ __all__ = [
     "Replay",
     "affirmative_targets",
     "greedy_targets",
+    "harmful_examples",
     "init_suffix",
     "prepare_attack",
     "replay",
@@ -174,6 +175,21 @@ def init_suffix(
     return torch.tensor([ids[j % len(ids)] for j in range(k)], dtype=torch.long)
 
 
+def harmful_examples(examples: Sequence[Example]) -> list[Example]:
+    """The harmful examples (label >= 0.5) an attack works on; an ``AttackError`` when there are none: empty
+    data, or labels that are all harmless."""
+    exs = list(examples)
+    if not exs:
+        raise AttackError("no examples to attack (the data is empty)")
+    harmful = [e for e in exs if e.label >= 0.5]
+    if not harmful:
+        raise AttackError(
+            f"the {len(exs)} examples' labels are all harmless (label 0): the attack makes harmful prompts "
+            "look harmless; give harmful prompts (label 1)"
+        )
+    return harmful
+
+
 def prepare_attack(
     model: HookedTransformer,
     target: ProbeTarget | TextTarget,
@@ -192,14 +208,7 @@ def prepare_attack(
             f"the target must be a ProbeTarget (adapters.adapt / load_target), got {type(target)}"
         )
     exs = list(examples)
-    if not exs:
-        raise AttackError("no examples to attack (the data is empty)")
-    harmful = [e for e in exs if e.label >= 0.5]
-    if not harmful:
-        raise AttackError(
-            f"all {len(exs)} examples are harmless (label 0): the attack makes harmful prompts look "
-            "harmless; give harmful prompts (label 1)"
-        )
+    harmful = harmful_examples(exs)
     if len(harmful) < len(exs):
         warnings.warn(
             f"{len(exs) - len(harmful)} harmless example(s) skipped: only harmful prompts are attacked",
